@@ -1,0 +1,147 @@
+"""The ``roads`` command: list, show, run, stage, ui. Bad input gives one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+from roads.config import load_study, load_study_file
+from roads.errors import RoadsError
+
+DEFAULT_FILE = "pipelines.yaml"
+
+
+def _add_common(p: argparse.ArgumentParser, pipeline_positional: bool = True) -> None:
+    if pipeline_positional:
+        p.add_argument("pipeline", nargs="?", default="default", help="a pipeline of pipelines.yaml (default: default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set sft.epochs=2 --set model.preset=small (repeatable)")
+    p.add_argument("--file", default=DEFAULT_FILE, help="the study file (default: pipelines.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="roads",
+        description="What is RL worth in fine-tuning? Runs the study's pipelines as cached Prefect tasks logged to "
+        "MLflow. State lives in ./.roads (or $ROADS_HOME).",
+        epilog="examples: roads list | roads show smoke | roads run default --set sft.epochs=5 | "
+        "roads stage reward_model --force | roads ui",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("list", help="name the pipelines with their tasks, seeds and stages")
+    p.add_argument("--file", default=DEFAULT_FILE, help="the study file (default: pipelines.yaml)")
+    p = sub.add_parser("show", help="print a pipeline's fully resolved config and its stage nodes")
+    _add_common(p)
+    p = sub.add_parser("run", help="run a pipeline (cached stages are not recomputed) and print the summary table")
+    _add_common(p)
+    p.add_argument("--workers", type=int, default=None, help="stages run at the same time (default: min(2, cores))")
+    p = sub.add_parser("stage", help="run one stage (and what it needs); with --force recompute it — its "
+                                     "dependents rerun only if its output changed")
+    p.add_argument("name", help="the stage, e.g. sft or reward_model")
+    p.add_argument("--pipeline", default="default", help="the pipeline whose config is used (default: default)")
+    p.add_argument("--force", action="store_true", help="recompute the stage even if it is cached")
+    p.add_argument("--workers", type=int, default=None, help="stages run at the same time")
+    _add_common(p, pipeline_positional=False)
+    p = sub.add_parser("ui", help="start the MLflow UI on the local tracking store (127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    return parser
+
+
+def cmd_list(args) -> int:
+    study = load_study_file(args.file)
+    for name, pipe in study.pipelines.items():
+        print(f"{name}: {pipe.description}")
+        print(f"    tasks {', '.join(pipe.tasks)}; seeds {', '.join(map(str, pipe.seeds))}; stages {', '.join(pipe.stages)}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from roads.plan import build_plan
+
+    study = load_study(args.file, args.pipeline, args.overrides)
+    doc = study.resolved()
+    doc["nodes"] = {n.id: {"fingerprint": n.spec.fingerprint()[:16], "inputs": n.inputs} for n in build_plan(study)}
+    print(yaml.safe_dump(json.loads(json.dumps(doc)), sort_keys=False, allow_unicode=True, width=120), end="")
+    return 0
+
+
+def print_outcome(outcome: dict, elapsed: float) -> None:
+    from flows.study import arms_by_task, markdown_table
+
+    hits = sum(n["cache"] == "hit" for n in outcome["nodes"])
+    misses = sum(n["cache"] == "miss" for n in outcome["nodes"])
+    failed = sum(n["cache"] == "failed" for n in outcome["nodes"])
+    print()
+    print(markdown_table(outcome["nodes"], ["node", "cache", "seconds", "error"]))
+    print(f"\n{len(outcome['nodes'])} stages: {misses} ran, {hits} cached (hit), {failed} failed; {elapsed:.1f} s")
+    if outcome["summary"]:
+        print()
+        print(markdown_table(arms_by_task(outcome["summary"]), ["task", "arm", "seeds", "gold_reward_mean", "win_rate"]))
+    print(f"\nMLflow: experiment {outcome['pipeline']!r}, parent run {outcome['parent_run_id']} (roads ui to browse)")
+
+
+def _run(args, force_stage=None, only_stage=None, pipeline=None) -> int:
+    pipeline = pipeline or args.pipeline
+    load_study(args.file, pipeline, args.overrides)  # a bad config fails here, before anything is written
+    from flows import env
+
+    env.configure()
+    from flows.study import StudyFailed, run_study
+
+    start = time.time()
+    try:
+        outcome = run_study(pipeline, args.overrides, args.file, force_stage=force_stage, only_stage=only_stage,
+                            workers=args.workers)
+    except StudyFailed as err:
+        print_outcome(err.outcome, time.time() - start)
+        raise
+    print_outcome(outcome, time.time() - start)
+    return 0
+
+
+def cmd_run(args) -> int:
+    return _run(args)
+
+
+def cmd_stage(args) -> int:
+    return _run(args, force_stage=args.name if args.force else None, only_stage=args.name, pipeline=args.pipeline)
+
+
+def cmd_ui(args) -> int:
+    from flows import env
+
+    home = env.configure()
+    command = ["mlflow", "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"], "--host", args.host,
+               "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {home}); Ctrl-C stops it", flush=True)
+    bin_dir = os.path.dirname(sys.executable)
+    exe = os.path.join(bin_dir, "mlflow")
+    command[0] = exe if os.path.exists(exe) else "mlflow"
+    environ = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    try:
+        return subprocess.call(command, env=environ)
+    except KeyboardInterrupt:
+        return 0
+
+
+COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "stage": cmd_stage, "ui": cmd_ui}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RoadsError as err:
+        print(f"roads: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Local defaults, set before Prefect or MLflow is imported: state inside the project, telemetry off, and a
+Prefect API for worker processes. Every variable is only a default: a user's own setting wins."""
+
+from __future__ import annotations
+
+import atexit
+import os
+from pathlib import Path
+
+from roads.artifacts import state_home
+
+
+def configure() -> Path:
+    """Point Prefect and MLflow at project-local state (unless told otherwise); return the state folder."""
+    home = state_home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["ROADS_HOME"] = str(home)
+    defaults = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return home
+
+
+def artifact_store() -> Path:
+    return state_home() / "artifacts"
+
+
+def mlflow_artifact_root() -> Path:
+    return state_home() / "mlruns"
+
+
+def ensure_prefect_api() -> None:
+    """Worker processes must report to the same Prefect API as the flow. With no server configured, start one local
+    temporary server (as Prefect itself would) and export its URL; it stops when this process exits."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url  # e.g. set by prefect_test_harness
+    if url:
+        os.environ["PREFECT_API_URL"] = str(url)
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    atexit.register(server.stop)  # registered before Prefect's log workers, so they flush first (LIFO)

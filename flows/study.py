@@ -1,0 +1,164 @@
+"""The study flow: a pipeline from pipelines.yaml as a DAG of cached stage tasks, each with an MLflow child run.
+
+Independent nodes (different tasks and seeds, the reward model beside offline DPO, the evaluations) run at the
+same time in a pool of worker processes. ``run_study`` is the entry point for the CLI, tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from statistics import fmean
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from flows import env
+from flows.tracking import StudyTracker
+from roads.config import Study, load_study
+from roads.errors import RoadsError
+from roads.plan import Node, build_plan, downstream, upstream
+from tasks import stage_task
+
+SUMMARY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
+
+
+class StudyFailed(RoadsError):
+    """Some stage failed; the outcome (what ran, what was cached, what failed) is attached."""
+
+    def __init__(self, message: str, outcome: dict):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}" if not isinstance(err, RoadsError) else text[0]
+
+
+def summarize(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
+    """One row per evaluated (task, seed, arm)."""
+    rows = []
+    for node in nodes:
+        if node.stage == "evaluate" and node.id in results:
+            metrics = results[node.id]["metrics"]
+            row = {"task": node.spec.task_name, "seed": node.spec.seed, "arm": node.spec.arm}
+            row.update({k: metrics.get(f"evaluate/{k}") for k in SUMMARY_METRICS})
+            rows.append(row)
+    return rows
+
+
+def arms_by_task(rows: list[dict], metrics: tuple[str, ...] = ("gold_reward_mean", "win_rate")) -> list[dict]:
+    """Mean over seeds of each metric, one row per (task, arm), in first-seen order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["arm"]), []).append(row)
+    out = []
+    for (task, arm), group in groups.items():
+        entry: dict[str, Any] = {"task": task, "arm": arm, "seeds": len(group)}
+        for m in metrics:
+            values = [r[m] for r in group if r.get(m) is not None]
+            entry[m] = fmean(values) if values else None
+        out.append(entry)
+    return out
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def select(nodes: list[Node], stage: str | None) -> list[Node]:
+    """``stage`` None: every node. Otherwise that stage's nodes, what they need and what depends on them."""
+    if stage is None:
+        return nodes
+    keep = downstream(nodes, stage) | upstream(nodes, stage)
+    return [n for n in nodes if n.id in keep]
+
+
+@flow(name="roads-study", validate_parameters=False)
+def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str | None = None,
+               only_stage: str | None = None) -> dict:
+    study = load_study(file, pipeline, overrides)
+    nodes = select(build_plan(study), only_stage)
+    tracker = StudyTracker(
+        pipeline,
+        env.mlflow_artifact_root(),
+        run_name=f"{pipeline}-{flow_run.get_name() or 'run'}",
+        tags={"roads.prefect_flow_run_id": str(flow_run.get_id() or ""), "roads.overrides": " ".join(overrides)},
+        params={"pipeline": pipeline, "overrides": " ".join(overrides) or "-", **study.spec.model_dump(exclude={"set"})},
+    )
+    tracker.client.log_dict(tracker.parent_id, study.resolved(), "resolved_config.json")
+    store = str(env.artifact_store())
+    children = {n.id: tracker.start_child(n) for n in nodes}
+    futures: dict[str, Any] = {}
+    for node in nodes:
+        options: dict[str, Any] = {"task_run_name": node.id}
+        if force_stage and node.stage == force_stage:
+            options["refresh_cache"] = True
+        futures[node.id] = stage_task(node.stage).with_options(**options).submit(
+            spec=node.spec.model_dump(),
+            inputs={name: futures[dep] for name, dep in node.inputs.items()},
+            ctx={"store": store, "node_id": node.id, "child_run_id": children[node.id]},
+        )
+    results: dict[str, dict] = {}
+    report: list[dict] = []
+    failed: dict[str, str] = {}
+    for node in nodes:
+        try:
+            result = futures[node.id].result()
+        except Exception as err:  # noqa: BLE001 - reported per node; the flow fails below
+            broken = [d for d in node.inputs.values() if d in failed]
+            message = f"skipped: {broken[0]} failed" if broken else _one_line(err)
+            failed[node.id] = message
+            tracker.fail_child(children[node.id], message)
+            report.append({"node": node.id, "cache": "failed", "seconds": None, "error": message})
+            continue
+        hit = tracker.finish_child(children[node.id], node, result)
+        results[node.id] = result
+        report.append({"node": node.id, "cache": "hit" if hit else "miss",
+                       "seconds": None if hit else result.get("wall_seconds"), "error": ""})
+    rows = summarize(nodes, results)
+    outcome = {"pipeline": pipeline, "parent_run_id": tracker.parent_id,
+               "experiment_id": tracker.experiment_id, "nodes": report, "summary": rows}
+    table = markdown_table(arms_by_task(rows), ["task", "arm", "seeds", "gold_reward_mean", "win_rate"])
+    tracker.finish("FAILED" if failed else "FINISHED", rows,
+                   {"summary.md": table + "\n", "nodes.md": markdown_table(report, ["node", "cache", "seconds", "error"]) + "\n"})
+    if failed:
+        first = next(iter(failed.items()))
+        raise StudyFailed(f"{len(failed)} of {len(nodes)} stages failed; first: {first[0]}: {first[1]}", outcome)
+    return outcome
+
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_study(pipeline: str, overrides: list[str] | tuple[str, ...] = (), file: str = "pipelines.yaml", *,
+              force_stage: str | None = None, only_stage: str | None = None, workers: int | None = None) -> dict:
+    """Validate the config (nothing is written if it is bad), then run the flow. Returns the outcome dict; raises
+    ConfigError for a bad config and StudyFailed when a stage failed."""
+    study: Study = load_study(file, pipeline, list(overrides))
+    for stage in (force_stage, only_stage):
+        if stage and stage not in study.spec.stages:
+            raise RoadsError(f"pipeline {pipeline!r} has no stage {stage!r}; its stages: {', '.join(study.spec.stages)}")
+    env.configure()
+    env.ensure_prefect_api()
+    workers = workers or default_workers()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    runner = ProcessPoolTaskRunner(max_workers=workers, initializer=_worker_init, initargs=(threads,))
+    return study_flow.with_options(task_runner=runner)(pipeline=pipeline, overrides=list(overrides), file=str(file), force_stage=force_stage,
+                only_stage=only_stage)

@@ -1,0 +1,117 @@
+"""MLflow conventions: one experiment per pipeline, a parent run per flow run, a nested child run per stage node.
+
+Child runs are created by the flow before their tasks start (so a task can log per-step metrics into its own child
+by run id) and finished by the flow afterwards — also for cache hits, so two pipeline runs compare side by side.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from roads.config import flatten
+from roads.plan import Node
+
+MAX_PARAM_LENGTH = 6000
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=(artifact_root / name).resolve().as_uri())
+    except MlflowException:  # created by a concurrent run in the meantime
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _params(data: dict) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(data).items()]
+
+
+class StudyTracker:
+    def __init__(self, pipeline: str, artifact_root: Path, run_name: str, tags: dict[str, str], params: dict):
+        self.client = MlflowClient()
+        self.experiment_id = experiment_id(self.client, pipeline, artifact_root)
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=run_name,
+            tags={"roads.kind": "study", "roads.pipeline": pipeline, "roads.git_commit": git_commit(), **tags},
+        )
+        self.parent_id = run.info.run_id
+        self.client.log_batch(self.parent_id, params=_params(params), synchronous=True)
+
+    def start_child(self, node: Node) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=node.id,
+            tags={
+                "mlflow.parentRunId": self.parent_id,
+                "roads.kind": "stage",
+                "roads.stage": node.stage,
+                "roads.node": node.id,
+                "roads.task": node.spec.task_name,
+                "roads.seed": str(node.spec.seed),
+                "roads.arm": node.spec.arm or "",
+                "roads.fingerprint": node.spec.fingerprint(),
+                "roads.git_commit": git_commit(),
+            },
+        )
+        params = {"stage": node.stage, **node.spec.model_dump(exclude={"stage", "params"}), **node.spec.params}
+        self.client.log_batch(run.info.run_id, params=_params(params), synchronous=True)
+        return run.info.run_id
+
+    def finish_child(self, run_id: str, node: Node, result: dict) -> bool:
+        """Tags, final metrics and artifacts of a finished node; returns True when the result was a cache hit.
+        Per-step training metrics live in the run that produced the result (tag ``roads.produced_by``)."""
+        hit = result.get("produced_by") != run_id
+        tags = {
+            "roads.cache_key": result["cache_key"],
+            "roads.cache": "hit" if hit else "miss",
+            "roads.produced_by": result.get("produced_by") or "",
+            "roads.artifact_path": result["artifact"]["path"],
+            "roads.artifact_digest": result["artifact"]["digest"],
+        }
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in result["metrics"].items()]
+        metrics.append(Metric(f"{node.stage}/wall_seconds", float(result.get("wall_seconds", 0.0)), now, 0))
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        self.client.log_dict(run_id, node.spec.model_dump(), "config.json")
+        folder = Path(result["artifact"]["path"])
+        for name in result.get("files", []):
+            if (folder / name).is_file():
+                self.client.log_artifact(run_id, str(folder / name))
+        self.client.set_terminated(run_id, "FINISHED")
+        return hit
+
+    def fail_child(self, run_id: str, message: str) -> None:
+        self.client.set_tag(run_id, "roads.error", message[:5000])
+        self.client.set_terminated(run_id, "FAILED")
+
+    def finish(self, status: str, summary_rows: list[dict], files: dict[str, str]) -> None:
+        now = int(time.time() * 1000)
+        metrics = []
+        for row in summary_rows:
+            for key in ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean"):
+                if row.get(key) is not None:
+                    metrics.append(Metric(f"{row['task']}/seed{row['seed']}/{row['arm']}/{key}", float(row[key]), now, 0))
+        if metrics:
+            self.client.log_batch(self.parent_id, metrics=metrics, synchronous=True)
+        for name, text in files.items():
+            self.client.log_text(self.parent_id, text, name)
+        self.client.set_terminated(self.parent_id, status)

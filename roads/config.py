@@ -1,0 +1,346 @@
+"""Strict, frozen pydantic models of ``pipelines.yaml``: load, merge overrides, resolve one config per stage, fingerprint.
+
+The file has three sections::
+
+    defaults:   seed, model, and one section per stage (prepare_data, sft, reward_model, offline_dpo, evaluate)
+    tasks:      named tasks (a synthetic family with its sizes, or real preference data by path or hub name)
+    pipelines:  named recipes: which tasks, seeds and stages, plus ``set`` overrides of the defaults
+
+An override is ``KEY=VALUE`` with KEY a dotted path: ``sft.epochs=2``, ``model.preset=small``, ``seed=3``,
+``tasks.gap.alphabet=10``, ``pipeline.seeds=[0,1,2]``. VALUE is parsed as YAML. Every mistake (unknown key, wrong
+type, unknown stage, task or pipeline) raises :class:`ConfigError` with one line naming the file or override and
+the key path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from roads.errors import ConfigError
+
+STAGE_NAMES = ("prepare_data", "sft", "reward_model", "offline_dpo", "evaluate")
+POLICY_STAGES = ("sft", "offline_dpo")  # stages whose output is a policy: the arms that `evaluate` scores
+
+
+def no_fingerprint(default: Any, description: str) -> Any:
+    """A field that does not change results (logging, batch size for inference, …): left out of the fingerprint."""
+    return Field(default, description=description, json_schema_extra={"fingerprint": False})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- sections ----------------------------------------------------------------------------------------------------
+class ModelConfig(Strict):
+    """The policy architecture. ``pretrained`` (a local path or hub name) wins over ``preset``."""
+
+    preset: Literal["tiny", "small", "base"] = Field("tiny", description="tiny ≈0.1M, small ≈0.8M, base ≈5M params")
+    pretrained: Optional[str] = Field(None, description="local directory or hub name of a causal LM and tokenizer")
+    vocab_size: int = Field(384, gt=16, description="byte-level BPE vocabulary trained on the task text (presets)")
+
+
+class TaskConfig(Strict):
+    """One task: a synthetic gold-reward family, or real preference data (no gold reward)."""
+
+    family: Literal["gap", "short", "hidden", "preferences"]
+    alphabet: int = Field(8, ge=2, le=26, description="number of symbols (synthetic)")
+    min_len: int = Field(4, ge=2, description="shortest prompt, in symbols (synthetic)")
+    max_len: int = Field(8, ge=2, description="longest prompt, in symbols (synthetic)")
+    secret: int = Field(1234, description="seed of the hidden substitution (family 'hidden')")
+    source: Optional[str] = Field(None, description="preferences: a local .jsonl/.jsonl.gz/.json/.parquet or a hub name")
+    format: Literal["auto", "standard", "hh-rlhf", "tldr"] = Field("auto", description="preferences: record layout")
+    split: str = Field("train", description="preferences: hub split")
+    limit: Optional[int] = Field(None, gt=0, description="preferences: keep the first N records")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskConfig":
+        if self.family == "preferences" and not self.source:
+            raise ValueError("family 'preferences' needs 'source' (a local file or a hub dataset name)")
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) is larger than max_len ({self.max_len})")
+        return self
+
+
+class PrepareDataConfig(Strict):
+    n_sft: int = Field(2000, gt=0, description="SFT demonstrations")
+    n_pairs: int = Field(2000, gt=0, description="training preference pairs")
+    n_val_pairs: int = Field(200, gt=0, description="held-out preference pairs (on held-out prompts)")
+    n_eval_prompts: int = Field(200, gt=0, description="held-out prompts for evaluate")
+    demo_noise: float = Field(0.3, ge=0, le=1, description="per-symbol edit probability of the SFT demonstrator")
+    behaviour_noise: float = Field(0.5, ge=0, le=1, description="per-symbol edit probability of the behaviour policy")
+    bt_temperature: float = Field(0.1, ge=0, description="τ in P(y1≻y2) = σ((r*(y1)−r*(y2))/τ); 0 = noiseless")
+
+
+class TrainConfig(Strict):
+    """Fields every training stage shares."""
+
+    epochs: float = Field(2, gt=0, description="passes over the training data")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW, linear decay)")
+    batch_size: int = Field(32, gt=0, description="examples (or pairs) per optimiser step")
+    max_length: int = Field(64, gt=4, description="longest prompt + response, in tokens")
+    logging_steps: int = no_fingerprint(10, "log training metrics every N steps")
+
+
+class SftConfig(TrainConfig):
+    epochs: float = 3
+
+
+class RewardModelConfig(TrainConfig):
+    lr: float = 5e-4
+    val_batch_size: int = no_fingerprint(64, "batch size when scoring held-out pairs")
+
+
+class OfflineDpoConfig(TrainConfig):
+    lr: float = 5e-4
+    beta: float = Field(0.1, gt=0, description="DPO β (the same β is used online)")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="TRL DPO loss")
+
+
+class EvaluateConfig(Strict):
+    samples_per_prompt: int = Field(2, gt=0, description="completions sampled per held-out prompt")
+    max_new_tokens: int = Field(16, gt=0, description="generation limit")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    batch_size: int = no_fingerprint(64, "prompts per generation batch")
+    table_rows: int = no_fingerprint(50, "rows of the sample table logged as an artifact")
+
+
+class Defaults(Strict):
+    seed: int = Field(0, description="the study seed; each pipeline's `seeds` replaces it")
+    model: ModelConfig = ModelConfig()
+    prepare_data: PrepareDataConfig = PrepareDataConfig()
+    sft: SftConfig = SftConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
+    offline_dpo: OfflineDpoConfig = OfflineDpoConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+class PipelineConfig(Strict):
+    description: str = ""
+    tasks: list[str] = Field(min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    stages: list[Literal[STAGE_NAMES]] = Field(list(STAGE_NAMES), min_length=1)  # type: ignore[valid-type]
+    set: dict[str, Any] = Field({}, description="overrides of defaults, as in --set")
+
+
+class StudyFile(Strict):
+    defaults: Defaults = Defaults()
+    tasks: dict[str, TaskConfig]
+    pipelines: dict[str, PipelineConfig]
+
+
+STAGE_CONFIGS: dict[str, type[Strict]] = {
+    "prepare_data": PrepareDataConfig,
+    "sft": SftConfig,
+    "reward_model": RewardModelConfig,
+    "offline_dpo": OfflineDpoConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+class StageSpec(Strict):
+    """Everything one stage of one (task, seed) unit needs. Its fingerprint is half its cache key."""
+
+    stage: str
+    params: dict[str, Any]
+    seed: int
+    task_name: str = no_fingerprint("", "the task this unit belongs to (a label; the data reaches stages as an input)")
+    model: Optional[ModelConfig] = None  # stages that build or load a policy from scratch
+    task: Optional[TaskConfig] = None  # prepare_data only; later stages see the data through its artifact
+    arm: Optional[str] = None  # evaluate: which policy stage is scored
+
+    def config(self) -> Strict:
+        """The typed stage config (``SftConfig`` …)."""
+        return STAGE_CONFIGS[self.stage](**self.params)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self)
+
+
+class Study(Strict):
+    """A resolved pipeline: the study file with all overrides applied, ready to plan."""
+
+    pipeline: str
+    path: str
+    defaults: Defaults
+    tasks: dict[str, TaskConfig]
+    spec: PipelineConfig
+
+    def stage_spec(self, stage: str, task_name: str, seed: int, arm: str | None = None) -> StageSpec:
+        return StageSpec(
+            stage=stage,
+            params=getattr(self.defaults, stage).model_dump(),
+            seed=seed,
+            task_name=task_name,
+            model=self.defaults.model if stage == "sft" else None,
+            task=self.tasks[task_name] if stage == "prepare_data" else None,
+            arm=arm,
+        )
+
+    def resolved(self) -> dict:
+        """The fully resolved config, as ``roads show`` prints it."""
+        return {
+            "pipeline": self.pipeline,
+            "file": self.path,
+            **self.spec.model_dump(exclude={"set"}),
+            "tasks": {name: self.tasks[name].model_dump() for name in self.spec.tasks},
+            "defaults": self.defaults.model_dump(),
+        }
+
+
+# --- fingerprint -------------------------------------------------------------------------------------------------
+def _result_fields(model: BaseModel) -> dict:
+    out = {}
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("fingerprint") is False:
+            continue
+        value = getattr(model, name)
+        out[name] = _result_fields(value) if isinstance(value, BaseModel) else value
+    return out
+
+
+def fingerprint(spec: StageSpec) -> str:
+    """sha256 of the canonical JSON of every field that changes results (seed included, logging excluded)."""
+    data = _result_fields(spec)
+    data["params"] = _result_fields(spec.config())
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --- loading and overrides -----------------------------------------------------------------------------------------
+def _format_error(err: ValidationError, where: str, prefix: tuple = ()) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in (*prefix, *first["loc"]))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "literal_error" and loc.endswith(tuple(f"stages.{i}" for i in range(100))):
+        msg = f"unknown stage {first['input']!r}; {first['msg'].lower()}"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: {loc}: {msg}{more}"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, for example sft.epochs=2")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item}: empty key path")
+    return key, _parse_value(value)
+
+
+def _apply(raw: dict, pipeline: str, key: str, value: Any, where: str) -> None:
+    """Set a dotted KEY in the raw study dict: `pipeline.X`, `tasks.NAME.X`, or a path inside `defaults`."""
+    parts = key.split(".")
+    if parts[0] == "pipeline":
+        target, path = raw["pipelines"][pipeline], parts[1:]
+    elif parts[0] == "tasks":
+        if len(parts) < 3 or parts[1] not in raw.get("tasks", {}):
+            known = ", ".join(sorted(raw.get("tasks", {})))
+            raise ConfigError(f"{where}: {key}: unknown task {parts[1] if len(parts) > 1 else ''!r}; known: {known}")
+        target, path = raw["tasks"][parts[1]], parts[2:]
+    else:
+        if parts[0] not in Defaults.model_fields:
+            known = ", ".join(["pipeline.*", "tasks.*", *Defaults.model_fields])
+            raise ConfigError(f"{where}: {key}: unknown key {parts[0]!r}; known: {known}")
+        raw.setdefault("defaults", {})
+        target, path = raw["defaults"], parts
+    if not path:
+        raise ConfigError(f"{where}: {key}: name a field, for example {key}.epochs")
+    for part in path[:-1]:
+        nxt = target.get(part) if isinstance(target, dict) else None
+        if nxt is None:
+            target[part] = nxt = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {key}: {part!r} is not a section")
+        target = nxt
+    target[path[-1]] = value
+
+
+def read_study_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; pass --file PATH or run from the project folder")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with defaults, tasks and pipelines")
+    return raw
+
+
+def load_study_file(path: str | Path) -> StudyFile:
+    raw = read_study_file(path)
+    try:
+        study = StudyFile(**raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, str(path))) from None
+    for name, pipe in study.pipelines.items():
+        _check_pipeline(study, name, pipe, str(path))
+    return study
+
+
+def _check_pipeline(study: StudyFile, name: str, pipe: PipelineConfig, where: str) -> None:
+    for task in pipe.tasks:
+        if task not in study.tasks:
+            raise ConfigError(
+                f"{where}: pipelines.{name}.tasks: unknown task {task!r}; known: {', '.join(sorted(study.tasks))}"
+            )
+    from roads.plan import check_stage_closure  # the stage graph lives beside the planner
+
+    problem = check_stage_closure(pipe.stages)
+    if problem:
+        raise ConfigError(f"{where}: pipelines.{name}.stages: {problem}")
+
+
+def load_study(path: str | Path, pipeline: str, overrides: list[str] | tuple[str, ...] = ()) -> Study:
+    """Load the file, pick a pipeline, apply its `set` overrides then the CLI overrides, validate everything."""
+    base = load_study_file(path)  # validates the file as written
+    if pipeline not in base.pipelines:
+        raise ConfigError(f"{path}: unknown pipeline {pipeline!r}; known: {', '.join(sorted(base.pipelines))}")
+    raw = read_study_file(path)
+    where_file = f"{path}: pipelines.{pipeline}.set"
+    for key, value in base.pipelines[pipeline].set.items():
+        _apply(raw, pipeline, key, value, where_file)
+    for item in overrides:
+        key, value = parse_override(item)
+        _apply(raw, pipeline, key, value, f"--set {item}")
+    try:
+        study = StudyFile(**raw)
+    except ValidationError as err:
+        where = f"--set {' '.join(overrides)}" if overrides else where_file
+        raise ConfigError(_format_error(err, where)) from None
+    spec = study.pipelines[pipeline]
+    _check_pipeline(study, pipeline, spec, f"{path} (after overrides)")
+    return Study(pipeline=pipeline, path=str(path), defaults=study.defaults, tasks=study.tasks, spec=spec)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump()
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, name) if isinstance(value, (dict, BaseModel)) else {name: value})
+    return out

@@ -1,0 +1,256 @@
+"""Synthetic tasks with a known gold reward r*(x, y), so every arm is scored exactly and cheaply on CPU.
+
+A prompt is a sequence of symbols drawn from a small alphabet, written as text (``"sort: c a f a ->"``); a response
+is a space-separated sequence of symbols (``" a a c f"``). Each family fixes what the response should be (its
+*target*) and how r* scores a response. The three families mirror the paper's three settings:
+
+``gap`` (generation–verification gap present; the paper's full TL;DR summaries)
+    The response should be the prompt's symbols in sorted order. r* = ½·order + ½·coverage: *order* is the fraction
+    of adjacent response symbols that are in order, *coverage* the multiset overlap with the prompt over the longer
+    length. Verifying is a handful of local checks and a count; generating needs the whole plan: at every step the
+    policy must know which symbol is the smallest one not yet written, which depends on the entire prompt and on
+    everything written so far, over a horizon of up to ``max_len`` tokens. Verifier simpler than generator.
+
+``short`` (short-horizon control; the paper's two-word summaries)
+    The response should be the two smallest symbols, in order. Same form of r*, against that 2-symbol target.
+    With a horizon of two tokens the policy's per-token log-probabilities are as simple a function as the verifier:
+    both must find the two smallest symbols. The gap is closed from the generation side.
+
+``hidden`` (hidden-reference control; the paper's ROUGE-L reward)
+    r* is the ROUGE-L F-measure (longest common subsequence) between the response and a hidden reference
+    z(x) = a fixed pseudo-random substitution of the prompt's symbols (a permutation of the alphabet drawn from
+    ``secret``). Nothing in the prompt reveals the substitution; only the data does. Verifying needs exactly the
+    knowledge that generating needs (the substitution table), and the horizon is as long as in ``gap``. The gap is
+    closed from the verification side.
+
+Data is drawn the way the theory assumes: SFT demonstrations come from a noisy demonstrator (the target with
+random substitutions, deletions, insertions and swaps), preference pairs are two independent draws from the
+behaviour policy (the same demonstrator at a higher noise level) labelled y1 ≻ y2 with probability
+σ((r*(y1) − r*(y2)) / τ). Everything is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from roads.errors import DataError
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+FAMILIES = ("gap", "short", "hidden")
+_VERBS = {"gap": "sort", "short": "min2", "hidden": "code"}
+PROMPT_END = " ->"
+
+
+@dataclass(frozen=True)
+class SyntheticTask:
+    """One synthetic task: a family and its sizes. ``secret`` fixes the hidden substitution (``hidden`` only)."""
+
+    family: str
+    alphabet: int = 8
+    min_len: int = 4
+    max_len: int = 8
+    secret: int = 1234
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise DataError(f"unknown synthetic family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        if not 2 <= self.alphabet <= len(LETTERS):
+            raise DataError(f"alphabet must be between 2 and {len(LETTERS)}, got {self.alphabet}")
+        if not 2 <= self.min_len <= self.max_len:
+            raise DataError(f"need 2 <= min_len <= max_len, got min_len={self.min_len} max_len={self.max_len}")
+
+    # --- text format -------------------------------------------------------------------------------------------
+    @property
+    def symbols(self) -> str:
+        return LETTERS[: self.alphabet]
+
+    def prompt(self, xs: list[str]) -> str:
+        return f"{_VERBS[self.family]}: {' '.join(xs)}{PROMPT_END}"
+
+    def parse_prompt(self, prompt: str) -> list[str]:
+        head = f"{_VERBS[self.family]}: "
+        if not (prompt.startswith(head) and prompt.endswith(PROMPT_END)):
+            raise DataError(f"prompt {prompt!r} is not a {self.family!r} prompt (expected '{head}... ->')")
+        return prompt[len(head) : -len(PROMPT_END)].split()
+
+    @staticmethod
+    def response(ys: list[str]) -> str:
+        return "".join(" " + y for y in ys)
+
+    # --- the task ------------------------------------------------------------------------------------------------
+    def substitution(self) -> dict[str, str]:
+        """The hidden table of the ``hidden`` family: a permutation of the alphabet fixed by ``secret``."""
+        perm = list(self.symbols)
+        random.Random(self.secret).shuffle(perm)
+        return dict(zip(self.symbols, perm))
+
+    def target(self, xs: list[str]) -> list[str]:
+        if self.family == "gap":
+            return sorted(xs)
+        if self.family == "short":
+            return sorted(xs)[:2]
+        table = self.substitution()
+        return [table[x] for x in xs]
+
+    def gold_reward(self, prompt: str, response: str) -> float:
+        """r*(x, y) in [0, 1]; 1 exactly when the response is the target."""
+        xs = self.parse_prompt(prompt)
+        ys = response.split()
+        target = self.target(xs)
+        if self.family == "hidden":
+            return rouge_l(target, ys)
+        return 0.5 * order_score(ys, self.symbols) + 0.5 * coverage(target, ys)
+
+    # --- sampling ------------------------------------------------------------------------------------------------
+    def sample_prompt_symbols(self, rng: random.Random) -> list[str]:
+        n = rng.randint(self.min_len, self.max_len)
+        return [rng.choice(self.symbols) for _ in range(n)]
+
+    def demonstrate(self, xs: list[str], noise: float, rng: random.Random) -> list[str]:
+        """The noisy demonstrator: the target with, at each position and with probability ``noise``, one random
+        edit (substitute, delete, insert, or swap with the next symbol)."""
+        ys = list(self.target(xs))
+        out: list[str] = []
+        i = 0
+        while i < len(ys):
+            if rng.random() < noise:
+                edit = rng.randrange(4)
+                if edit == 0:
+                    out.append(rng.choice(self.symbols))
+                elif edit == 1:
+                    pass  # delete
+                elif edit == 2:
+                    out.extend([rng.choice(self.symbols), ys[i]])
+                elif i + 1 < len(ys):
+                    out.extend([ys[i + 1], ys[i]])
+                    i += 1
+                else:
+                    out.append(ys[i])
+            else:
+                out.append(ys[i])
+            i += 1
+        return out or [rng.choice(self.symbols)]
+
+
+def order_score(ys: list[str], symbols: str) -> float:
+    """Fraction of adjacent pairs (y_i, y_{i+1}) with y_i <= y_{i+1}; a symbol outside the alphabet breaks both
+    pairs it is in. A single valid symbol is trivially ordered; an empty response scores 0."""
+    if not ys:
+        return 0.0
+    valid = [y in symbols for y in ys]
+    if len(ys) == 1:
+        return 1.0 if valid[0] else 0.0
+    good = sum(1 for a, b, va, vb in zip(ys, ys[1:], valid, valid[1:]) if va and vb and a <= b)
+    return good / (len(ys) - 1)
+
+
+def coverage(target: list[str], ys: list[str]) -> float:
+    """Multiset overlap |target ∩ ys| / max(|target|, |ys|): missing and extra symbols both cost."""
+    if not target and not ys:
+        return 1.0
+    common = sum((Counter(target) & Counter(ys)).values())
+    return common / max(len(target), len(ys))
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(reference: list[str], ys: list[str]) -> float:
+    """ROUGE-L F1 on symbols: 2·P·R/(P+R) with P = LCS/|ys| and R = LCS/|reference|."""
+    lcs = lcs_length(reference, ys)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(ys), lcs / len(reference)
+    return 2 * p * r / (p + r)
+
+
+def bradley_terry_prefers_first(r1: float, r2: float, temperature: float, rng: random.Random) -> bool:
+    """Draw the label y1 ≻ y2 with probability σ((r1 − r2) / τ). τ = 0 means the noiseless argmax (ties: y1)."""
+    if temperature <= 0:
+        return r1 >= r2
+    z = (r1 - r2) / temperature
+    p = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+    return rng.random() < p
+
+
+def generate(
+    task: SyntheticTask,
+    *,
+    seed: int,
+    n_sft: int,
+    n_pairs: int,
+    n_val_pairs: int,
+    n_eval_prompts: int,
+    demo_noise: float,
+    behaviour_noise: float,
+    bt_temperature: float,
+) -> dict[str, list[dict]]:
+    """All of a task's data, deterministic from ``seed``. Evaluation and validation prompts never occur in training.
+
+    Returns the splits ``sft`` (prompt, completion), ``pairs_train`` and ``pairs_val`` (prompt, chosen, rejected,
+    chosen_gold, rejected_gold) and ``eval_prompts`` (prompt, target).
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+
+    def fresh_prompts(n: int, exclude: set[str]) -> list[list[str]]:
+        out, tries = [], 0
+        while len(out) < n:
+            xs = task.sample_prompt_symbols(rng)
+            tries += 1
+            if task.prompt(xs) in exclude:
+                if tries > 50 * (n + 10):
+                    raise DataError(
+                        f"cannot draw {n} distinct held-out prompts for {task.family!r}: the prompt space is too small; "
+                        "raise alphabet or max_len, or ask for fewer prompts"
+                    )
+                continue
+            out.append(xs)
+            exclude.add(task.prompt(xs))
+        return out
+
+    held_out: set[str] = set()
+    eval_xs = fresh_prompts(n_eval_prompts, held_out)
+    val_xs = fresh_prompts(n_val_pairs, held_out)
+    seen |= held_out
+
+    def train_prompts(n: int) -> list[list[str]]:
+        out = []
+        while len(out) < n:
+            xs = task.sample_prompt_symbols(rng)
+            if task.prompt(xs) not in seen:
+                out.append(xs)
+        return out
+
+    sft = []
+    for xs in train_prompts(n_sft):
+        sft.append({"prompt": task.prompt(xs), "completion": task.response(task.demonstrate(xs, demo_noise, rng))})
+
+    def pairs(xss: list[list[str]]) -> list[dict]:
+        rows = []
+        for xs in xss:
+            p = task.prompt(xs)
+            y1 = task.response(task.demonstrate(xs, behaviour_noise, rng))
+            y2 = task.response(task.demonstrate(xs, behaviour_noise, rng))
+            r1, r2 = task.gold_reward(p, y1), task.gold_reward(p, y2)
+            if not bradley_terry_prefers_first(r1, r2, bt_temperature, rng):
+                y1, y2, r1, r2 = y2, y1, r2, r1
+            rows.append({"prompt": p, "chosen": y1, "rejected": y2, "chosen_gold": r1, "rejected_gold": r2})
+        return rows
+
+    return {
+        "sft": sft,
+        "pairs_train": pairs(train_prompts(n_pairs)),
+        "pairs_val": pairs(val_xs),
+        "eval_prompts": [{"prompt": task.prompt(xs), "target": task.response(task.target(xs))} for xs in eval_xs],
+    }

@@ -1,0 +1,126 @@
+"""Batched sampling with a KV cache and an explicit random generator (so samples depend only on the seed), and
+sequence log-probabilities and reward-model scores for (prompt, completion) batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # decoded without special tokens
+    ids: tuple[int, ...]  # sampled token ids, EOS included when the model stopped
+    finished: bool  # stopped on EOS (not cut at max_new_tokens)
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@torch.no_grad()
+def _sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                  generator: torch.Generator, pad_id: int, eos_id: int) -> list[list[int]]:
+    device = next(model.parameters()).device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention[i, width - len(p):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    past, step_ids, step_pos = None, input_ids, positions
+    for t in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos,
+                       past_key_values=past, use_cache=True)
+        past = logits.past_key_values
+        last = logits.logits[:, -1, :].float()  # (batch, vocab)
+        if temperature > 0:
+            probs = torch.softmax(last / temperature, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+        else:
+            nxt = last.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out[:, t] = nxt
+        done |= nxt == eos_id
+        if bool(done.all()):
+            out = out[:, : t + 1]
+            break
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
+        step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
+    rows = []
+    for row in out.tolist():
+        ids = []
+        for tok in row:
+            ids.append(tok)
+            if tok == eos_id:
+                break
+        while ids and ids[-1] == pad_id:
+            ids.pop()
+        rows.append(ids)
+    return rows
+
+
+def sample(model, tokenizer, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float, seed: int,
+           batch_size: int = 64) -> list[list[Completion]]:
+    """``n`` completions for each prompt. The same model, prompts and seed give the same completions."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    encoded = encode(tokenizer, prompts)
+    flat = [p for p in encoded for _ in range(n)]
+    ids: list[list[int]] = []
+    for start in range(0, len(flat), batch_size):
+        ids += _sample_batch(model, flat[start:start + batch_size], max_new_tokens, temperature, generator,
+                             tokenizer.pad_token_id, tokenizer.eos_token_id)
+    out: list[list[Completion]] = []
+    for i in range(len(prompts)):
+        group = []
+        for seq in ids[i * n:(i + 1) * n]:
+            finished = bool(seq) and seq[-1] == tokenizer.eos_token_id
+            group.append(Completion(tokenizer.decode(seq, skip_special_tokens=True), tuple(seq), finished))
+        out.append(group)
+    return out
+
+
+@torch.no_grad()
+def sequence_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int,
+                   batch_size: int = 64) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each completion's tokens; shape (N,)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        ps, cs = prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]
+        seqs = [list(p) + list(c) for p, c in zip(ps, cs)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        target = torch.zeros_like(ids, dtype=torch.bool)  # marks completion positions
+        for i, (p, s) in enumerate(zip(ps, seqs)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            target[i, len(p): len(s)] = True
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tok_logp = logp.gather(-1, ids[:, 1:].to(device)[..., None]).squeeze(-1)  # (B, T-1)
+        out.append((tok_logp * target[:, 1:].to(device)).sum(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, prompts: list[str], completions: list[str], *, batch_size: int = 64) -> torch.Tensor:
+    """Scalar reward r(x, y) of each pair, tokenised as TRL's RewardTrainer does (prompt + completion + EOS)."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [p + c + tokenizer.eos_token for p, c in zip(prompts[start:start + batch_size],
+                                                            completions[start:start + batch_size])]
+        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+        scores.append(logits[:, 0].float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)

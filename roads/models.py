@@ -1,0 +1,109 @@
+"""Tokenizer and model factory: a byte-level BPE tokenizer trained locally and tiny Llama-style presets built from
+config (no download), or a pretrained causal LM and tokenizer by local path or hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from roads.errors import RoadsError
+
+SPECIAL = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
+
+# hidden, intermediate, layers, heads  (parameter counts with a 384-token vocabulary, tied embeddings)
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),  # ≈0.1M
+    "small": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4),  # ≈0.8M
+    "base": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8),  # ≈4.8M
+}
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 384, max_length: int = 256) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on ``corpus``: never an unknown token, exact round trips, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, padding_side="right", **SPECIAL)
+
+
+def new_causal_lm(preset: str, tokenizer, seed: int, max_positions: int = 256) -> LlamaForCausalLM:
+    """A freshly initialised Llama of the given preset; the same seed gives the same weights."""
+    if preset not in PRESETS:
+        raise RoadsError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        num_key_value_heads=PRESETS[preset]["num_attention_heads"],
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        **PRESETS[preset],
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_pretrained(name_or_path: str):
+    """A causal LM and its tokenizer from a local folder or a hub name (a missing pad token falls back to EOS)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RoadsError(
+            f"model.pretrained: cannot load {name_or_path!r} ({first}); give a local folder with config.json and "
+            "weights, or a hub name on a machine that can reach the hub"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_policy(path: str | Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def reward_model_from_policy(path: str | Path):
+    """A scalar-head reward model initialised from a saved policy (the paper's global RM: SFT + linear head)."""
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_reward_model(path: str | Path):
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

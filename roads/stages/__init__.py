@@ -1,0 +1,11 @@
+"""One module per stage, each with ``VERSION`` and one public ``run(spec, inputs, out_dir, tracker) -> StageResult``."""
+
+from importlib import import_module
+
+from roads.config import STAGE_NAMES
+
+
+def stage_module(name: str):
+    if name not in STAGE_NAMES:
+        raise KeyError(name)
+    return import_module(f"roads.stages.{name}")

@@ -1,0 +1,85 @@
+"""evaluate: score one policy arm on the held-out prompts.
+
+Samples ``samples_per_prompt`` completions per prompt from the arm and from the SFT reference with the same seed
+(common random numbers: the SFT arm's samples are exactly the reference samples). Metrics, where the task has a gold
+reward: ``gold_reward_mean``; ``win_rate`` against the SFT sample of the same prompt and index, judged by the gold
+reward, ties counted half; always: ``kl_to_reference`` (Monte-Carlo estimate of KL(π‖π_ref) = E_y~π[log π(y|x) −
+log π_ref(y|x)]), ``length_mean`` (tokens, EOS excluded) and ``finished_rate``. Output: ``metrics.json`` and
+``samples.jsonl`` (one row per sample: the data for intervals over prompts and seeds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import fmean
+
+from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json, write_jsonl
+from roads.config import EvaluateConfig, StageSpec, TaskConfig
+from roads.data import gold_reward_fn
+from roads.generation import encode, sample, sequence_logps
+from roads.models import load_policy
+from roads.training import NullTracker, Tracker
+
+VERSION = 1
+
+
+def win_rate(arm: list[float], reference: list[float]) -> float:
+    """Fraction of paired samples where the arm's gold reward beats the reference's; ties count half."""
+    return fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(arm, reference, strict=True))
+
+
+def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    cfg: EvaluateConfig = spec.config()
+    data = Path(inputs["data"].path)
+    task_info = read_json(data / "task.json")
+    gold = gold_reward_fn(TaskConfig(**{k: v for k, v in task_info.items() if k != "name"}))
+    prompts = [r["prompt"] for r in read_jsonl(data / "eval_prompts.jsonl")]
+    policy, tokenizer = load_policy(inputs["policy"].path)
+    reference, _ = load_policy(inputs["reference"].path)
+    kw = dict(n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+              seed=spec.seed, batch_size=cfg.batch_size)
+    tracker.progress(f"sampling {len(prompts)} x {cfg.samples_per_prompt} from {spec.arm}")
+    arm_samples = sample(policy, tokenizer, prompts, **kw)
+    same_model = Path(inputs["policy"].path) == Path(inputs["reference"].path)
+    ref_samples = arm_samples if same_model else sample(reference, tokenizer, prompts, **kw)
+
+    flat_prompts = [p for p, group in zip(prompts, arm_samples) for _ in group]
+    flat = [c for group in arm_samples for c in group]
+    flat_ref = [c for group in ref_samples for c in group]
+    prompt_ids = encode(tokenizer, flat_prompts)
+    ids = [list(c.ids) for c in flat]
+    logp = sequence_logps(policy, prompt_ids, ids, pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size)
+    ref_logp = logp if same_model else sequence_logps(reference, prompt_ids, ids, pad_id=tokenizer.pad_token_id,
+                                                      batch_size=cfg.batch_size)
+    rows = []
+    for i, (p, c, r) in enumerate(zip(flat_prompts, flat, flat_ref)):
+        row = {
+            "prompt_index": i // cfg.samples_per_prompt,
+            "sample_index": i % cfg.samples_per_prompt,
+            "prompt": p,
+            "completion": c.text,
+            "length": len(c.ids) - int(c.finished),
+            "finished": c.finished,
+            "logp": round(float(logp[i]), 6),
+            "ref_logp": round(float(ref_logp[i]), 6),
+            "reference_completion": r.text,
+        }
+        if gold is not None:
+            row["gold_reward"] = gold(p, c.text)
+            row["reference_gold_reward"] = gold(p, r.text)
+        rows.append(row)
+
+    metrics = {
+        "kl_to_reference": fmean(r["logp"] - r["ref_logp"] for r in rows),
+        "length_mean": fmean(r["length"] for r in rows),
+        "finished_rate": fmean(float(r["finished"]) for r in rows),
+    }
+    if gold is not None:
+        metrics["gold_reward_mean"] = fmean(r["gold_reward"] for r in rows)
+        metrics["win_rate"] = win_rate([r["gold_reward"] for r in rows], [r["reference_gold_reward"] for r in rows])
+        metrics["exact_rate"] = fmean(float(r["gold_reward"] == 1.0) for r in rows)
+    metrics = {k: round(v, 6) for k, v in metrics.items()}
+    write_json(out_dir / "metrics.json", {"arm": spec.arm, "task": task_info["name"], "seed": spec.seed, **metrics})
+    write_jsonl(out_dir / "samples.jsonl", rows)
+    tracker.progress(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return StageResult(metrics={f"evaluate/{k}": v for k, v in metrics.items()}, files=["metrics.json", "samples.jsonl"])

@@ -1,0 +1,45 @@
+"""offline_dpo: the one-stage road — TRL's DPOTrainer on the training pairs, starting from the SFT policy, with the
+SFT model *loaded from disk* as the reference (TRL rebuilds the reference from the model's path). Output: the policy.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from roads.artifacts import ArtifactRef, StageResult, read_jsonl
+from roads.config import OfflineDpoConfig, StageSpec
+from roads.models import load_policy
+from roads.training import NullTracker, StageCallback, Tracker, check_finite, final_train_metrics, train, trainer_args
+
+VERSION = 1
+
+
+def train_dpo(stage: str, cfg: OfflineDpoConfig, seed: int, start_policy: str, pairs: list[dict], out_dir: Path,
+              tracker: Tracker) -> dict[str, float]:
+    """DPO from the policy saved at ``start_policy`` (also the reference); saves the result to ``out_dir``."""
+    model, tokenizer = load_policy(start_policy)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,  # rebuilt from model.config._name_or_path == start_policy
+            args=DPOConfig(**trainer_args(cfg, seed, scratch, beta=cfg.beta, loss_type=cfg.loss_type)),
+            train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs]),
+            processing_class=tokenizer,
+            callbacks=[StageCallback(stage, tracker)],
+        )
+        train(trainer)
+    check_finite(model, stage)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return final_train_metrics(stage, trainer.state.log_history)
+
+
+def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    cfg: OfflineDpoConfig = spec.config()
+    pairs = read_jsonl(Path(inputs["data"].path) / "pairs_train.jsonl")
+    metrics = train_dpo("offline_dpo", cfg, spec.seed, inputs["sft"].path, pairs, out_dir, tracker)
+    return StageResult(metrics=metrics, files=[])

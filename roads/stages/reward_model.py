@@ -1,0 +1,67 @@
+"""reward_model: the global verifier — the SFT model with its LM head replaced by a scalar head, trained with the
+Bradley–Terry loss (TRL's RewardTrainer) on the training pairs. Logs validation accuracy and preference
+log-likelihood, mean log σ(r(x, y+) − r(x, y−)), on held-out pairs. Output: the reward model and tokenizer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer
+
+from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
+from roads.config import RewardModelConfig, StageSpec
+from roads.generation import reward_scores
+from roads.models import reward_model_from_policy
+from roads.training import NullTracker, StageCallback, Tracker, check_finite, final_train_metrics, train, trainer_args
+
+VERSION = 1
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Accuracy (ties count half) and mean log-likelihood log σ(r+ − r−) of the labels under a verifier."""
+    margin = chosen - rejected
+    accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+    return {
+        "accuracy": float(accuracy),
+        "loglik": float(torch.nn.functional.logsigmoid(margin).mean()),
+        "margin": float(margin.mean()),
+    }
+
+
+def score_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    prompts = [r["prompt"] for r in rows]
+    chosen = reward_scores(model, tokenizer, prompts, [r["chosen"] for r in rows], batch_size=batch_size)
+    rejected = reward_scores(model, tokenizer, prompts, [r["rejected"] for r in rows], batch_size=batch_size)
+    return chosen, rejected
+
+
+def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    cfg: RewardModelConfig = spec.config()
+    data = Path(inputs["data"].path)
+    train_rows = read_jsonl(data / "pairs_train.jsonl")
+    val = read_jsonl(data / "pairs_val.jsonl")
+    model, tokenizer = reward_model_from_policy(inputs["sft"].path)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = RewardTrainer(
+            model=model,
+            args=RewardConfig(**trainer_args(cfg, spec.seed, scratch)),
+            train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows]),
+            processing_class=tokenizer,
+            callbacks=[StageCallback("reward_model", tracker)],
+        )
+        train(trainer)
+    check_finite(model, "reward_model")
+    metrics = final_train_metrics("reward_model", trainer.state.log_history)
+    chosen, rejected = score_pairs(model, tokenizer, val, cfg.val_batch_size)
+    val_metrics = preference_metrics(chosen, rejected)
+    metrics.update({f"reward_model/val_{k}": v for k, v in val_metrics.items()})
+    tracker.log_metrics({f"reward_model/val_{k}": v for k, v in val_metrics.items()}, step=trainer.state.global_step)
+    tracker.progress(f"held-out accuracy {val_metrics['accuracy']:.3f}, log-likelihood {val_metrics['loglik']:.4f}")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    write_json(out_dir / "validation.json", {k: round(v, 6) for k, v in val_metrics.items()})
+    return StageResult(metrics=metrics, files=["validation.json"])

@@ -1,0 +1,50 @@
+"""sft: supervised fine-tuning on the demonstrations with TRL's SFTTrainer (loss on the completion only).
+
+Builds the policy from scratch (a byte-level BPE tokenizer trained on the task text and a tiny Llama preset) or
+starts from ``model.pretrained``. The result is the reference policy of every later stage. Output: the model and
+tokenizer (``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from roads.artifacts import ArtifactRef, StageResult, read_jsonl
+from roads.config import SftConfig, StageSpec
+from roads.models import build_tokenizer, count_parameters, load_pretrained, new_causal_lm
+from roads.training import NullTracker, StageCallback, Tracker, check_finite, final_train_metrics, train, trainer_args
+
+VERSION = 1
+
+
+def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    cfg: SftConfig = spec.config()
+    data = Path(inputs["data"].path)
+    rows = read_jsonl(data / "sft.jsonl")
+    if spec.model.pretrained:
+        model, tokenizer = load_pretrained(spec.model.pretrained)
+    else:
+        pairs = read_jsonl(data / "pairs_train.jsonl")
+        corpus = [r["prompt"] + r["completion"] for r in rows] + [r["prompt"] + r["chosen"] + r["rejected"] for r in pairs]
+        tokenizer = build_tokenizer(corpus, vocab_size=spec.model.vocab_size)
+        model = new_causal_lm(spec.model.preset, tokenizer, seed=spec.seed, max_positions=max(256, cfg.max_length))
+    tracker.progress(f"{count_parameters(model):,} parameters, {len(rows)} demonstrations")
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**trainer_args(cfg, spec.seed, scratch)),
+            train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]),
+            processing_class=tokenizer,
+            callbacks=[StageCallback("sft", tracker)],
+        )
+        train(trainer)
+    check_finite(model, "sft")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    metrics = final_train_metrics("sft", trainer.state.log_history)
+    metrics["sft/parameters"] = float(count_parameters(model))
+    return StageResult(metrics=metrics, files=[])

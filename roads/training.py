@@ -1,0 +1,106 @@
+"""What every TRL-backed stage shares: trainer arguments for CPU or GPU, a callback that forwards per-step metrics
+to the tracker and fails the stage on a NaN or infinite loss, and a weights check."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from roads.config import TrainConfig
+from roads.errors import TrainingError
+
+
+class Tracker(Protocol):
+    """Where a stage reports: the task layer passes one that writes to MLflow and the Prefect log."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def progress(self, message: str) -> None: ...
+
+
+class NullTracker:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def progress(self, message: str) -> None:
+        pass
+
+
+def trainer_args(cfg: TrainConfig, seed: int, output_dir: str, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments for any TRL config (SFTConfig, RewardConfig, DPOConfig, …)."""
+    return dict(
+        output_dir=output_dir,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="linear",
+        per_device_train_batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        logging_steps=cfg.logging_steps,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,  # TRL's default None becomes True, which CPUs reject
+        activation_checkpointing=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=True,  # progress goes through the tracker: one line per logging step
+        **extra,
+    )
+
+
+class StageCallback(TrainerCallback):
+    """Forwards the trainer's logs as ``<stage>/<name>`` per step; a non-finite loss stops the stage."""
+
+    def __init__(self, stage: str, tracker: Tracker):
+        self.stage, self.tracker = stage, tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        for key in ("loss", "train_loss"):
+            if key in logs and not math.isfinite(float(logs[key])):
+                raise TrainingError(
+                    f"{self.stage}: {key} became {logs[key]} at step {state.global_step}; lower {self.stage}.lr "
+                    "or check the data — nothing was cached"
+                )
+        numeric = {f"{self.stage}/{k}": float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+        self.tracker.log_metrics(numeric, step=state.global_step)
+        if "loss" in logs:
+            self.tracker.progress(f"step {state.global_step}/{state.max_steps} loss {float(logs['loss']):.4f}")
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and load reports go off: stages report through the tracker, one line at a time."""
+    import datasets
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    datasets.disable_progress_bars()
+    disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def train(trainer) -> None:
+    """``trainer.train()`` without the trainer's own printing (its logs reach the tracker through StageCallback)."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+
+
+def check_finite(model: torch.nn.Module, stage: str) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise TrainingError(f"{stage}: weight {name} is not finite after training; lower {stage}.lr — nothing was cached")
+
+
+def final_train_metrics(stage: str, log_history: list[dict]) -> dict[str, float]:
+    """The last value of every numeric training log, as ``<stage>/<name>``."""
+    out: dict[str, float] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                out[f"{stage}/{key}"] = float(value)
+    return out

@@ -1,0 +1,132 @@
+"""What every stage task shares: the cache key, the stale-record check, and the tracker that writes per-step metrics
+to the stage's MLflow child run and progress lines to the Prefect log.
+
+Cache key = stage name + stage VERSION + config fingerprint + input digests + a digest of the roads library's
+source (Prefect's TASK_SOURCE would hash only the thin task body). Results are small JSON documents naming the
+content-addressed output folder; a record whose folder is gone is deleted before Prefect looks, so it reruns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+
+import roads
+from roads.artifacts import ArtifactRef, state_home
+from roads.config import StageSpec
+from roads.stages import stage_module
+
+
+@lru_cache(maxsize=1)
+def library_digest() -> str:
+    """sha256 of every .py file of the roads package (path and bytes), so any library change invalidates caches."""
+    root = Path(roads.__file__).parent
+    h = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        h.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def cache_key(spec: StageSpec, inputs: dict[str, ArtifactRef]) -> str:
+    parts = [
+        spec.stage,
+        str(stage_module(spec.stage).VERSION),
+        spec.fingerprint(),
+        *(f"{name}={inputs[name].digest}" for name in sorted(inputs)),
+        library_digest(),
+    ]
+    return f"{spec.stage}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def results_dir() -> Path:
+    return state_home() / "results"
+
+
+def _refs(inputs: dict[str, Any]) -> dict[str, ArtifactRef]:
+    return {name: ArtifactRef.from_json(value["artifact"]) for name, value in inputs.items()}
+
+
+class StageCachePolicy(CachePolicy):
+    """Key from the stage spec and its inputs' digests; a cached record whose artifact folder is gone is dropped."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        spec = StageSpec(**inputs["spec"])
+        key = cache_key(spec, _refs(inputs["inputs"]))
+        record = results_dir() / key
+        if record.exists():
+            try:
+                result = json.loads(record.read_text())["result"]  # Prefect stores the JSON result as a string
+                path = json.loads(result)["artifact"]["path"] if isinstance(result, str) else result["artifact"]["path"]
+            except (ValueError, KeyError, TypeError):
+                path = None
+            if not path or not Path(path).is_dir():
+                record.unlink(missing_ok=True)  # the folder was removed: rerun rather than return a dangling path
+        return key
+
+
+class MlflowTracker:
+    """Per-step metrics into the stage's child run (by explicit run id: the active run is thread-local), progress
+    lines into the Prefect task log."""
+
+    def __init__(self, run_id: str | None, label: str):
+        self.run_id, self.label = run_id, label
+        self._client = None
+        if run_id:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self._client or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key=k.replace("@", "_"), value=float(v), timestamp=now, step=step or 0) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def progress(self, message: str) -> None:
+        from prefect import get_run_logger
+
+        get_run_logger().info(f"[{self.label}] {message}")
+
+
+def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
+    """The body of every stage task: run the stage into the artifact store, return its result as JSON."""
+    from roads.runner import execute
+
+    parsed = StageSpec(**spec)
+    refs = _refs(inputs)
+    tracker = MlflowTracker(ctx.get("child_run_id"), ctx.get("node_id", parsed.stage))
+    started = time.time()
+    result = execute(parsed, refs, ctx["store"], tracker)
+    doc = result.to_json()
+    doc["cache_key"] = cache_key(parsed, refs)
+    doc["produced_by"] = ctx.get("child_run_id")
+    doc["wall_seconds"] = round(time.time() - started, 3)
+    return doc
+
+
+def stage_task(stage: str) -> Callable:
+    """The Prefect task of one stage. ``ctx`` (store, node id, MLflow child run) is not part of the cache key."""
+
+    def body(spec: dict, inputs: dict, ctx: dict) -> dict:
+        return run_stage(spec, inputs, ctx)
+
+    body.__name__ = body.__qualname__ = stage
+    return task(
+        body,
+        name=stage,
+        cache_policy=StageCachePolicy(),
+        persist_result=True,
+        result_serializer="json",
+        result_storage=results_dir(),
+        retries=0,
+    )
