@@ -1,0 +1,37 @@
+"""Test-wide settings: offline, no telemetry, all state in a temporary folder (never the project's .roads)."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+_STATE = Path(tempfile.mkdtemp(prefix="roads-tests-"))
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "ROADS_HOME": str(_STATE / "home"),
+    "PREFECT_HOME": str(_STATE / "prefect"),
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_STATE / 'mlflow.db'}",
+}.items():
+    os.environ[key] = value
+
+
+@pytest.fixture
+def pipelines_file() -> Path:
+    return ROOT / "pipelines.yaml"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return SHARED_DATA
