@@ -21,6 +21,7 @@ from roads.config import Study, load_study
 from roads.errors import RoadsError
 from roads.plan import Node, build_plan, downstream, upstream
 from tasks import stage_task
+from tasks.common import results_dir
 
 SUMMARY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
 
@@ -105,7 +106,7 @@ def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str 
     children = {n.id: tracker.start_child(n) for n in nodes}
     futures: dict[str, Any] = {}
     for node in nodes:
-        options: dict[str, Any] = {"task_run_name": node.id}
+        options: dict[str, Any] = {"task_run_name": node.id, "result_storage": results_dir()}
         if force_stage and node.stage == force_stage:
             options["refresh_cache"] = True
         futures[node.id] = stage_task(node.stage).with_options(**options).submit(

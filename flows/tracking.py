@@ -88,7 +88,8 @@ class StudyTracker:
             "roads.artifact_digest": result["artifact"]["digest"],
         }
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in result["metrics"].items()]
+        logged = set(self.client.get_run(run_id).data.metrics)  # per-step history written by the task itself
+        metrics = [Metric(k, float(v), now, 0) for k, v in result["metrics"].items() if k not in logged]
         metrics.append(Metric(f"{node.stage}/wall_seconds", float(result.get("wall_seconds", 0.0)), now, 0))
         self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
         self.client.log_dict(run_id, node.spec.model_dump(), "config.json")

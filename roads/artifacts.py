@@ -55,11 +55,11 @@ class StageResult:
 
 
 def digest_dir(path: str | Path) -> str:
-    """sha256 over every file's relative path and bytes, in sorted order."""
+    """sha256 over every file's relative path, size and bytes, in sorted order (sizes keep it unambiguous)."""
     root = Path(path)
     h = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(root)).encode() + b"\0")
+        h.update(str(file.relative_to(root)).encode() + b"\0" + str(file.stat().st_size).encode() + b"\0")
         with open(file, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)

@@ -124,7 +124,7 @@ class Defaults(Strict):
 class PipelineConfig(Strict):
     description: str = ""
     tasks: list[str] = Field(min_length=1)
-    seeds: list[int] = Field([0], min_length=1)
+    seeds: Optional[list[int]] = Field(None, min_length=1, description="seeds to run; default: [defaults.seed]")
     stages: list[Literal[STAGE_NAMES]] = Field(list(STAGE_NAMES), min_length=1)  # type: ignore[valid-type]
     set: dict[str, Any] = Field({}, description="overrides of defaults, as in --set")
 
@@ -311,6 +311,13 @@ def _check_pipeline(study: StudyFile, name: str, pipe: PipelineConfig, where: st
         raise ConfigError(f"{where}: pipelines.{name}.stages: {problem}")
 
 
+def _validate(raw: dict, where: str) -> StudyFile:
+    try:
+        return StudyFile(**raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, where)) from None
+
+
 def load_study(path: str | Path, pipeline: str, overrides: list[str] | tuple[str, ...] = ()) -> Study:
     """Load the file, pick a pipeline, apply its `set` overrides then the CLI overrides, validate everything."""
     base = load_study_file(path)  # validates the file as written
@@ -318,17 +325,18 @@ def load_study(path: str | Path, pipeline: str, overrides: list[str] | tuple[str
         raise ConfigError(f"{path}: unknown pipeline {pipeline!r}; known: {', '.join(sorted(base.pipelines))}")
     raw = read_study_file(path)
     where_file = f"{path}: pipelines.{pipeline}.set"
+    if raw["pipelines"][pipeline].get("set") is None:
+        raw["pipelines"][pipeline]["set"] = {}
     for key, value in base.pipelines[pipeline].set.items():
         _apply(raw, pipeline, key, value, where_file)
-    for item in overrides:
+    study = _validate(raw, where_file)
+    for item in overrides:  # validated one at a time, so an error names the override that caused it
         key, value = parse_override(item)
         _apply(raw, pipeline, key, value, f"--set {item}")
-    try:
-        study = StudyFile(**raw)
-    except ValidationError as err:
-        where = f"--set {' '.join(overrides)}" if overrides else where_file
-        raise ConfigError(_format_error(err, where)) from None
+        study = _validate(raw, f"--set {item}")
     spec = study.pipelines[pipeline]
+    if spec.seeds is None:
+        spec = spec.model_copy(update={"seeds": [study.defaults.seed]})
     _check_pipeline(study, pipeline, spec, f"{path} (after overrides)")
     return Study(pipeline=pipeline, path=str(path), defaults=study.defaults, tasks=study.tasks, spec=spec)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -94,8 +95,13 @@ class MlflowTracker:
 
     def progress(self, message: str) -> None:
         from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
 
-        get_run_logger().info(f"[{self.label}] {message}")
+        try:
+            logger = get_run_logger()
+        except MissingContextError:  # called as task.fn(...) outside a flow
+            logger = logging.getLogger("roads")
+        logger.info(f"[{self.label}] {message}")
 
 
 def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
@@ -115,7 +121,8 @@ def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
 
 
 def stage_task(stage: str) -> Callable:
-    """The Prefect task of one stage. ``ctx`` (store, node id, MLflow child run) is not part of the cache key."""
+    """The Prefect task of one stage. ``ctx`` (store, node id, MLflow child run) is not part of the cache key. The
+    flow sets ``result_storage`` per run (``results_dir()``) so that $ROADS_HOME is read when the study starts."""
 
     def body(spec: dict, inputs: dict, ctx: dict) -> dict:
         return run_stage(spec, inputs, ctx)
@@ -127,6 +134,5 @@ def stage_task(stage: str) -> Callable:
         cache_policy=StageCachePolicy(),
         persist_result=True,
         result_serializer="json",
-        result_storage=results_dir(),
         retries=0,
     )

@@ -225,11 +225,17 @@ def generate(
     seen |= held_out
 
     def train_prompts(n: int) -> list[list[str]]:
-        out = []
+        out, tries = [], 0
         while len(out) < n:
             xs = task.sample_prompt_symbols(rng)
+            tries += 1
             if task.prompt(xs) not in seen:
                 out.append(xs)
+            elif tries > 50 * (n + 10) and not out:
+                raise DataError(
+                    f"no training prompts left for {task.family!r}: the held-out prompts use up the prompt space; "
+                    "raise alphabet or max_len, or hold out fewer prompts"
+                )
         return out
 
     sft = []

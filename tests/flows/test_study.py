@@ -1,0 +1,160 @@
+"""The smoke pipeline through Prefect and MLflow: caching, reruns, MLflow records, failures and kills."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.study import StudyFailed, run_study
+
+ROOT = Path(__file__).resolve().parents[2]
+GAP_ONLY = ["pipeline.tasks=[gap]"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A fresh ROADS_HOME for this module: the first run of a config is a miss."""
+    path = tmp_path_factory.mktemp("home")
+    old = os.environ.get("ROADS_HOME")
+    os.environ["ROADS_HOME"] = str(path)
+    yield path
+    os.environ["ROADS_HOME"] = old or ""
+
+
+@pytest.fixture(scope="module")
+def first(home):
+    os.chdir(ROOT)
+    return run_study("smoke")
+
+
+@pytest.fixture(scope="module")
+def second(first):
+    return run_study("smoke")
+
+
+def cache_states(outcome):
+    return {n["node"]: n["cache"] for n in outcome["nodes"]}
+
+
+def children(client, parent_id, experiment_id):
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=500)
+
+
+def test_first_run_executes_every_stage(first):
+    states = cache_states(first)
+    assert len(states) == 12  # 2 tasks x (prepare_data, sft, reward_model, offline_dpo, 2 evaluations)
+    assert set(states.values()) == {"miss"}
+    arms = {(r["task"], r["arm"]) for r in first["summary"]}
+    assert arms == {(t, a) for t in ("gap", "short") for a in ("sft", "offline_dpo")}
+    for row in first["summary"]:
+        assert 0.0 <= row["gold_reward_mean"] <= 1.0 and 0.0 <= row["win_rate"] <= 1.0
+        if row["arm"] == "sft":  # the reference against itself: every comparison is a tie
+            assert row["win_rate"] == 0.5 and row["kl_to_reference"] == 0.0
+
+
+def test_mlflow_has_parent_children_step_metrics_and_artifacts(first):
+    client = MlflowClient()
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.data.tags["roads.pipeline"] == "smoke" and parent.info.status == "FINISHED"
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"resolved_config.json", "summary.md", "nodes.md"} <= parent_files
+    runs = children(client, first["parent_run_id"], first["experiment_id"])
+    by_node = {r.data.tags["roads.node"]: r for r in runs}
+    assert set(by_node) == {n["node"] for n in first["nodes"]}  # one child per stage node
+    sft = by_node["gap/seed0/sft"]
+    assert sft.data.tags["roads.cache"] == "miss" and sft.data.tags["roads.cache_key"].startswith("sft-")
+    assert sft.data.params["lr"] == "0.001" and sft.data.params["model.preset"] == "tiny"
+    history = client.get_metric_history(sft.info.run_id, "sft/loss")
+    assert len(history) >= 2 and [m.step for m in history] == sorted(m.step for m in history)
+    dpo_history = client.get_metric_history(by_node["gap/seed0/offline_dpo"].info.run_id, "offline_dpo/rewards/margins")
+    assert len(dpo_history) >= 2
+    rm = by_node["gap/seed0/reward_model"].data.metrics
+    assert 0.0 <= rm["reward_model/val_accuracy"] <= 1.0 and rm["reward_model/val_loglik"] < 0
+    evaluation = by_node["gap/seed0/evaluate[offline_dpo]"]
+    files = {f.path for f in client.list_artifacts(evaluation.info.run_id)}
+    assert {"samples.jsonl", "metrics.json", "config.json"} <= files
+    local = client.download_artifacts(evaluation.info.run_id, "samples.jsonl")
+    rows = [json.loads(line) for line in open(local)]
+    assert rows and {"prompt", "completion", "gold_reward", "reference_gold_reward", "logp", "ref_logp"} <= set(rows[0])
+
+
+def test_second_run_is_all_hits_and_says_so_in_mlflow(first, second):
+    assert set(cache_states(second).values()) == {"hit"}
+    client = MlflowClient()
+    first_ids = {r.data.tags["roads.node"]: r.info.run_id for r in children(client, first["parent_run_id"], first["experiment_id"])}
+    for run in children(client, second["parent_run_id"], second["experiment_id"]):
+        assert run.data.tags["roads.cache"] == "hit"
+        assert run.data.tags["roads.produced_by"] == first_ids[run.data.tags["roads.node"]]
+    assert [r["gold_reward_mean"] for r in second["summary"]] == [r["gold_reward_mean"] for r in first["summary"]]
+
+
+def test_changing_one_parameter_reruns_that_stage_and_downstream_only(second):
+    outcome = run_study("smoke", ["offline_dpo.beta=0.3"])
+    misses = {n for n, s in cache_states(outcome).items() if s == "miss"}
+    assert misses == {f"{t}/seed0/{s}" for t in ("gap", "short") for s in ("offline_dpo", "evaluate[offline_dpo]")}
+
+
+def test_forced_stage_recomputes_and_dependents_hit_when_output_is_unchanged(second):
+    outcome = run_study("smoke", force_stage="sft", only_stage="sft")
+    states = cache_states(outcome)
+    assert {n for n, s in states.items() if s == "miss"} == {"gap/seed0/sft", "short/seed0/sft"}
+    assert states["gap/seed0/offline_dpo"] == "hit" and states["gap/seed0/prepare_data"] == "hit"
+
+
+def test_a_hit_whose_folder_is_gone_reruns(second, home):
+    node = next(n for n in second["nodes"] if n["node"] == "gap/seed0/reward_model")
+    client = MlflowClient()
+    run = next(r for r in children(client, second["parent_run_id"], second["experiment_id"])
+               if r.data.tags["roads.node"] == node["node"])
+    shutil.rmtree(run.data.tags["roads.artifact_path"])
+    states = cache_states(run_study("smoke"))
+    assert states["gap/seed0/reward_model"] == "miss"
+    assert {s for n, s in states.items() if n != "gap/seed0/reward_model"} == {"hit"}
+
+
+def test_nan_loss_fails_the_stage_and_caches_nothing(home, first):
+    before_results = set(os.listdir(home / "results"))
+    with pytest.raises(StudyFailed) as info:
+        run_study("smoke", GAP_ONLY + ["sft.lr=1e12", "sft.epochs=2"])
+    message = str(info.value)
+    assert "gap/seed0/sft" in message and ("finite" in message or "nan" in message) and "sft.lr" in message
+    states = cache_states(info.value.outcome)
+    assert states["gap/seed0/sft"] == "failed" and states["gap/seed0/prepare_data"] == "hit"
+    new = set(os.listdir(home / "results")) - before_results
+    assert not any(name.startswith("sft-") for name in new)
+    assert not list((home / "artifacts" / "sft").glob(".tmp-*"))  # no half-written folder left
+
+
+def test_sigkill_mid_run_then_rerun_recomputes_only_unfinished_and_matches(first, tmp_path, monkeypatch):
+    env = {**os.environ, "ROADS_HOME": str(tmp_path / "home")}
+    results = tmp_path / "home" / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "smoke"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if results.is_dir() and any(p.name.startswith("sft-") for p in results.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name for p in results.iterdir()}
+    assert 0 < len(finished) < 12
+    monkeypatch.setenv("ROADS_HOME", env["ROADS_HOME"])
+    rerun = run_study("smoke")
+    client = MlflowClient()
+    runs = children(client, rerun["parent_run_id"], rerun["experiment_id"])
+    keys = {r.data.tags["roads.node"]: r.data.tags for r in runs}
+    for node, tags in keys.items():  # a stage whose result was recorded before the kill is not recomputed
+        assert tags["roads.cache"] == ("hit" if tags["roads.cache_key"] in finished else "miss"), node
+    first_runs = {r.data.tags["roads.node"]: r.data.tags for r in children(client, first["parent_run_id"], first["experiment_id"])}
+    for node, tags in keys.items():  # same seed, same results as the uninterrupted run
+        assert tags["roads.artifact_digest"] == first_runs[node]["roads.artifact_digest"], node
