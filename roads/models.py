@@ -69,6 +69,9 @@ def new_causal_lm(preset: str, tokenizer, seed: int, max_positions: int = 256) -
 
 def load_pretrained(name_or_path: str):
     """A causal LM and its tokenizer from a local folder or a hub name (a missing pad token falls back to EOS)."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise RoadsError(f"model.pretrained: no folder at {name_or_path!r}; give a folder with config.json and weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path)
@@ -91,9 +94,12 @@ def load_policy(path: str | Path):
     return model, tokenizer
 
 
-def reward_model_from_policy(path: str | Path):
-    """A scalar-head reward model initialised from a saved policy (the paper's global RM: SFT + linear head)."""
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+def reward_model_from_policy(path: str | Path, seed: int):
+    """A scalar-head reward model initialised from a saved policy (the paper's global RM: SFT + linear head). The new
+    head is drawn from ``seed``, not from whatever state the process's global generator is in."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

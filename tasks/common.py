@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 
 import roads
-from roads.artifacts import ArtifactRef, state_home
+from roads.artifacts import ArtifactRef, digest_dir, state_home
 from roads.config import StageSpec
 from roads.stages import stage_module
 
@@ -35,12 +35,20 @@ def library_digest() -> str:
     return h.hexdigest()
 
 
+def _pretrained_digest(spec: StageSpec) -> list[str]:
+    """A pretrained model in a local folder is an input like any other: its contents, not its path, count."""
+    if spec.model and spec.model.pretrained and Path(spec.model.pretrained).is_dir():
+        return [f"pretrained={digest_dir(spec.model.pretrained)}"]
+    return []
+
+
 def cache_key(spec: StageSpec, inputs: dict[str, ArtifactRef]) -> str:
     parts = [
         spec.stage,
         str(stage_module(spec.stage).VERSION),
         spec.fingerprint(),
         *(f"{name}={inputs[name].digest}" for name in sorted(inputs)),
+        *_pretrained_digest(spec),
         library_digest(),
     ]
     return f"{spec.stage}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]

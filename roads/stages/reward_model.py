@@ -44,7 +44,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     data = Path(inputs["data"].path)
     train_rows = read_jsonl(data / "pairs_train.jsonl")
     val = read_jsonl(data / "pairs_val.jsonl")
-    model, tokenizer = reward_model_from_policy(inputs["sft"].path)
+    model, tokenizer = reward_model_from_policy(inputs["sft"].path, seed=spec.seed)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = RewardTrainer(
             model=model,

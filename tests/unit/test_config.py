@@ -192,12 +192,12 @@ def test_bad_pipeline_set_is_not_blamed_on_cli_override(tmp_path):
 def test_overrides_change_values():
     base = load_study(PIPELINES, "default")
     study = load_study(PIPELINES, "default", ["sft.epochs=7", "pipeline.seeds=[0,1]", "tasks.gap.alphabet=10",
-                                              "model.preset=small", "offline_dpo.beta=0.5"])
+                                              "model.preset=base", "offline_dpo.beta=0.5"])
     assert base.defaults.sft.epochs == RAW["defaults"]["sft"]["epochs"] != 7
     assert study.defaults.sft.epochs == 7
     assert study.spec.seeds == [0, 1]
     assert study.tasks["gap"].alphabet == 10
-    assert study.defaults.model.preset == "small"
+    assert study.defaults.model.preset == "base"
     assert study.defaults.offline_dpo.beta == 0.5
     assert {n.spec.seed for n in build_plan(study)} == {0, 1}
     assert study.defaults.reward_model == base.defaults.reward_model  # untouched
@@ -271,7 +271,7 @@ def fp(overrides=(), stage="sft", task="gap", seed=0, arm=None) -> str:
         ("sft", "sft.lr=0.002"),
         ("sft", "sft.epochs=4"),
         ("sft", "sft.max_length=80"),
-        ("sft", "model.preset=small"),
+        ("sft", "model.preset=base"),
         ("sft", "model.vocab_size=512"),
         ("prepare_data", "tasks.gap.alphabet=10"),
         ("prepare_data", "prepare_data.n_sft=100"),

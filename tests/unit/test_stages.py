@@ -1,0 +1,245 @@
+"""Stage smoke tests without Prefect: ``roads.runner.execute`` on tiny data. Losses finite, weights changed, the
+results right where a right answer is known (the SFT arm against itself), determinism, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import roads.stages.sft
+from roads.artifacts import ArtifactRef, digest_dir, read_json, read_jsonl
+from roads.config import load_study
+from roads.errors import RoadsError
+from roads.models import build_tokenizer, load_pretrained, new_causal_lm
+from roads.plan import build_plan
+from roads.runner import execute
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINES = ROOT / "pipelines.yaml"
+HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+# the smoke pipeline made smaller still (2 optimiser steps per training stage)
+SMALL = [
+    "prepare_data.n_sft=32",
+    "prepare_data.n_pairs=32",
+    "prepare_data.n_val_pairs=8",
+    "prepare_data.n_eval_prompts=8",
+    "sft.batch_size=16",
+    "offline_dpo.batch_size=16",
+    "reward_model.batch_size=16",
+    "evaluate.max_new_tokens=6",
+]
+
+
+def weights(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def run_nodes(nodes, store) -> dict:
+    results: dict = {}
+    for node in nodes:
+        results[node.id] = execute(node.spec, {k: results[v].artifact for k, v in node.inputs.items()}, store)
+    return results
+
+
+# --------------------------------------------------------------------------- the smoke pipeline's gap unit
+
+
+@pytest.fixture(scope="module")
+def gap_nodes():
+    nodes = build_plan(load_study(PIPELINES, "smoke", SMALL))
+    return {n.id: n for n in nodes if n.id.startswith("gap/") and n.stage != "reward_model"}
+
+
+@pytest.fixture(scope="module")
+def gap(gap_nodes, tmp_path_factory):
+    return run_nodes(gap_nodes.values(), tmp_path_factory.mktemp("store"))
+
+
+def test_stage_outputs_are_committed(gap):
+    for node_id, result in gap.items():
+        path = Path(result.artifact.path)
+        assert path.is_dir(), node_id
+        assert result.artifact.digest == digest_dir(path)
+        assert not list(path.parent.glob(".tmp-*"))
+        assert all(math.isfinite(v) for v in result.metrics.values()), node_id
+
+
+def test_sft_changes_weights_and_losses_are_finite(gap, gap_nodes):
+    spec = gap_nodes["gap/seed0/sft"].spec
+    out = Path(gap["gap/seed0/sft"].artifact.path)
+    metrics = gap["gap/seed0/sft"].metrics
+    assert math.isfinite(metrics["sft/loss"]) and math.isfinite(metrics["sft/train_loss"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    fresh = new_causal_lm(spec.model.preset, tokenizer, seed=spec.seed,
+                          max_positions=max(256, spec.config().max_length))
+    assert fresh.config.vocab_size == read_json(out / "config.json")["vocab_size"]
+    initial = {k: v.detach().clone() for k, v in fresh.state_dict().items() if k in weights(out)}
+    assert differs(weights(out), initial)
+
+
+def test_sft_is_deterministic(gap, gap_nodes, tmp_path):
+    spec = gap_nodes["gap/seed0/sft"].spec
+    data = {"data": gap["gap/seed0/prepare_data"].artifact}
+    again = execute(spec, data, tmp_path / "again")
+    assert again.artifact.digest == gap["gap/seed0/sft"].artifact.digest
+    assert again.artifact.path != gap["gap/seed0/sft"].artifact.path
+    other_seed = execute(spec.model_copy(update={"seed": 1}), data, tmp_path / "seed1")
+    assert other_seed.artifact.digest != again.artifact.digest
+
+
+def test_offline_dpo_moves_away_from_its_reference(gap):
+    sft, dpo = gap["gap/seed0/sft"], gap["gap/seed0/offline_dpo"]
+    assert differs(weights(dpo.artifact.path), weights(sft.artifact.path))
+    assert math.isfinite(dpo.metrics["offline_dpo/loss"]) and math.isfinite(dpo.metrics["offline_dpo/train_loss"])
+    assert read_json(Path(dpo.artifact.path) / "config.json")["vocab_size"] == read_json(
+        Path(sft.artifact.path) / "config.json")["vocab_size"]
+
+
+def test_evaluate_sft_arm_is_its_own_reference(gap):
+    m = gap["gap/seed0/evaluate[sft]"].metrics
+    assert m["evaluate/kl_to_reference"] == 0.0
+    assert m["evaluate/win_rate"] == 0.5
+    rows = read_jsonl(Path(gap["gap/seed0/evaluate[sft]"].artifact.path) / "samples.jsonl")
+    assert rows and all(r["completion"] == r["reference_completion"] for r in rows)
+    assert all(r["logp"] == r["ref_logp"] for r in rows)
+
+
+def test_evaluate_dpo_arm_has_nonzero_kl(gap):
+    m = gap["gap/seed0/evaluate[offline_dpo]"].metrics
+    assert m["evaluate/kl_to_reference"] != 0.0
+    assert 0.0 <= m["evaluate/win_rate"] <= 1.0
+    assert 0.0 <= m["evaluate/gold_reward_mean"] <= 1.0
+    saved = read_json(Path(gap["gap/seed0/evaluate[offline_dpo]"].artifact.path) / "metrics.json")
+    assert saved["arm"] == "offline_dpo" and saved["task"] == "gap"
+
+
+def test_failing_stage_leaves_nothing(gap, gap_nodes, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("stage exploded")
+
+    monkeypatch.setattr(roads.stages.sft, "run", boom)
+    with pytest.raises(RuntimeError, match="stage exploded"):
+        execute(gap_nodes["gap/seed0/sft"].spec, {"data": gap["gap/seed0/prepare_data"].artifact}, tmp_path)
+    assert list((tmp_path / "sft").iterdir()) == []  # no .tmp-* folder and no committed folder
+
+
+def test_failing_stage_after_writing_leaves_nothing(gap, gap_nodes, tmp_path, monkeypatch):
+    def half_written(spec, inputs, out_dir, tracker=None):
+        (out_dir / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt  # a kill, not only an exception
+
+    monkeypatch.setattr(roads.stages.sft, "run", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        execute(gap_nodes["gap/seed0/sft"].spec, {"data": gap["gap/seed0/prepare_data"].artifact}, tmp_path)
+    assert list((tmp_path / "sft").iterdir()) == []
+
+
+def test_missing_input_folder_is_named(gap_nodes, tmp_path):
+    missing = ArtifactRef(path=str(tmp_path / "prepare_data" / "gone"), digest="0" * 64)
+    with pytest.raises(FileNotFoundError) as info:
+        execute(gap_nodes["gap/seed0/sft"].spec, {"data": missing}, tmp_path / "store")
+    assert "'data'" in str(info.value) and "gone" in str(info.value) and str(info.value).startswith("sft:")
+    assert not (tmp_path / "store").exists()
+
+
+# --------------------------------------------------------------------------- a pretrained model by local path
+
+
+def test_sft_from_a_pretrained_local_path(gap, tmp_path):
+    data = Path(gap["gap/seed0/prepare_data"].artifact.path)
+    corpus = [r["prompt"] + r["completion"] for r in read_jsonl(data / "sft.jsonl")]
+    tokenizer = build_tokenizer(corpus, vocab_size=300)
+    model = new_causal_lm("tiny", tokenizer, seed=5)
+    pre = tmp_path / "pre"
+    model.save_pretrained(pre)
+    tokenizer.save_pretrained(pre)
+    saved_cfg = read_json(pre / "config.json")
+
+    study = load_study(PIPELINES, "smoke", [*SMALL, f"model.pretrained={pre}"])
+    spec = study.stage_spec("sft", "gap", 0)
+    assert spec.model.pretrained == str(pre)
+    result = execute(spec, {"data": gap["gap/seed0/prepare_data"].artifact}, tmp_path / "store")
+    out_cfg = read_json(Path(result.artifact.path) / "config.json")
+    assert out_cfg["hidden_size"] == saved_cfg["hidden_size"]
+    assert out_cfg["vocab_size"] == saved_cfg["vocab_size"] == len(tokenizer)
+    assert differs(weights(result.artifact.path), weights(pre))
+    assert math.isfinite(result.metrics["sft/train_loss"])
+
+
+def test_load_pretrained_missing_path_names_it():
+    with pytest.raises(RoadsError) as info:
+        load_pretrained("/nonexistent/path")
+    assert "/nonexistent/path" in str(info.value)
+    assert "model.pretrained" in str(info.value)
+
+
+# --------------------------------------------------------------------------- real data: hh-rlhf-smoke
+
+
+@pytest.fixture(scope="module")
+def hh(tmp_path_factory):
+    if not HH_FILE.is_file():
+        pytest.skip(f"{HH_FILE} is not there")
+    store = tmp_path_factory.mktemp("hh-store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)  # pipelines.yaml names the file relative to the project folder
+        # fewer pairs and demonstrations than the pipeline (which keeps 200 records) to stay fast on 2 cores
+        study = load_study("pipelines.yaml", "hh-rlhf-smoke",
+                           ["prepare_data.n_sft=32", "prepare_data.n_pairs=32", "sft.batch_size=16",
+                            "reward_model.batch_size=16", "offline_dpo.batch_size=16", "sft.max_length=128",
+                            "reward_model.max_length=128", "offline_dpo.max_length=128", "evaluate.max_new_tokens=8"])
+        return run_nodes(build_plan(study), store)
+
+
+def test_hh_prepare_data(hh):
+    data = Path(hh["hh-rlhf/seed0/prepare_data"].artifact.path)
+    sft = read_jsonl(data / "sft.jsonl")
+    pairs = read_jsonl(data / "pairs_train.jsonl")
+    val = read_jsonl(data / "pairs_val.jsonl")
+    evals = read_jsonl(data / "eval_prompts.jsonl")
+    assert sft and pairs and val and evals
+    assert all(r["prompt"].endswith("\n\nAssistant:") for r in sft + pairs + val + evals)
+    assert all(set(r) == {"prompt", "completion"} for r in sft)
+    assert all({"prompt", "chosen", "rejected"} <= set(r) for r in pairs)
+    trained = {r["prompt"] for r in sft} | {r["prompt"] for r in pairs}
+    assert not trained & {r["prompt"] for r in evals}
+    assert not trained & {r["prompt"] for r in val}
+    assert read_json(data / "task.json")["family"] == "preferences"
+    assert not any(k.endswith("gold_mean") for k in hh["hh-rlhf/seed0/prepare_data"].metrics)
+
+
+def test_hh_training_stages(hh):
+    for stage in ("sft", "reward_model", "offline_dpo"):
+        metrics = hh[f"hh-rlhf/seed0/{stage}"].metrics
+        assert math.isfinite(metrics[f"{stage}/train_loss"]), stage
+    m = hh["hh-rlhf/seed0/reward_model"].metrics
+    assert 0.0 <= m["reward_model/val_accuracy"] <= 1.0
+    assert m["reward_model/val_loglik"] <= 0.0
+    validation = read_json(Path(hh["hh-rlhf/seed0/reward_model"].artifact.path) / "validation.json")
+    assert set(validation) == {"accuracy", "loglik", "margin"}
+
+
+@pytest.mark.parametrize("arm", ["sft", "offline_dpo"])
+def test_hh_evaluate_has_no_gold_reward(hh, arm):
+    result = hh[f"hh-rlhf/seed0/evaluate[{arm}]"]
+    m = result.metrics
+    assert "evaluate/kl_to_reference" in m and "evaluate/length_mean" in m
+    assert "evaluate/gold_reward_mean" not in m and "evaluate/win_rate" not in m
+    assert 0.0 <= m["evaluate/finished_rate"] <= 1.0
+    if arm == "sft":
+        assert m["evaluate/kl_to_reference"] == 0.0
+    rows = read_jsonl(Path(result.artifact.path) / "samples.jsonl")
+    assert rows and all("gold_reward" not in r for r in rows)
+    json.dumps(result.to_json())
