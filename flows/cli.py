@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
@@ -73,7 +74,7 @@ def cmd_show(args) -> int:
 
 
 def print_outcome(outcome: dict, elapsed: float) -> None:
-    from flows.study import arms_by_task, markdown_table
+    from flows.study import BUDGET_COLUMNS, arms_by_task, markdown_table
 
     hits = sum(n["cache"] == "hit" for n in outcome["nodes"])
     misses = sum(n["cache"] == "miss" for n in outcome["nodes"])
@@ -81,9 +82,17 @@ def print_outcome(outcome: dict, elapsed: float) -> None:
     print()
     print(markdown_table(outcome["nodes"], ["node", "cache", "seconds", "error"]))
     print(f"\n{len(outcome['nodes'])} stages: {misses} ran, {hits} cached (hit), {failed} failed; {elapsed:.1f} s")
-    if outcome["summary"]:
+    report = Path(outcome["report"]) / "report.md" if outcome.get("report") else None
+    if report is not None and report.is_file():
+        print()
+        print(report.read_text().rstrip())
+        print(f"\n(report, CSV and plots: {report.parent})")
+    elif outcome["summary"]:
         print()
         print(markdown_table(arms_by_task(outcome["summary"]), ["task", "arm", "seeds", "gold_reward_mean", "win_rate"]))
+    if outcome.get("budget") and any(row["tokens_generated"] for row in outcome["budget"]):
+        print("\nbudget per arm (every stage it stands on; mean over seeds):")
+        print(markdown_table(outcome["budget"], list(BUDGET_COLUMNS)))
     print(f"\nMLflow: experiment {outcome['pipeline']!r}, parent run {outcome['parent_run_id']} (roads ui to browse)")
 
 

@@ -66,6 +66,38 @@ def arms_by_task(rows: list[dict], metrics: tuple[str, ...] = ("gold_reward_mean
     return out
 
 
+BUDGET_COLUMNS = ("task", "arm", "seeds", "tokens_trained", "tokens_generated", "wall_seconds")
+
+
+def budget(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
+    """What each evaluated arm cost, counting every stage it stands on (the reward model for online arms, the
+    offline-DPO policy for online DPO from DPO, …): tokens trained on, tokens generated, and the wall time of the
+    runs that produced the results (a cache hit costs what it cost when it ran). Mean over seeds."""
+    by_id = {n.id: n for n in nodes}
+    per_arm: dict[tuple[str, str], list[dict]] = {}
+    for node in nodes:
+        if node.stage != "evaluate" or node.id not in results:
+            continue
+        todo, seen = [node.inputs["policy"]], set()
+        while todo:
+            current = todo.pop()
+            if current not in seen:
+                seen.add(current)
+                todo.extend(by_id[current].inputs.values())
+        cost = {"tokens_trained": 0.0, "tokens_generated": 0.0, "wall_seconds": 0.0}
+        for dep in seen:
+            result = results.get(dep, {})
+            for key, value in result.get("metrics", {}).items():
+                if key.endswith("/num_tokens"):
+                    cost["tokens_trained"] += value
+                elif key.endswith("/tokens_generated"):
+                    cost["tokens_generated"] += value
+            cost["wall_seconds"] += float(result.get("wall_seconds", 0.0))
+        per_arm.setdefault((node.spec.task_name, node.spec.arm), []).append(cost)
+    return [{"task": task, "arm": arm, "seeds": len(costs),
+             **{k: round(fmean(c[k] for c in costs), 1) for k in costs[0]}} for (task, arm), costs in per_arm.items()]
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def cell(v: Any) -> str:
         return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -132,11 +164,15 @@ def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str 
         report.append({"node": node.id, "cache": "hit" if hit else "miss",
                        "seconds": None if hit else result.get("wall_seconds"), "error": ""})
     rows = summarize(nodes, results)
-    outcome = {"pipeline": pipeline, "parent_run_id": tracker.parent_id,
-               "experiment_id": tracker.experiment_id, "nodes": report, "summary": rows}
+    spent = budget(nodes, results)
+    outcome = {"pipeline": pipeline, "parent_run_id": tracker.parent_id, "experiment_id": tracker.experiment_id,
+               "nodes": report, "summary": rows, "budget": spent,
+               "report": results["report"]["artifact"]["path"] if "report" in results else None}
     table = markdown_table(arms_by_task(rows), ["task", "arm", "seeds", "gold_reward_mean", "win_rate"])
-    tracker.finish("FAILED" if failed else "FINISHED", rows,
-                   {"summary.md": table + "\n", "nodes.md": markdown_table(report, ["node", "cache", "seconds", "error"]) + "\n"})
+    files = {"summary.md": table + "\n", "nodes.md": markdown_table(report, ["node", "cache", "seconds", "error"]) + "\n",
+             "budget.md": markdown_table(spent, list(BUDGET_COLUMNS)) + "\n"}
+    tracker.finish("FAILED" if failed else "FINISHED", rows, files, budget_rows=spent,
+                   report_folder=outcome["report"], report_files=results.get("report", {}).get("files", []))
     if failed:
         first = next(iter(failed.items()))
         raise StudyFailed(f"{len(failed)} of {len(nodes)} stages failed; first: {first[0]}: {first[1]}", outcome)

@@ -104,13 +104,21 @@ class StudyTracker:
         self.client.set_tag(run_id, "roads.error", message[:5000])
         self.client.set_terminated(run_id, "FAILED")
 
-    def finish(self, status: str, summary_rows: list[dict], files: dict[str, str]) -> None:
+    def finish(self, status: str, summary_rows: list[dict], files: dict[str, str], budget_rows: list[dict] = (),
+               report_folder: str | None = None, report_files: list[str] = ()) -> None:
+        """The parent run's summary metrics, budget per arm, text files and the report's files; then its status."""
         now = int(time.time() * 1000)
         metrics = []
         for row in summary_rows:
             for key in ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean"):
                 if row.get(key) is not None:
                     metrics.append(Metric(f"{row['task']}/seed{row['seed']}/{row['arm']}/{key}", float(row[key]), now, 0))
+        for row in budget_rows:
+            for key in ("tokens_trained", "tokens_generated", "wall_seconds"):
+                metrics.append(Metric(f"budget/{row['task']}/{row['arm']}/{key}", float(row[key]), now, 0))
+        for name in report_files:
+            if report_folder and (Path(report_folder) / name).is_file():
+                self.client.log_artifact(self.parent_id, str(Path(report_folder) / name), "report")
         if metrics:
             self.client.log_batch(self.parent_id, metrics=metrics, synchronous=True)
         for name, text in files.items():

@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from roads.errors import ConfigError
 
-STAGE_NAMES = ("prepare_data", "sft", "reward_model", "offline_dpo", "evaluate")
-POLICY_STAGES = ("sft", "offline_dpo")  # stages whose output is a policy: the arms that `evaluate` scores
+STAGE_NAMES = ("prepare_data", "sft", "sft_chosen", "reward_model", "offline_dpo", "online_dpo", "online_rl",
+               "evaluate", "report")
+POLICY_STAGES = ("sft", "sft_chosen", "offline_dpo", "online_dpo", "online_rl")  # what `evaluate` scores
+BASIC_STAGES = ("prepare_data", "sft", "reward_model", "offline_dpo", "evaluate")
 
 
 def no_fingerprint(default: Any, description: str) -> Any:
@@ -103,6 +105,50 @@ class OfflineDpoConfig(TrainConfig):
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="TRL DPO loss")
 
 
+class SftChosenConfig(TrainConfig):
+    """SFT on the chosen responses of the preference pairs, continuing from the SFT policy: the simplest offline
+    likelihood baseline."""
+
+    epochs: float = 2
+
+
+class OnlineDpoConfig(OfflineDpoConfig):
+    """The paper's online DPO. DPO settings (β, lr, epochs, batch size, loss) not set here are taken from
+    ``offline_dpo``, so both roads share β and reference unless told otherwise."""
+
+    start: str = Field("sft", description="the policy sampled from and trained: sft, offline_dpo or another arm")
+    verifier: Literal["reward_model", "gold"] = Field("reward_model", description="who scores the K samples")
+    k: int = Field(25, ge=2, description="completions sampled per prompt; best and worst become a pair")
+    rounds: int = Field(1, ge=1, description="rounds of sample → label → train (>1: iterative online DPO)")
+    prompt_multiplier: int = Field(1, ge=1, description="online prompts = this × the training prompts (H3)")
+    max_new_tokens: int = Field(16, gt=0, description="generation limit")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    generation_batch_size: int = no_fingerprint(256, "sequences per generation batch")
+
+
+class OnlineRlConfig(TrainConfig):
+    """Continuous on-policy RL from the SFT policy with TRL's RLOO or GRPO, KL-penalised towards the SFT reference."""
+
+    lr: float = 5e-5
+    epochs: float = 1
+    algorithm: Literal["rloo", "grpo"] = Field("rloo", description="TRL trainer")
+    verifier: Literal["reward_model", "gold"] = Field("reward_model", description="the reward")
+    beta: float = Field(0.1, ge=0, description="KL coefficient towards the reference")
+    num_generations: int = Field(4, ge=2, description="completions per prompt per step")
+    max_new_tokens: int = Field(16, gt=0, description="generation limit")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    n_prompts: Optional[int] = Field(None, gt=0, description="training prompts (default: all)")
+
+
+class ReportConfig(Strict):
+    """The study table: every arm × task × seed with bootstrap intervals, and paired online − offline differences."""
+
+    n_bootstrap: int = Field(2000, ge=100, description="bootstrap resamples (seeds, then prompts within a seed)")
+    confidence: float = Field(0.95, gt=0, lt=1, description="interval coverage")
+    baseline: str = Field("offline_dpo", description="the offline arm that online arms are compared with")
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap")
+
+
 class EvaluateConfig(Strict):
     samples_per_prompt: int = Field(2, gt=0, description="completions sampled per held-out prompt")
     max_new_tokens: int = Field(16, gt=0, description="generation limit")
@@ -118,29 +164,46 @@ class Defaults(Strict):
     sft: SftConfig = SftConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     offline_dpo: OfflineDpoConfig = OfflineDpoConfig()
+    sft_chosen: SftChosenConfig = SftChosenConfig()
+    online_dpo: OnlineDpoConfig = OnlineDpoConfig()
+    online_rl: OnlineRlConfig = OnlineRlConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+
+
+class ArmConfig(Strict):
+    """A named variant of a stage: the stage's settings with ``set`` on top. It is a node of its own."""
+
+    stage: Literal[STAGE_NAMES]  # type: ignore[valid-type]
+    set: dict[str, Any] = Field({}, description="overrides of the stage's settings")
+    description: str = ""
 
 
 class PipelineConfig(Strict):
     description: str = ""
     tasks: list[str] = Field(min_length=1)
     seeds: Optional[list[int]] = Field(None, min_length=1, description="seeds to run; default: [defaults.seed]")
-    stages: list[Literal[STAGE_NAMES]] = Field(list(STAGE_NAMES), min_length=1)  # type: ignore[valid-type]
+    stages: list[str] = Field(list(BASIC_STAGES), min_length=1, description="stages and arms to run")
     set: dict[str, Any] = Field({}, description="overrides of defaults, as in --set")
 
 
 class StudyFile(Strict):
     defaults: Defaults = Defaults()
     tasks: dict[str, TaskConfig]
+    arms: dict[str, ArmConfig] = {}
     pipelines: dict[str, PipelineConfig]
 
 
 STAGE_CONFIGS: dict[str, type[Strict]] = {
     "prepare_data": PrepareDataConfig,
     "sft": SftConfig,
+    "sft_chosen": SftChosenConfig,
     "reward_model": RewardModelConfig,
     "offline_dpo": OfflineDpoConfig,
+    "online_dpo": OnlineDpoConfig,
+    "online_rl": OnlineRlConfig,
     "evaluate": EvaluateConfig,
+    "report": ReportConfig,
 }
 
 
@@ -150,10 +213,11 @@ class StageSpec(Strict):
     stage: str
     params: dict[str, Any]
     seed: int
+    variant: str = no_fingerprint("", "the stage or arm name this node runs (a label)")
     task_name: str = no_fingerprint("", "the task this unit belongs to (a label; the data reaches stages as an input)")
     model: Optional[ModelConfig] = None  # stages that build or load a policy from scratch
     task: Optional[TaskConfig] = None  # prepare_data only; later stages see the data through its artifact
-    arm: Optional[str] = None  # evaluate: which policy stage is scored
+    arm: Optional[str] = None  # evaluate: which policy stage or arm is scored
 
     def config(self) -> Strict:
         """The typed stage config (``SftConfig`` …)."""
@@ -163,6 +227,19 @@ class StageSpec(Strict):
         return fingerprint(self)
 
 
+def resolve_params(entry: str, arms: dict[str, ArmConfig], defaults: Defaults) -> tuple[str, dict[str, Any]]:
+    """(stage, settings) of a stage or arm: the stage's defaults, then — for online_dpo — the DPO settings it does
+    not set itself taken from offline_dpo, then the arm's overrides."""
+    stage = arms[entry].stage if entry in arms else entry
+    section = getattr(defaults, stage)
+    params = section.model_dump()
+    if stage == "online_dpo":
+        params = {**params, **defaults.offline_dpo.model_dump(), **section.model_dump(include=section.model_fields_set)}
+    if entry in arms:
+        params.update(arms[entry].set)
+    return stage, STAGE_CONFIGS[stage](**params).model_dump()
+
+
 class Study(Strict):
     """A resolved pipeline: the study file with all overrides applied, ready to plan."""
 
@@ -170,12 +247,22 @@ class Study(Strict):
     path: str
     defaults: Defaults
     tasks: dict[str, TaskConfig]
+    arms: dict[str, ArmConfig] = {}
     spec: PipelineConfig
 
-    def stage_spec(self, stage: str, task_name: str, seed: int, arm: str | None = None) -> StageSpec:
+    def stage_of(self, entry: str) -> str:
+        """The stage module an entry of ``stages`` runs (an arm names its stage)."""
+        return self.arms[entry].stage if entry in self.arms else entry
+
+    def params(self, entry: str) -> dict[str, Any]:
+        return resolve_params(entry, self.arms, self.defaults)[1]
+
+    def stage_spec(self, entry: str, task_name: str, seed: int, arm: str | None = None) -> StageSpec:
+        stage = self.stage_of(entry)
         return StageSpec(
             stage=stage,
-            params=getattr(self.defaults, stage).model_dump(),
+            variant=entry,
+            params=self.params(entry),
             seed=seed,
             task_name=task_name,
             model=self.defaults.model if stage == "sft" else None,
@@ -190,6 +277,7 @@ class Study(Strict):
             "file": self.path,
             **self.spec.model_dump(exclude={"set"}),
             "tasks": {name: self.tasks[name].model_dump() for name in self.spec.tasks},
+            "arms": {name: arm.model_dump() for name, arm in self.arms.items() if name in self.spec.stages},
             "defaults": self.defaults.model_dump(),
         }
 
@@ -221,8 +309,6 @@ def _format_error(err: ValidationError, where: str, prefix: tuple = ()) -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    elif first["type"] == "literal_error" and loc.endswith(tuple(f"stages.{i}" for i in range(100))):
-        msg = f"unknown stage {first['input']!r}; {first['msg'].lower()}"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{where}: {loc}: {msg}{more}"
 
@@ -249,6 +335,11 @@ def _apply(raw: dict, pipeline: str, key: str, value: Any, where: str) -> None:
     parts = key.split(".")
     if parts[0] == "pipeline":
         target, path = raw["pipelines"][pipeline], parts[1:]
+    elif parts[0] == "arms":
+        if len(parts) < 3 or parts[1] not in raw.get("arms", {}):
+            known = ", ".join(sorted(raw.get("arms", {})))
+            raise ConfigError(f"{where}: {key}: unknown arm {parts[1] if len(parts) > 1 else ''!r}; known: {known}")
+        target, path = raw["arms"][parts[1]], parts[2:]
     elif parts[0] == "tasks":
         if len(parts) < 3 or parts[1] not in raw.get("tasks", {}):
             known = ", ".join(sorted(raw.get("tasks", {})))
@@ -256,7 +347,7 @@ def _apply(raw: dict, pipeline: str, key: str, value: Any, where: str) -> None:
         target, path = raw["tasks"][parts[1]], parts[2:]
     else:
         if parts[0] not in Defaults.model_fields:
-            known = ", ".join(["pipeline.*", "tasks.*", *Defaults.model_fields])
+            known = ", ".join(["pipeline.*", "tasks.*", "arms.*", *Defaults.model_fields])
             raise ConfigError(f"{where}: {key}: unknown key {parts[0]!r}; known: {known}")
         raw.setdefault("defaults", {})
         target, path = raw["defaults"], parts
@@ -293,12 +384,30 @@ def load_study_file(path: str | Path) -> StudyFile:
         study = StudyFile(**raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, str(path))) from None
+    _check_arms(study, str(path))
     for name, pipe in study.pipelines.items():
         _check_pipeline(study, name, pipe, str(path))
     return study
 
 
+def _check_arms(study: StudyFile, where: str) -> None:
+    for name, arm in study.arms.items():
+        if name in STAGE_NAMES:
+            raise ConfigError(f"{where}: arms.{name}: an arm cannot take a stage's name; rename it")
+        base = getattr(study.defaults, arm.stage, None)
+        if base is None:
+            raise ConfigError(f"{where}: arms.{name}.stage: {arm.stage!r} has no settings to vary")
+        try:
+            STAGE_CONFIGS[arm.stage](**{**base.model_dump(), **arm.set})
+        except ValidationError as err:
+            raise ConfigError(_format_error(err, where, ("arms", name, "set"))) from None
+
+
 def _check_pipeline(study: StudyFile, name: str, pipe: PipelineConfig, where: str) -> None:
+    for i, entry in enumerate(pipe.stages):
+        if entry not in STAGE_NAMES and entry not in study.arms:
+            known = ", ".join([*STAGE_NAMES, *study.arms])
+            raise ConfigError(f"{where}: pipelines.{name}.stages.{i}: unknown stage or arm {entry!r}; known: {known}")
     for task in pipe.tasks:
         if task not in study.tasks:
             raise ConfigError(
@@ -306,7 +415,7 @@ def _check_pipeline(study: StudyFile, name: str, pipe: PipelineConfig, where: st
             )
     from roads.plan import check_stage_closure  # the stage graph lives beside the planner
 
-    problem = check_stage_closure(pipe.stages)
+    problem = check_stage_closure(pipe.stages, study.arms, study.defaults)
     if problem:
         raise ConfigError(f"{where}: pipelines.{name}.stages: {problem}")
 
@@ -337,8 +446,10 @@ def load_study(path: str | Path, pipeline: str, overrides: list[str] | tuple[str
     spec = study.pipelines[pipeline]
     if spec.seeds is None:
         spec = spec.model_copy(update={"seeds": [study.defaults.seed]})
+    _check_arms(study, f"{path} (after overrides)")
     _check_pipeline(study, pipeline, spec, f"{path} (after overrides)")
-    return Study(pipeline=pipeline, path=str(path), defaults=study.defaults, tasks=study.tasks, spec=spec)
+    return Study(pipeline=pipeline, path=str(path), defaults=study.defaults, tasks=study.tasks, arms=study.arms,
+                 spec=spec)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The stage graph and the plan: a pipeline expands into one node per (task, seed, stage), evaluate once per arm.
+"""The stage graph and the plan: a pipeline expands into one node per (task, seed, stage or arm), one evaluation
+per policy, and one report over everything.
 
 Prefect-free, so the DAG is tested on its own; ``flows/study.py`` submits the nodes in this order.
 """
@@ -6,22 +7,37 @@ Prefect-free, so the DAG is tested on its own; ``flows/study.py`` submits the no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from roads.config import POLICY_STAGES, StageSpec, Study
+from roads.config import POLICY_STAGES, ArmConfig, Defaults, StageSpec, Study, resolve_params
 
-# input name -> the stage that provides it ("<arm>" means: the policy stage being evaluated)
+# input name -> the stage that provides it, for stages whose inputs do not depend on their settings
 DEPENDS: dict[str, dict[str, str]] = {
     "prepare_data": {},
     "sft": {"data": "prepare_data"},
+    "sft_chosen": {"data": "prepare_data", "sft": "sft"},
     "reward_model": {"data": "prepare_data", "sft": "sft"},
     "offline_dpo": {"data": "prepare_data", "sft": "sft"},
-    "evaluate": {"data": "prepare_data", "reference": "sft", "policy": "<arm>"},
+    "evaluate": {"data": "prepare_data", "reference": "sft"},  # + "policy": the arm scored
 }
+
+
+def stage_inputs(stage: str, params: dict[str, Any]) -> dict[str, str]:
+    """Input name -> the entry (stage or arm) that provides it."""
+    if stage == "online_dpo":
+        inputs = {"data": "prepare_data", "reference": "sft", "start": params["start"]}
+    elif stage == "online_rl":
+        inputs = {"data": "prepare_data", "reference": "sft"}
+    else:
+        return dict(DEPENDS[stage])
+    if params["verifier"] == "reward_model":
+        inputs["verifier"] = "reward_model"
+    return inputs
 
 
 @dataclass(frozen=True)
 class Node:
-    id: str  # "gap/seed0/sft", "gap/seed0/evaluate[offline_dpo]"
+    id: str  # "gap/seed0/sft", "gap/seed0/offline_dpo_2x", "gap/seed0/evaluate[offline_dpo]", "report"
     spec: StageSpec
     inputs: dict[str, str] = field(default_factory=dict)  # input name -> node id
 
@@ -29,56 +45,99 @@ class Node:
     def stage(self) -> str:
         return self.spec.stage
 
+    @property
+    def name(self) -> str:
+        """The stage or arm this node runs."""
+        return self.spec.variant or self.spec.stage
 
-def check_stage_closure(stages: list[str]) -> str | None:
-    """None when every stage's dependencies are in the list, else a one-line reason."""
-    present = set(stages)
-    for stage in stages:
-        for provider in DEPENDS[stage].values():
-            if provider != "<arm>" and provider not in present:
-                return f"stage {stage!r} needs {provider!r}; add it to the list"
-    if "evaluate" in present and not present & set(POLICY_STAGES):
-        return f"stage 'evaluate' needs a policy stage to score ({', '.join(POLICY_STAGES)})"
+
+def is_policy(entry: str, arms: dict[str, ArmConfig]) -> bool:
+    return (arms[entry].stage if entry in arms else entry) in POLICY_STAGES
+
+
+def check_stage_closure(entries: list[str], arms: dict[str, ArmConfig] | None = None,
+                        defaults: Defaults | None = None) -> str | None:
+    """None when every entry's inputs are provided by entries of the list, else a one-line reason."""
+    arms, defaults = arms or {}, defaults or Defaults()
+    present = set(entries)
+    for entry in entries:
+        stage, params = resolve_params(entry, arms, defaults)
+        if stage == "report":
+            if "evaluate" not in present:
+                return "stage 'report' needs 'evaluate'; add it to the list"
+            continue
+        for name, provider in stage_inputs(stage, params).items():
+            if provider not in present:
+                return f"{entry!r} needs {provider!r} (its input {name!r}); add it to the list"
+            if name == "start" and not is_policy(provider, arms):
+                return f"{entry!r} starts from {provider!r}, which is not a policy"
     return None
 
 
+def _order(entries: list[str], study: Study) -> list[str]:
+    """Entries in dependency order (stable: the listed order wherever the graph allows)."""
+    remaining = [e for e in entries if study.stage_of(e) not in ("evaluate", "report")]
+    done: list[str] = []
+    while remaining:
+        for entry in remaining:
+            needs = stage_inputs(study.stage_of(entry), study.params(entry)).values()
+            if all(n in done for n in needs):
+                done.append(entry)
+                remaining.remove(entry)
+                break
+        else:
+            return done + remaining  # a cycle cannot be built from the config; keep the listed order
+    return done
+
+
 def arms(study: Study) -> list[str]:
-    return [s for s in POLICY_STAGES if s in study.spec.stages]
+    """The policies `evaluate` scores: every listed stage or arm whose output is a policy."""
+    return [e for e in _order(study.spec.stages, study) if is_policy(e, study.arms)]
 
 
 def build_plan(study: Study) -> list[Node]:
-    """All nodes in topological order (stages in graph order within each unit)."""
-    order = [s for s in DEPENDS if s in study.spec.stages]
+    """All nodes in topological order."""
+    entries = _order(study.spec.stages, study)
     nodes: list[Node] = []
+    evaluations: list[str] = []
     for task_name in study.spec.tasks:
         for seed in study.spec.seeds:
             unit = f"{task_name}/seed{seed}"
-            for stage in order:
-                if stage == "evaluate":
-                    for arm in arms(study):
-                        inputs = {k: f"{unit}/{arm if v == '<arm>' else v}" for k, v in DEPENDS[stage].items()}
-                        spec = study.stage_spec(stage, task_name, seed, arm=arm)
-                        nodes.append(Node(f"{unit}/evaluate[{arm}]", spec, inputs))
-                else:
-                    inputs = {k: f"{unit}/{v}" for k, v in DEPENDS[stage].items()}
-                    nodes.append(Node(f"{unit}/{stage}", study.stage_spec(stage, task_name, seed), inputs))
+            for entry in entries:
+                spec = study.stage_spec(entry, task_name, seed)
+                inputs = {k: f"{unit}/{v}" for k, v in stage_inputs(spec.stage, spec.params).items()}
+                nodes.append(Node(f"{unit}/{entry}", spec, inputs))
+            if "evaluate" in study.spec.stages:
+                for arm in arms(study):
+                    inputs = {k: f"{unit}/{v}" for k, v in DEPENDS["evaluate"].items()}
+                    inputs["policy"] = f"{unit}/{arm}"
+                    node_id = f"{unit}/evaluate[{arm}]"
+                    nodes.append(Node(node_id, study.stage_spec("evaluate", task_name, seed, arm=arm), inputs))
+                    evaluations.append(node_id)
+    if "report" in study.spec.stages:
+        seed = study.spec.seeds[0]
+        nodes.append(Node("report", study.stage_spec("report", "", seed), {node_id: node_id for node_id in evaluations}))
     return nodes
 
 
-def downstream(nodes: list[Node], stage: str) -> set[str]:
-    """Ids of the nodes of ``stage`` and of every node that depends on them."""
-    out = {n.id for n in nodes if n.stage == stage}
+def _matches(node: Node, name: str) -> bool:
+    return node.stage == name or node.name == name
+
+
+def downstream(nodes: list[Node], name: str) -> set[str]:
+    """Ids of the nodes of stage or arm ``name`` and of every node that depends on them."""
+    out = {n.id for n in nodes if _matches(n, name)}
     for node in nodes:  # topological order: one pass suffices
         if any(dep in out for dep in node.inputs.values()):
             out.add(node.id)
     return out
 
 
-def upstream(nodes: list[Node], stage: str) -> set[str]:
-    """Ids of the nodes of ``stage`` and of every node they depend on."""
+def upstream(nodes: list[Node], name: str) -> set[str]:
+    """Ids of the nodes of stage or arm ``name`` and of every node they depend on."""
     by_id = {n.id: n for n in nodes}
     out: set[str] = set()
-    todo = [n.id for n in nodes if n.stage == stage]
+    todo = [n.id for n in nodes if _matches(n, name)]
     while todo:
         node_id = todo.pop()
         if node_id not in out:

@@ -1,5 +1,5 @@
 """offline_dpo: the one-stage road — TRL's DPOTrainer on the training pairs, starting from the SFT policy, with the
-SFT model *loaded from disk* as the reference (TRL rebuilds the reference from the model's path). Output: the policy.
+SFT model *loaded from disk* as the reference. Output: the policy.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ VERSION = 1
 
 
 def train_dpo(stage: str, cfg: OfflineDpoConfig, seed: int, start_policy: str, pairs: list[dict], out_dir: Path,
-              tracker: Tracker) -> dict[str, float]:
-    """DPO from the policy saved at ``start_policy`` (also the reference); saves the result to ``out_dir``."""
+              tracker: Tracker, reference: str | None = None) -> dict[str, float]:
+    """DPO from the policy saved at ``start_policy`` against the reference saved at ``reference`` (default: the
+    start policy); both are loaded from disk. Saves the result to ``out_dir``."""
     model, tokenizer = load_policy(start_policy)
+    ref_model, _ = load_policy(reference or start_policy)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = DPOTrainer(
             model=model,
-            ref_model=None,  # rebuilt from model.config._name_or_path == start_policy
+            ref_model=ref_model,
             args=DPOConfig(**trainer_args(cfg, seed, scratch, beta=cfg.beta, loss_type=cfg.loss_type)),
             train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs]),
             processing_class=tokenizer,

@@ -14,11 +14,29 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
-from roads.config import SftConfig, StageSpec
+from roads.config import SftConfig, StageSpec, TrainConfig
 from roads.models import build_tokenizer, count_parameters, load_pretrained, new_causal_lm
 from roads.training import NullTracker, StageCallback, Tracker, check_finite, final_train_metrics, train, trainer_args
 
 VERSION = 1
+
+
+def train_sft(stage: str, cfg: TrainConfig, seed: int, model, tokenizer, rows: list[dict], out_dir: Path,
+              tracker: Tracker) -> dict[str, float]:
+    """SFT (loss on the completion only) on ``rows`` of prompt/completion; saves model and tokenizer to ``out_dir``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**trainer_args(cfg, seed, scratch)),
+            train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]),
+            processing_class=tokenizer,
+            callbacks=[StageCallback(stage, tracker)],
+        )
+        train(trainer)
+    check_finite(model, stage)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return final_train_metrics(stage, trainer.state.log_history)
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
@@ -33,18 +51,6 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         tokenizer = build_tokenizer(corpus, vocab_size=spec.model.vocab_size)
         model = new_causal_lm(spec.model.preset, tokenizer, seed=spec.seed, max_positions=max(256, cfg.max_length))
     tracker.progress(f"{count_parameters(model):,} parameters, {len(rows)} demonstrations")
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = SFTTrainer(
-            model=model,
-            args=SFTConfig(**trainer_args(cfg, spec.seed, scratch)),
-            train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]),
-            processing_class=tokenizer,
-            callbacks=[StageCallback("sft", tracker)],
-        )
-        train(trainer)
-    check_finite(model, "sft")
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    metrics = final_train_metrics("sft", trainer.state.log_history)
+    metrics = train_sft("sft", cfg, spec.seed, model, tokenizer, rows, out_dir, tracker)
     metrics["sft/parameters"] = float(count_parameters(model))
     return StageResult(metrics=metrics, files=[])

@@ -1,0 +1,110 @@
+"""online_dpo: the two-stage road as the paper runs it (not TRL's OnlineDPOTrainer).
+
+From a start policy (SFT, or the offline-DPO policy) sample ``k`` completions per training prompt, score them with a
+verifier (the reward model, or the gold reward as an oracle arm), keep the best and the worst as a new (chosen,
+rejected) pair, and train with the *same* DPO loss, β and reference (the SFT model, loaded from disk) as offline DPO.
+``rounds`` > 1 repeats sample → label → train from the latest policy (iterative online DPO). ``prompt_multiplier``
+> 1 adds prompts resampled from the SFT data (the paper's augmentation, H3).
+
+Output: the policy, ``pairs.jsonl`` (every constructed pair with its scores, the sample table) and ``budget.json``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json, write_jsonl
+from roads.config import OnlineDpoConfig, StageSpec, TaskConfig
+from roads.data import gold_reward_fn
+from roads.errors import RoadsError, TrainingError
+from roads.generation import reward_scores, sample
+from roads.models import load_policy, load_reward_model
+from roads.stages.offline_dpo import train_dpo
+from roads.training import NullTracker, Tracker
+
+VERSION = 1
+
+
+def best_worst_pairs(prompts: list[str], completions: list[list[str]], scores: list[list[float]]) -> list[dict]:
+    """For each prompt, the completion the verifier scores highest as chosen and lowest as rejected (the first one
+    on ties). A prompt whose best and worst scores are equal gives no pair: the verifier cannot tell them apart."""
+    pairs = []
+    for prompt, group, group_scores in zip(prompts, completions, scores, strict=True):
+        best = max(range(len(group)), key=lambda i: group_scores[i])
+        worst = min(range(len(group)), key=lambda i: group_scores[i])
+        if group_scores[best] > group_scores[worst]:
+            pairs.append({"prompt": prompt, "chosen": group[best], "rejected": group[worst],
+                          "chosen_score": float(group_scores[best]), "rejected_score": float(group_scores[worst])})
+    return pairs
+
+
+def online_prompts(data: Path, multiplier: int) -> list[str]:
+    """The training prompts (those of the offline pairs, in order), plus (multiplier − 1)× as many drawn in order
+    from the SFT prompts that are not among them (the paper's augmentation)."""
+    prompts = list(dict.fromkeys(r["prompt"] for r in read_jsonl(data / "pairs_train.jsonl")))
+    if multiplier > 1:
+        extra = [p for p in dict.fromkeys(r["prompt"] for r in read_jsonl(data / "sft.jsonl")) if p not in set(prompts)]
+        prompts += extra[: (multiplier - 1) * len(prompts)]
+    return prompts
+
+
+def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    cfg: OnlineDpoConfig = spec.config()
+    data = Path(inputs["data"].path)
+    task_info = read_json(data / "task.json")
+    gold = gold_reward_fn(TaskConfig(**{k: v for k, v in task_info.items() if k != "name"}))
+    prompts = online_prompts(data, cfg.prompt_multiplier)
+    if cfg.verifier == "gold":
+        if gold is None:
+            raise RoadsError(f"online_dpo.verifier: 'gold' needs a task with a gold reward; {task_info['name']!r} has none")
+
+        def verify(flat_prompts: list[str], flat_completions: list[str]) -> list[float]:
+            return [gold(p, c) for p, c in zip(flat_prompts, flat_completions)]
+    else:
+        rm, rm_tokenizer = load_reward_model(inputs["verifier"].path)
+
+        def verify(flat_prompts: list[str], flat_completions: list[str]) -> list[float]:
+            return reward_scores(rm, rm_tokenizer, flat_prompts, flat_completions,
+                                 batch_size=cfg.generation_batch_size).tolist()
+
+    policy_path = inputs["start"].path
+    all_pairs: list[dict] = []
+    tokens_generated = 0
+    metrics: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_index in range(cfg.rounds):
+            model, tokenizer = load_policy(policy_path)
+            tracker.progress(f"round {round_index + 1}/{cfg.rounds}: sampling {len(prompts)} x {cfg.k}")
+            groups = sample(model, tokenizer, prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, seed=spec.seed * 1000 + round_index,
+                            batch_size=cfg.generation_batch_size)
+            tokens_generated += sum(len(c.ids) for group in groups for c in group)
+            texts = [[c.text for c in group] for group in groups]
+            flat_scores = verify([p for p, g in zip(prompts, texts) for _ in g], [c for g in texts for c in g])
+            scores = [flat_scores[i * cfg.k:(i + 1) * cfg.k] for i in range(len(prompts))]
+            pairs = best_worst_pairs(prompts, texts, scores)
+            if not pairs:
+                raise TrainingError("online_dpo: the verifier scored all k samples of every prompt the same, so there "
+                                    "are no pairs; raise online_dpo.k or online_dpo.temperature")
+            for pair in pairs:
+                pair["round"] = round_index
+                if gold is not None:
+                    pair["chosen_gold"] = gold(pair["prompt"], pair["chosen"])
+                    pair["rejected_gold"] = gold(pair["prompt"], pair["rejected"])
+            all_pairs += pairs
+            last = round_index == cfg.rounds - 1
+            round_dir = out_dir if last else Path(scratch) / f"round{round_index}"
+            metrics.update(train_dpo("online_dpo", cfg, spec.seed, policy_path, pairs, round_dir, tracker,
+                                     reference=inputs["reference"].path))
+            policy_path = str(round_dir)
+            tracker.log_metrics({"online_dpo/pairs": float(len(pairs))}, step=round_index)
+    budget = {"prompts": len(prompts), "samples": len(prompts) * cfg.k * cfg.rounds, "pairs": len(all_pairs),
+              "tokens_generated": tokens_generated}
+    write_json(out_dir / "budget.json", budget)
+    write_jsonl(out_dir / "pairs.jsonl", all_pairs)
+    metrics.update({f"online_dpo/{k}": float(v) for k, v in budget.items()})
+    if gold is not None:
+        agree = sum(p["chosen_gold"] > p["rejected_gold"] for p in all_pairs) / len(all_pairs)
+        metrics["online_dpo/pairs_gold_agreement"] = agree
+    return StageResult(metrics=metrics, files=["pairs.jsonl", "budget.json"])

@@ -1,0 +1,162 @@
+"""online_rl: continuous on-policy RL from the SFT policy with TRL's RLOO or GRPO (``algorithm``), against a verifier
+(``verifier``: the trained reward model, or the task's gold reward), KL-penalised with ``beta`` towards the same
+reference as offline DPO — the SFT model.
+
+How it is wired:
+
+* **Prompts**: the prompts of ``pairs_train.jsonl`` (unique, in file order) — the same prompts offline DPO sees —
+  keeping those whose tokens (as TRL tokenises them) plus ``max_new_tokens`` fit in ``max_length`` — TRL 1.16's RLOO
+  and GRPO have no ``max_length`` and never truncate prompts, so ``max_length`` is used here as that filter — then
+  the first ``n_prompts`` if set.
+* **Policy and reference**: the policy is loaded from the SFT folder, and TRL (RLOO and GRPO, when β > 0) builds
+  its reference by reloading ``model.config._name_or_path`` — that same folder — so the reference is exactly the SFT
+  model (TRL has no ``ref_model`` argument for these trainers).
+* **Reward**: a plain function ``(prompts, completions, **kw) -> list[float]`` in both cases. With the reward model it
+  scores with :func:`roads.generation.reward_scores` (prompt + completion + EOS, the tokenisation the RM was trained
+  on; TRL's own reward-model path omits the EOS) and is logged as ``rewards/verifier/mean``; with the gold reward it
+  applies the task's r*(x, y) and is logged as ``rewards/gold/mean``.
+* **Batch size**: ``batch_size`` counts completions per optimiser step. TRL needs the generation batch to hold whole
+  prompt groups, so it is rounded *up* to a multiple of ``num_generations`` (8 with 4 generations → 2 prompts × 4).
+* **Determinism**: TRL seeds the global torch generator from the seed (``set_seed`` in ``Trainer``) and samples with it;
+  its prompt sampler is seeded too, so the same inputs and seed give the same weights.
+
+Output: the policy (``save_pretrained``) and ``budget.json`` (prompts, completions and tokens generated, optimiser
+steps — deterministic counts only).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json
+from roads.config import OnlineRlConfig, StageSpec, TaskConfig
+from roads.data import gold_reward_fn
+from roads.errors import ConfigError, DataError
+from roads.generation import reward_scores
+from roads.models import load_policy, load_reward_model
+from roads.training import NullTracker, StageCallback, Tracker, check_finite, final_train_metrics, train, trainer_args
+
+VERSION = 1
+STAGE = "online_rl"
+
+RewardFunc = Callable[..., list[float]]
+
+
+def training_prompts(data: Path, tokenizer, cfg: OnlineRlConfig) -> tuple[list[str], int]:
+    """(prompts, how many were dropped for length): unique prompts of the training pairs, in file order."""
+    prompts = list(dict.fromkeys(r["prompt"] for r in read_jsonl(data / "pairs_train.jsonl")))
+    budget = cfg.max_length - cfg.max_new_tokens
+    fitting = [p for p in prompts if len(tokenizer(p)["input_ids"]) <= budget]  # TRL tokenises prompts this way
+    if not fitting:
+        raise DataError(
+            f"{data / 'pairs_train.jsonl'}: no prompt fits in online_rl.max_length − max_new_tokens = {budget} "
+            "tokens; raise online_rl.max_length"
+        )
+    return fitting[: cfg.n_prompts] if cfg.n_prompts else fitting, len(prompts) - len(fitting)
+
+
+def gold_reward_func(task: TaskConfig) -> RewardFunc:
+    """The task's gold reward r*(x, y) as a TRL reward function (logged as ``rewards/gold/…``)."""
+    gold = gold_reward_fn(task)
+    if gold is None:
+        raise ConfigError(
+            f"online_rl.verifier: task family {task.family!r} has no gold reward; use verifier=reward_model"
+        )
+
+    def reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+        return [float(gold(p, c)) for p, c in zip(prompts, completions, strict=True)]
+
+    reward.__name__ = "gold"
+    return reward
+
+
+def reward_model_func(path: str | Path, device=None) -> RewardFunc:
+    """The trained reward model as a TRL reward function (logged as ``rewards/verifier/…``), tokenising prompt +
+    completion + EOS exactly as the reward model was trained."""
+    model, tokenizer = load_reward_model(path)
+    if device is not None:
+        model.to(device)
+
+    def reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+        return reward_scores(model, tokenizer, list(prompts), list(completions)).tolist()
+
+    reward.__name__ = "verifier"
+    return reward
+
+
+def counting(func: RewardFunc, counts: dict[str, int]) -> RewardFunc:
+    """``func`` that also counts the completions and tokens TRL generated (each completion is scored once)."""
+
+    def reward(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        counts["completions"] += len(completions)
+        counts["tokens_generated"] += sum(len(ids) for ids in completion_ids or ())
+        return func(prompts, completions, **kwargs)
+
+    reward.__name__ = func.__name__
+    return reward
+
+
+def group_batch_size(batch_size: int, num_generations: int) -> int:
+    """The batch size rounded up to whole prompt groups (TRL requires generation batch % num_generations == 0)."""
+    return math.ceil(batch_size / num_generations) * num_generations
+
+
+def rl_config(cfg: OnlineRlConfig, seed: int, output_dir: str):
+    """TRL's RLOOConfig or GRPOConfig: the shared trainer arguments (less ``max_length``, which neither has) plus β,
+    the group size and the sampling settings."""
+    args = trainer_args(cfg, seed, output_dir)
+    args.pop("max_length")
+    args["per_device_train_batch_size"] = group_batch_size(cfg.batch_size, cfg.num_generations)
+    args.update(beta=cfg.beta, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
+                temperature=cfg.temperature)
+    return (RLOOConfig if cfg.algorithm == "rloo" else GRPOConfig)(**args)
+
+
+def build_trainer(cfg: OnlineRlConfig, args, policy, tokenizer, prompts: list[str], reward: RewardFunc,
+                  tracker: Tracker = NullTracker()):
+    """The RLOO or GRPO trainer. ``policy`` must have been loaded from disk: its reference is rebuilt from
+    ``policy.config._name_or_path``."""
+    trainer_class = RLOOTrainer if cfg.algorithm == "rloo" else GRPOTrainer
+    return trainer_class(
+        model=policy,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+        processing_class=tokenizer,
+        callbacks=[StageCallback(STAGE, tracker)],
+    )
+
+
+def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    cfg: OnlineRlConfig = spec.config()
+    data = Path(inputs["data"].path)
+    policy, tokenizer = load_policy(inputs["reference"].path)  # TRL reloads the reference from this very folder
+    prompts, dropped = training_prompts(data, tokenizer, cfg)
+    counts = {"completions": 0, "tokens_generated": 0}
+    with tempfile.TemporaryDirectory() as scratch:
+        args = rl_config(cfg, spec.seed, scratch)
+        if cfg.verifier == "gold":
+            task_info = read_json(data / "task.json")
+            reward = gold_reward_func(TaskConfig(**{k: v for k, v in task_info.items() if k != "name"}))
+        else:
+            reward = reward_model_func(inputs["verifier"].path, device=args.device)
+        tracker.progress(
+            f"{cfg.algorithm} on {len(prompts)} prompts × {cfg.num_generations} completions, verifier {cfg.verifier}"
+            + (f" ({dropped} prompts longer than max_length dropped)" if dropped else "")
+        )
+        trainer = build_trainer(cfg, args, policy, tokenizer, prompts, counting(reward, counts), tracker)
+        train(trainer)
+    check_finite(policy, STAGE)
+    policy.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    write_json(out_dir / "budget.json", {"prompts": len(prompts), "prompts_dropped": dropped,
+                                         "steps": trainer.state.global_step, **counts})
+    metrics = final_train_metrics(STAGE, trainer.state.log_history)
+    metrics[f"{STAGE}/tokens_generated"] = float(counts["tokens_generated"])
+    return StageResult(metrics=metrics, files=["budget.json"])

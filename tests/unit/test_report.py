@@ -1,0 +1,250 @@
+"""Stage `report` on synthetic evaluate outputs whose answers are known: constants, i.i.d. draws with a known
+mean and spread, exactly shifted arms, SFT against itself, real data without gold reward, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from roads.artifacts import ArtifactRef, read_json
+from roads.config import ReportConfig, StageSpec
+from roads.errors import DataError
+from roads.stages.report import FILES, bootstrap_interval, run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+Z95 = 1.959964
+
+
+def spec(**overrides) -> StageSpec:
+    return StageSpec(stage="report", params=ReportConfig(**overrides).model_dump(), seed=0)
+
+
+def write_eval(root: Path, task: str, arm: str, seed: int, gold=None, ref_gold=None, n_prompts: int = 4,
+               samples: int = 2, kl: float = 0.0, length: float = 5.0) -> ArtifactRef:
+    """A fake evaluate folder. ``gold``/``ref_gold``: arrays of shape (n_prompts, samples), or None (real data)."""
+    folder = root / f"{task}-{seed}-{arm}"
+    folder.mkdir(parents=True)
+    rows = []
+    for p in range(n_prompts):
+        for s in range(samples):
+            row = {"prompt_index": p, "sample_index": s, "prompt": f"p{p}", "completion": "c", "length": length,
+                   "finished": True, "logp": -1.0 + kl, "ref_logp": -1.0, "reference_completion": "r"}
+            if gold is not None:
+                row["gold_reward"] = float(gold[p][s])
+                row["reference_gold_reward"] = float(ref_gold[p][s])
+            rows.append(row)
+    metrics = {"arm": arm, "task": task, "seed": seed, "kl_to_reference": kl, "length_mean": length,
+               "finished_rate": 1.0}
+    if gold is not None:
+        metrics["gold_reward_mean"] = float(np.mean(gold))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ArtifactRef(path=str(folder), digest=folder.name)
+
+
+def run_report(tmp_path: Path, inputs: dict, **cfg):
+    out = tmp_path / "out"
+    out.mkdir()
+    return run(spec(**cfg), inputs, out), out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------- bootstrap_interval
+
+
+def test_constant_values_give_a_zero_width_interval():
+    mean, lo, hi = bootstrap_interval([np.full(50, 0.7)] * 3, n_bootstrap=200, rng=1)
+    assert mean == pytest.approx(0.7) and lo == pytest.approx(0.7) and hi == pytest.approx(0.7)
+
+
+def test_one_seed_width_matches_the_normal_interval():
+    """One seed: only prompts are resampled, so the interval is the usual one, ±1.96 σ/√n around the mean."""
+    rng = np.random.default_rng(7)
+    n = 1200
+    for values, true_mean, sigma in [(rng.uniform(size=n), 0.5, math.sqrt(1 / 12)),
+                                     (rng.binomial(1, 0.3, size=n).astype(float), 0.3, math.sqrt(0.21))]:
+        mean, lo, hi = bootstrap_interval([values], n_bootstrap=2000, rng=0)
+        assert lo <= true_mean <= hi
+        assert lo < mean < hi
+        assert (hi - lo) == pytest.approx(2 * Z95 * sigma / math.sqrt(n), rel=0.3)
+
+
+def test_three_seeds_iid_interval_contains_the_mean_and_has_the_hierarchical_width():
+    """3 seeds × 400 prompts of i.i.d. Uniform(0, 1). Resampling seeds, then prompts, has bootstrap variance
+    s_b²/S + σ²/(S·P) (s_b² the between-seed variance of seed means, divisor S): prompt noise enters twice, so the
+    interval is conservative — on average √(1 + (S−1)/S) times the i.i.d. width, never narrower."""
+    rng = np.random.default_rng(3)
+    S, P = 3, 400
+    seeds = [rng.uniform(size=P) for _ in range(S)]
+    mean, lo, hi = bootstrap_interval(seeds, n_bootstrap=4000, rng=0)
+    assert lo <= 0.5 <= hi
+    assert mean == pytest.approx(np.mean(np.concatenate(seeds)))
+    seed_means = np.array([s.mean() for s in seeds])
+    within = np.mean([s.var() for s in seeds]) / (S * P)
+    expected = 2 * Z95 * math.sqrt(seed_means.var() / S + within)
+    assert (hi - lo) == pytest.approx(expected, rel=0.1)
+    iid = 2 * Z95 * math.sqrt(1 / 12) / math.sqrt(S * P)
+    assert 0.9 * iid <= hi - lo <= 1.3 * math.sqrt(2) * iid
+
+
+def test_bootstrap_interval_handles_several_metrics_and_unequal_seeds():
+    a = np.stack([np.zeros(10), np.ones(10)], axis=1)
+    b = np.stack([np.ones(3), np.ones(3)], axis=1)
+    mean, lo, hi = bootstrap_interval([a, b], n_bootstrap=300, rng=0)
+    assert mean.shape == lo.shape == hi.shape == (2,)
+    assert mean[0] == pytest.approx(0.5) and mean[1] == pytest.approx(1.0)
+    assert lo[0] == pytest.approx(0.0) and hi[0] == pytest.approx(1.0)  # seeds {a,a} or {b,b} are drawn
+    assert lo[1] == pytest.approx(1.0) and hi[1] == pytest.approx(1.0)
+
+
+def test_bootstrap_interval_is_deterministic():
+    values = [np.random.default_rng(i).normal(size=30) for i in range(3)]
+    assert bootstrap_interval(values, rng=5) == bootstrap_interval(values, rng=5)
+    assert bootstrap_interval(values, rng=5)[1] != bootstrap_interval(values, rng=6)[1]
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_constant_arm_and_sft_against_itself(tmp_path):
+    inputs = {}
+    for seed in range(3):
+        const = np.full((6, 2), 0.7)
+        inputs[f"gap/seed{seed}/evaluate[sft]"] = write_eval(tmp_path, "gap", "sft", seed, const, const, 6)
+        ref = np.random.default_rng(seed).uniform(size=(6, 2))
+        inputs[f"gap/seed{seed}/evaluate[dpo]"] = write_eval(tmp_path, "gap", "offline_dpo", seed, const, ref, 6)
+    result, out = run_report(tmp_path, inputs, n_bootstrap=200)
+    rows = {r["arm"]: r for r in read_csv(out / "report.csv")}
+    for arm in ("sft", "offline_dpo"):
+        for col in ("gold_reward_mean", "gold_reward_mean_lo", "gold_reward_mean_hi"):
+            assert float(rows[arm][col]) == pytest.approx(0.7)
+    for col in ("win_rate", "win_rate_lo", "win_rate_hi"):
+        assert float(rows["sft"][col]) == 0.5  # gold == reference gold everywhere: every sample ties
+    assert result.metrics["report/gap/sft/win_rate"] == 0.5
+    assert result.metrics["report/gap/offline_dpo/gold_reward_mean"] == pytest.approx(0.7)
+    assert rows["sft"]["seeds"] == "3" and rows["sft"]["n_prompts"] == "6"
+
+
+def test_iid_arm_through_the_stage_contains_the_true_mean(tmp_path):
+    rng = np.random.default_rng(11)
+    inputs = {f"e{s}": write_eval(tmp_path, "gap", "online_rl", s, rng.binomial(1, 0.4, size=(400, 1)),
+                                  np.zeros((400, 1)), 400, samples=1) for s in range(3)}
+    result, out = run_report(tmp_path, inputs)
+    row = read_json(out / "report.json")["rows"][0]["metrics"]["gold_reward_mean"]
+    assert row["lo"] <= 0.4 <= row["hi"]
+    assert 0.5 * 2 * Z95 * math.sqrt(0.24 / 1200) < row["hi"] - row["lo"] < 2.5 * 2 * Z95 * math.sqrt(0.24 / 1200)
+
+
+def test_paired_difference_exact_shift_and_independent_noise(tmp_path):
+    inputs = {}
+    for seed in range(3):
+        rng = np.random.default_rng(100 + seed)
+        a = rng.uniform(0, 0.8, size=(50, 2))
+        ref = rng.uniform(size=(50, 2))
+        inputs[f"a{seed}"] = write_eval(tmp_path, "gap", "offline_dpo", seed, a, ref, 50)
+        inputs[f"b{seed}"] = write_eval(tmp_path, "gap", "online_dpo_sft", seed, a + 0.1, ref, 50)
+        noise = rng.uniform(0, 0.8, size=(50, 2))  # same mean as a, independent of it
+        inputs[f"c{seed}"] = write_eval(tmp_path, "gap", "online_rl", seed, noise, ref, 50)
+    result, out = run_report(tmp_path, inputs, n_bootstrap=500)
+    pairs = {(r["arm"], r["metric"]): r for r in read_csv(out / "paired.csv")}
+    assert set(pairs) == {(arm, m) for arm in ("online_dpo_sft", "online_rl") for m in ("gold_reward_mean", "win_rate")}
+    shift = pairs[("online_dpo_sft", "gold_reward_mean")]
+    assert shift["baseline"] == "offline_dpo"
+    assert float(shift["diff"]) == pytest.approx(0.1, abs=1e-6)
+    assert float(shift["lo"]) == pytest.approx(0.1, abs=1e-6) and float(shift["hi"]) == pytest.approx(0.1, abs=1e-6)
+    assert shift["excludes_zero"] == "True"
+    noise = pairs[("online_rl", "gold_reward_mean")]
+    assert float(noise["lo"]) < 0 < float(noise["hi"]) and noise["excludes_zero"] == "False"
+    assert result.metrics["report/gap/online_dpo_sft/gold_reward_diff"] == pytest.approx(0.1, abs=1e-6)
+    assert "report/gap/offline_dpo/gold_reward_diff" not in result.metrics
+
+
+def test_outputs_tables_and_plots(tmp_path):
+    arms = ["online_rl", "sft", "offline_dpo", "zeta", "online_dpo_sft", "alpha"]
+    inputs = {}
+    for task in ("hidden", "gap", "short"):
+        for seed in range(2):
+            for arm in arms:
+                rng = np.random.default_rng(hash((task, seed, arm)) % 2**32)
+                ref = rng.uniform(size=(5, 2))
+                gold = ref if arm == "sft" else rng.uniform(size=(5, 2))
+                inputs[f"{task}/seed{seed}/evaluate[{arm}]"] = write_eval(tmp_path, task, arm, seed, gold, ref, 5,
+                                                                          kl=0.1 * len(arm), length=len(arm))
+    result, out = run_report(tmp_path, inputs, n_bootstrap=200)
+    assert sorted(result.files) == sorted(FILES)
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    for png in ("win_rate_by_arm.png", "gold_vs_kl.png"):
+        assert (out / png).read_bytes()[:8] == PNG_SIGNATURE
+    rows = read_csv(out / "report.csv")
+    metrics = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
+    columns = [f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi")]
+    assert list(rows[0]) == ["task", "arm", "seeds", "n_prompts", *columns]
+    order = ["sft", "offline_dpo", "online_dpo_sft", "online_rl", "alpha", "zeta"]
+    assert [(r["task"], r["arm"]) for r in rows] == [(t, a) for t in ("gap", "short", "hidden") for a in order]
+    assert float(rows[0]["kl_to_reference"]) == pytest.approx(0.3)
+    assert float(rows[0]["length_mean"]) == pytest.approx(3.0)
+    paired_rows = read_csv(out / "paired.csv")
+    assert list(paired_rows[0]) == ["task", "arm", "baseline", "metric", "diff", "lo", "hi", "excludes_zero"]
+    assert len(paired_rows) == 3 * 4 * 2  # every arm but sft and the baseline, per task, two metrics
+    md = (out / "report.md").read_text()
+    assert "| task | arm | seeds | gold reward [lo, hi] | win rate vs SFT [lo, hi] | KL | length |" in md
+    assert "percentile bootstrap" in md and "95%" in md
+    for arm in arms:
+        assert f"| {arm} |" in md
+    assert all(k.startswith("report/") and all(c.isalnum() or c in "/_" for c in k) for k in result.metrics)
+    assert all(isinstance(v, float) for v in result.metrics.values())
+
+
+def test_real_data_without_gold_reward(tmp_path):
+    inputs = {f"hh/seed{s}/evaluate[{arm}]": write_eval(tmp_path, "hh-rlhf", arm, s, kl=kl, length=7.0)
+              for s in range(2) for arm, kl in (("sft", 0.0), ("offline_dpo", 0.2), ("online_dpo_sft", 0.4))}
+    result, out = run_report(tmp_path, inputs, n_bootstrap=200)
+    rows = {r["arm"]: r for r in read_csv(out / "report.csv")}
+    assert rows["offline_dpo"]["gold_reward_mean"] == "" and rows["offline_dpo"]["win_rate_hi"] == ""
+    assert float(rows["online_dpo_sft"]["kl_to_reference"]) == pytest.approx(0.4)
+    assert float(rows["online_dpo_sft"]["kl_to_reference_lo"]) == pytest.approx(0.4)
+    assert float(rows["sft"]["length_mean"]) == pytest.approx(7.0)
+    assert read_csv(out / "paired.csv") == []
+    md = (out / "report.md").read_text()
+    assert "| hh-rlhf | offline_dpo | 2 | – | – | 0.200 [0.200, 0.200] | 7.000 [7.000, 7.000] |" in md
+    assert (out / "gold_vs_kl.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert not any("gold" in k or "win" in k for k in result.metrics)
+    assert "report/hh_rlhf/online_dpo_sft/kl_to_reference" in result.metrics
+
+
+def test_same_inputs_same_seed_identical_report(tmp_path):
+    inputs = {}
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        for arm in ("sft", "offline_dpo", "online_rl"):
+            inputs[f"{seed}{arm}"] = write_eval(tmp_path / "in", "gap", arm, seed, rng.uniform(size=(20, 2)),
+                                                rng.uniform(size=(20, 2)), 20)
+    outs = []
+    for i, seed in enumerate((3, 3, 4)):
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        run(spec(n_bootstrap=300, bootstrap_seed=seed), inputs, out)
+        outs.append((out / "report.json").read_bytes())
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+def test_bad_inputs_fail_with_a_clear_message(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="metrics.json is missing"):
+        run_report(tmp_path, {"x": ArtifactRef(str(empty), "d")})
+    a = write_eval(tmp_path / "a", "gap", "sft", 0)
+    b = write_eval(tmp_path / "b", "gap", "sft", 0)
+    with pytest.raises(DataError, match="seed 0 appears twice"):
+        run(spec(), {"a": a, "b": b}, tmp_path)
