@@ -158,3 +158,23 @@ def test_sigkill_mid_run_then_rerun_recomputes_only_unfinished_and_matches(first
     first_runs = {r.data.tags["roads.node"]: r.data.tags for r in children(client, first["parent_run_id"], first["experiment_id"])}
     for node, tags in keys.items():  # same seed, same results as the uninterrupted run
         assert tags["roads.artifact_digest"] == first_runs[node]["roads.artifact_digest"], node
+
+
+def test_every_arm_of_the_study_smoke_pipeline_runs_and_reports(home):
+    outcome = run_study("study-smoke")
+    states = cache_states(outcome)
+    assert "failed" not in states.values()
+    arms = ["sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft", "online_dpo_dpo",
+            "online_dpo_gold", "online_rl"]
+    for seed in (0, 1):
+        assert {f"gap/seed{seed}/evaluate[{arm}]" for arm in arms} <= set(states)
+    report = Path(outcome["report"])
+    text = (report / "report.md").read_text()
+    assert all(f"| {arm} |" in text for arm in arms)
+    rows = {(b["task"], b["arm"]): b for b in outcome["budget"]}
+    assert rows[("gap", "online_dpo_sft")]["tokens_generated"] > 0 and rows[("gap", "sft")]["tokens_generated"] == 0
+    assert rows[("gap", "online_dpo_dpo")]["tokens_trained"] > rows[("gap", "offline_dpo")]["tokens_trained"]
+    client = MlflowClient()
+    parent_files = {f.path for f in client.list_artifacts(outcome["parent_run_id"], "report")}
+    assert {"report/report.md", "report/win_rate_by_arm.png", "report/gold_vs_kl.png"} <= parent_files
+    assert "budget/gap/online_rl/tokens_generated" in client.get_run(outcome["parent_run_id"]).data.metrics

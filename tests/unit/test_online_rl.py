@@ -61,6 +61,16 @@ def inputs_for(upstream: dict, spec: StageSpec) -> dict:
     return inputs
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train several times faster on one intra-op thread than on two (thread hand-offs cost more than
+    the matrix products), and far faster when other processes compete for the cores; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     """prepare_data, sft and reward_model of the gap unit, run once for the module."""
@@ -105,6 +115,7 @@ def test_online_rl_trains_and_reports(arm, reward_name, upstream, request):
 
     assert all(math.isfinite(v) for v in result.metrics.values())
     assert f"online_rl/rewards/{reward_name}/mean" in result.metrics
+    assert "online_rl/kl" in result.metrics  # β > 0: TRL built the reference and logs KL to it
     budget = read_json(out / "budget.json")
     steps = budget["steps"]
     assert budget["prompts"] == 16 and budget["prompts_dropped"] == 0

@@ -75,15 +75,16 @@ def test_plan_shape(study, nodes):
     units = [(t, s) for t in study.spec.tasks for s in study.spec.seeds]
     assert len(units) == 6
     assert arms(study) == [s for s in POLICY_STAGES if s in study.spec.stages]
-    per_unit = len(study.spec.stages) - 1 + len(arms(study))  # evaluate once per arm
-    assert len(nodes) == len(units) * per_unit
+    per_unit = len([s for s in study.spec.stages if s not in ("evaluate", "report")]) + len(arms(study))
+    assert len(nodes) == len(units) * per_unit + ("report" in study.spec.stages)  # evaluate once per arm; one report
     ids = [n.id for n in nodes]
     assert len(set(ids)) == len(ids)
     index = {node_id: i for i, node_id in enumerate(ids)}
     for node in nodes:
         for dep in node.inputs.values():
             assert index[dep] < index[node.id]
-            assert dep.rsplit("/", 1)[0] == node.id.rsplit("/", 1)[0]  # inputs stay within the (task, seed) unit
+            if node.stage != "report":  # inputs stay within the (task, seed) unit; the report reads them all
+                assert dep.rsplit("/", 1)[0] == node.id.rsplit("/", 1)[0]
 
 
 def test_evaluate_once_per_arm(study, nodes):
@@ -120,7 +121,8 @@ def test_downstream_of_sft(nodes):
 
 def test_downstream_of_offline_dpo(nodes):
     down = downstream(nodes, "offline_dpo")
-    assert all(n.stage == "offline_dpo" or n.id.endswith("evaluate[offline_dpo]") for n in nodes if n.id in down)
+    assert all(n.stage in ("offline_dpo", "report") or n.id.endswith("evaluate[offline_dpo]")
+               for n in nodes if n.id in down)
     assert any(n.id.endswith("evaluate[offline_dpo]") for n in nodes if n.id in down)
 
 
@@ -136,7 +138,7 @@ def test_upstream_of_offline_dpo(nodes):
 
 def test_upstream_of_evaluate_is_everything_but_reward_model(nodes):
     up = upstream(nodes, "evaluate")
-    assert up == {n.id for n in nodes if n.stage != "reward_model"}
+    assert up == {n.id for n in nodes if n.stage not in ("reward_model", "report")}
 
 
 def test_upstream_of_prepare_data(nodes):
