@@ -7,7 +7,7 @@
 (b) A fully cached rerun: the same flow again (every stage a hit), and the whole `roads run` command in a fresh
     process (imports, the temporary Prefect server, the flow), which is what a user waits for.
 
-    python bench/overhead.py [--pipeline default] [--workers 1]
+    python bench/overhead.py [--pipeline basic] [--workers 1]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", default="default")
+    parser.add_argument("--pipeline", default="basic")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()

@@ -95,7 +95,9 @@ def budget(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
             cost["wall_seconds"] += float(result.get("wall_seconds", 0.0))
         per_arm.setdefault((node.spec.task_name, node.spec.arm), []).append(cost)
     return [{"task": task, "arm": arm, "seeds": len(costs),
-             **{k: round(fmean(c[k] for c in costs), 1) for k in costs[0]}} for (task, arm), costs in per_arm.items()]
+             "tokens_trained": int(fmean(c["tokens_trained"] for c in costs)),
+             "tokens_generated": int(fmean(c["tokens_generated"] for c in costs)),
+             "wall_seconds": round(fmean(c["wall_seconds"] for c in costs), 1)} for (task, arm), costs in per_arm.items()]
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -96,6 +96,15 @@ def check_finite(model: torch.nn.Module, stage: str) -> None:
             raise TrainingError(f"{stage}: weight {name} is not finite after training; lower {stage}.lr — nothing was cached")
 
 
+def save_trained(stage: str, model: torch.nn.Module, tokenizer, trainer, out_dir) -> dict[str, float]:
+    """After training: check the weights are finite, save model and tokenizer to ``out_dir``, return the final
+    training metrics."""
+    check_finite(model, stage)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return final_train_metrics(stage, trainer.state.log_history)
+
+
 def final_train_metrics(stage: str, log_history: list[dict]) -> dict[str, float]:
     """The last value of every numeric training log, as ``<stage>/<name>``."""
     out: dict[str, float] = {}

@@ -18,3 +18,12 @@ def synthetic_task(task: TaskConfig) -> Optional[SyntheticTask]:
 def gold_reward_fn(task: TaskConfig) -> Optional[Callable[[str, str], float]]:
     synthetic = synthetic_task(task)
     return synthetic.gold_reward if synthetic else None
+
+
+def task_of(data_folder) -> tuple[str, TaskConfig]:
+    """The (name, config) of the task a prepare_data output folder was made from (its ``task.json``)."""
+    from roads.artifacts import read_json
+
+    info = dict(read_json(f"{data_folder}/task.json"))
+    name = info.pop("name")
+    return name, TaskConfig(**info)

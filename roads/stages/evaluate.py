@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import fmean
 
-from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json, write_jsonl
-from roads.config import EvaluateConfig, StageSpec, TaskConfig
-from roads.data import gold_reward_fn
+from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
+from roads.config import EvaluateConfig, StageSpec
+from roads.data import gold_reward_fn, task_of
 from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy
 from roads.training import NullTracker, Tracker
@@ -31,8 +31,8 @@ def win_rate(arm: list[float], reference: list[float]) -> float:
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: EvaluateConfig = spec.config()
     data = Path(inputs["data"].path)
-    task_info = read_json(data / "task.json")
-    gold = gold_reward_fn(TaskConfig(**{k: v for k, v in task_info.items() if k != "name"}))
+    task_name, task = task_of(data)
+    gold = gold_reward_fn(task)
     prompts = [r["prompt"] for r in read_jsonl(data / "eval_prompts.jsonl")]
     policy, tokenizer = load_policy(inputs["policy"].path)
     reference, _ = load_policy(inputs["reference"].path)
@@ -79,7 +79,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         metrics["win_rate"] = win_rate([r["gold_reward"] for r in rows], [r["reference_gold_reward"] for r in rows])
         metrics["exact_rate"] = fmean(float(r["gold_reward"] == 1.0) for r in rows)
     metrics = {k: round(v, 6) for k, v in metrics.items()}
-    write_json(out_dir / "metrics.json", {"arm": spec.arm, "task": task_info["name"], "seed": spec.seed, **metrics})
+    write_json(out_dir / "metrics.json", {"arm": spec.arm, "task": task_name, "seed": spec.seed, **metrics})
     write_jsonl(out_dir / "samples.jsonl", rows)
     tracker.progress(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return StageResult(metrics={f"evaluate/{k}": v for k, v in metrics.items()}, files=["metrics.json", "samples.jsonl"])

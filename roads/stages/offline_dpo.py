@@ -13,7 +13,7 @@ from trl import DPOConfig, DPOTrainer
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
 from roads.config import OfflineDpoConfig, StageSpec
 from roads.models import load_policy
-from roads.training import NullTracker, StageCallback, Tracker, check_finite, final_train_metrics, train, trainer_args
+from roads.training import NullTracker, StageCallback, Tracker, save_trained, train, trainer_args
 
 VERSION = 1
 
@@ -34,10 +34,7 @@ def train_dpo(stage: str, cfg: OfflineDpoConfig, seed: int, start_policy: str, p
             callbacks=[StageCallback(stage, tracker)],
         )
         train(trainer)
-    check_finite(model, stage)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return final_train_metrics(stage, trainer.state.log_history)
+    return save_trained(stage, model, tokenizer, trainer, out_dir)
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:

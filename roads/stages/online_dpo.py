@@ -14,9 +14,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json, write_jsonl
-from roads.config import OnlineDpoConfig, StageSpec, TaskConfig
-from roads.data import gold_reward_fn
+from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
+from roads.config import OnlineDpoConfig, StageSpec
+from roads.data import gold_reward_fn, task_of
 from roads.errors import RoadsError, TrainingError
 from roads.generation import reward_scores, sample
 from roads.models import load_policy, load_reward_model
@@ -52,12 +52,12 @@ def online_prompts(data: Path, multiplier: int) -> list[str]:
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: OnlineDpoConfig = spec.config()
     data = Path(inputs["data"].path)
-    task_info = read_json(data / "task.json")
-    gold = gold_reward_fn(TaskConfig(**{k: v for k, v in task_info.items() if k != "name"}))
+    task_name, task = task_of(data)
+    gold = gold_reward_fn(task)
     prompts = online_prompts(data, cfg.prompt_multiplier)
     if cfg.verifier == "gold":
         if gold is None:
-            raise RoadsError(f"online_dpo.verifier: 'gold' needs a task with a gold reward; {task_info['name']!r} has none")
+            raise RoadsError(f"online_dpo.verifier: 'gold' needs a task with a gold reward; {task_name!r} has none")
 
         def verify(flat_prompts: list[str], flat_completions: list[str]) -> list[float]:
             return [gold(p, c) for p, c in zip(flat_prompts, flat_completions)]

@@ -34,13 +34,13 @@ from typing import Callable
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json
+from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
 from roads.config import OnlineRlConfig, StageSpec, TaskConfig
-from roads.data import gold_reward_fn
+from roads.data import gold_reward_fn, task_of
 from roads.errors import ConfigError, DataError
 from roads.generation import reward_scores
 from roads.models import load_policy, load_reward_model
-from roads.training import NullTracker, StageCallback, Tracker, check_finite, final_train_metrics, train, trainer_args
+from roads.training import NullTracker, StageCallback, Tracker, save_trained, train, trainer_args
 
 VERSION = 1
 STAGE = "online_rl"
@@ -142,8 +142,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     with tempfile.TemporaryDirectory() as scratch:
         args = rl_config(cfg, spec.seed, scratch)
         if cfg.verifier == "gold":
-            task_info = read_json(data / "task.json")
-            reward = gold_reward_func(TaskConfig(**{k: v for k, v in task_info.items() if k != "name"}))
+            reward = gold_reward_func(task_of(data)[1])
         else:
             reward = reward_model_func(inputs["verifier"].path, device=args.device)
         tracker.progress(
@@ -152,11 +151,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         )
         trainer = build_trainer(cfg, args, policy, tokenizer, prompts, counting(reward, counts), tracker)
         train(trainer)
-    check_finite(policy, STAGE)
-    policy.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    metrics = save_trained(STAGE, policy, tokenizer, trainer, out_dir)
     write_json(out_dir / "budget.json", {"prompts": len(prompts), "prompts_dropped": dropped,
                                          "steps": trainer.state.global_step, **counts})
-    metrics = final_train_metrics(STAGE, trainer.state.log_history)
     metrics[f"{STAGE}/tokens_generated"] = float(counts["tokens_generated"])
     return StageResult(metrics=metrics, files=["budget.json"])

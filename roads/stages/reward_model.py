@@ -16,7 +16,7 @@ from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
 from roads.config import RewardModelConfig, StageSpec
 from roads.generation import reward_scores
 from roads.models import reward_model_from_policy
-from roads.training import NullTracker, StageCallback, Tracker, check_finite, final_train_metrics, train, trainer_args
+from roads.training import NullTracker, StageCallback, Tracker, save_trained, train, trainer_args
 
 VERSION = 1
 
@@ -54,14 +54,11 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             callbacks=[StageCallback("reward_model", tracker)],
         )
         train(trainer)
-    check_finite(model, "reward_model")
-    metrics = final_train_metrics("reward_model", trainer.state.log_history)
+    metrics = save_trained("reward_model", model, tokenizer, trainer, out_dir)
     chosen, rejected = score_pairs(model, tokenizer, val, cfg.val_batch_size)
     val_metrics = preference_metrics(chosen, rejected)
     metrics.update({f"reward_model/val_{k}": v for k, v in val_metrics.items()})
     tracker.log_metrics({f"reward_model/val_{k}": v for k, v in val_metrics.items()}, step=trainer.state.global_step)
     tracker.progress(f"held-out accuracy {val_metrics['accuracy']:.3f}, log-likelihood {val_metrics['loglik']:.4f}")
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
     write_json(out_dir / "validation.json", {k: round(v, 6) for k, v in val_metrics.items()})
     return StageResult(metrics=metrics, files=["validation.json"])

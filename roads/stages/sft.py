@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
 from roads.config import SftConfig, StageSpec, TrainConfig
 from roads.models import build_tokenizer, count_parameters, load_pretrained, new_causal_lm
-from roads.training import NullTracker, StageCallback, Tracker, check_finite, final_train_metrics, train, trainer_args
+from roads.training import NullTracker, StageCallback, Tracker, save_trained, train, trainer_args
 
 VERSION = 1
 
@@ -33,10 +33,7 @@ def train_sft(stage: str, cfg: TrainConfig, seed: int, model, tokenizer, rows: l
             callbacks=[StageCallback(stage, tracker)],
         )
         train(trainer)
-    check_finite(model, stage)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return final_train_metrics(stage, trainer.state.log_history)
+    return save_trained(stage, model, tokenizer, trainer, out_dir)
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:

@@ -28,7 +28,7 @@ PIPELINES = ROOT / "pipelines.yaml"
 
 @pytest.fixture(scope="module")
 def study():
-    return load_study(PIPELINES, "default", ["pipeline.seeds=[0,1]"])
+    return load_study(PIPELINES, "basic", ["pipeline.seeds=[0,1]"])
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,25 @@ def test_upstream_of_evaluate_is_everything_but_reward_model(nodes):
 
 def test_upstream_of_prepare_data(nodes):
     assert upstream(nodes, "prepare_data") == {n.id for n in nodes if n.stage == "prepare_data"}
+
+
+def test_the_default_study_plan_wires_every_arm():
+    study = load_study(PIPELINES, "default")
+    nodes = {n.id: n for n in build_plan(study)}
+    unit = "gap/seed0"
+    arms_evaluated = {n.spec.arm for n in nodes.values() if n.id.startswith(unit) and n.stage == "evaluate"}
+    assert arms_evaluated == {"sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft",
+                              "online_dpo_dpo", "online_dpo_gold", "online_rl"}
+    assert nodes[f"{unit}/online_dpo_dpo"].inputs == {"data": f"{unit}/prepare_data", "reference": f"{unit}/sft",
+                                                      "start": f"{unit}/offline_dpo", "verifier": f"{unit}/reward_model"}
+    assert nodes[f"{unit}/online_dpo_sft"].inputs["start"] == f"{unit}/sft"
+    assert "verifier" not in nodes[f"{unit}/online_dpo_gold"].inputs  # the gold reward needs no model
+    assert nodes[f"{unit}/online_rl"].inputs["verifier"] == f"{unit}/reward_model"
+    dpo, online = nodes[f"{unit}/offline_dpo"].spec.params, nodes[f"{unit}/online_dpo_sft"].spec.params
+    assert all(online[k] == dpo[k] for k in ("beta", "lr", "epochs", "batch_size", "loss_type"))  # same DPO settings
+    assert nodes[f"{unit}/offline_dpo_2x"].spec.params["epochs"] == dpo["epochs"] + 1
+    evaluations = {i for i, n in nodes.items() if n.stage == "evaluate"}
+    assert set(nodes["report"].inputs.values()) == evaluations and len(evaluations) == 3 * 3 * 8
 
 
 def test_partial_pipeline_plan():
