@@ -390,6 +390,11 @@ def load_study_file(path: str | Path) -> StudyFile:
     return study
 
 
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub dataset name: starts with . / ~, or ends with a data-file suffix."""
+    return source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".json", ".parquet", ".gz"))
+
+
 def _check_arms(study: StudyFile, where: str) -> None:
     for name, arm in study.arms.items():
         if name in STAGE_NAMES:
@@ -413,6 +418,7 @@ def _check_pipeline(study: StudyFile, name: str, pipe: PipelineConfig, where: st
             raise ConfigError(
                 f"{where}: pipelines.{name}.tasks: unknown task {task!r}; known: {', '.join(sorted(study.tasks))}"
             )
+
     from roads.plan import check_stage_closure  # the stage graph lives beside the planner
 
     problem = check_stage_closure(pipe.stages, study.arms, study.defaults)
@@ -448,6 +454,11 @@ def load_study(path: str | Path, pipeline: str, overrides: list[str] | tuple[str
         spec = spec.model_copy(update={"seeds": [study.defaults.seed]})
     _check_arms(study, f"{path} (after overrides)")
     _check_pipeline(study, pipeline, spec, f"{path} (after overrides)")
+    for task in spec.tasks:  # only the tasks this run uses: a file another pipeline needs may be absent here
+        source = study.tasks[task].source
+        if source and _looks_local(source) and not Path(source).expanduser().exists():
+            raise ConfigError(f"{path}: tasks.{task}.source: no file at {source!r} (relative paths start from "
+                              f"{Path.cwd()}); fix the path, or give a hub dataset name")
     return Study(pipeline=pipeline, path=str(path), defaults=study.defaults, tasks=study.tasks, arms=study.arms,
                  spec=spec)
 

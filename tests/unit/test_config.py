@@ -45,7 +45,12 @@ def test_pipelines_file_has_the_expected_pipelines():
 
 
 @pytest.mark.parametrize("name", PIPELINE_NAMES)
-def test_every_pipeline_loads_and_plans(name):
+def test_every_pipeline_loads_and_plans(name, monkeypatch):
+    monkeypatch.chdir(ROOT)  # relative data paths start from the project folder, as with `make run`
+    raw_sources = [RAW["tasks"][t].get("source") for t in RAW["pipelines"][name]["tasks"]]
+    missing = [s for s in raw_sources if s and not (ROOT / s).exists()]
+    if missing:
+        pytest.skip(f"data file not present on this machine: {missing[0]}")
     study = load_study(PIPELINES, name)
     assert study.pipeline == name
     nodes = build_plan(study)
@@ -411,3 +416,11 @@ def test_cli_help_mentions_every_command(in_root, capsys):
     out = capsys.readouterr().out
     for command in ("list", "show", "run", "stage", "ui"):
         assert command in out
+
+
+def test_a_missing_local_data_file_fails_before_anything_runs(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"tasks\.hh-rlhf\.source: no file at 'data/nope\.jsonl'") as info:
+        load_study(PIPELINES, "hh-rlhf-smoke", ["tasks.hh-rlhf.source=data/nope.jsonl"])
+    assert "\n" not in str(info.value)
+    load_study(PIPELINES, "hh-rlhf-smoke", ["tasks.hh-rlhf.source=Anthropic/hh-rlhf"])  # a hub name is not checked
