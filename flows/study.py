@@ -7,7 +7,6 @@ same time in a pool of worker processes. ``run_study`` is the entry point for th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any
 
