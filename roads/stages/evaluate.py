@@ -35,12 +35,12 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     gold = gold_reward_fn(task)
     prompts = [r["prompt"] for r in read_jsonl(data / "eval_prompts.jsonl")]
     policy, tokenizer = load_policy(inputs["policy"].path)
-    reference, _ = load_policy(inputs["reference"].path)
+    same_model = Path(inputs["policy"].path) == Path(inputs["reference"].path)
+    reference = policy if same_model else load_policy(inputs["reference"].path)[0]
     kw = dict(n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
               seed=spec.seed, batch_size=cfg.batch_size)
     tracker.progress(f"sampling {len(prompts)} x {cfg.samples_per_prompt} from {spec.arm}")
     arm_samples = sample(policy, tokenizer, prompts, **kw)
-    same_model = Path(inputs["policy"].path) == Path(inputs["reference"].path)
     ref_samples = arm_samples if same_model else sample(reference, tokenizer, prompts, **kw)
 
     flat_prompts = [p for p, group in zip(prompts, arm_samples) for _ in group]

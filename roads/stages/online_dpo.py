@@ -44,7 +44,8 @@ def online_prompts(data: Path, multiplier: int) -> list[str]:
     from the SFT prompts that are not among them (the paper's augmentation)."""
     prompts = list(dict.fromkeys(r["prompt"] for r in read_jsonl(data / "pairs_train.jsonl")))
     if multiplier > 1:
-        extra = [p for p in dict.fromkeys(r["prompt"] for r in read_jsonl(data / "sft.jsonl")) if p not in set(prompts)]
+        taken = set(prompts)
+        extra = [p for p in dict.fromkeys(r["prompt"] for r in read_jsonl(data / "sft.jsonl")) if p not in taken]
         prompts += extra[: (multiplier - 1) * len(prompts)]
     return prompts
 
