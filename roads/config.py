@@ -24,9 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from roads.errors import ConfigError
 
-STAGE_NAMES = ("prepare_data", "sft", "sft_chosen", "reward_model", "offline_dpo", "online_dpo", "online_rl",
-               "evaluate", "report")
+STAGE_NAMES = ("prepare_data", "narrow_data", "sft", "sft_chosen", "reward_model", "local_rm", "offline_dpo",
+               "online_dpo", "online_rl", "gap", "evaluate", "report")
 POLICY_STAGES = ("sft", "sft_chosen", "offline_dpo", "online_dpo", "online_rl")  # what `evaluate` scores
+DATA_STAGES = ("prepare_data", "narrow_data")  # what a stage's `data` may name
+VERIFIER_STAGES = ("reward_model", "local_rm", "offline_dpo", "online_dpo")  # global, local, DPO implicit reward
 BASIC_STAGES = ("prepare_data", "sft", "reward_model", "offline_dpo", "evaluate")
 
 
@@ -92,15 +94,46 @@ class TrainConfig(Strict):
 
 class SftConfig(TrainConfig):
     epochs: float = 3
+    preset: Optional[Literal["tiny", "small", "base"]] = Field(
+        None, description="model preset of this SFT (default: model.preset); arms of other sizes serve the scale study")
+
+
+def data_field() -> Any:
+    return Field("prepare_data", description="the entry whose data folder this stage trains on: prepare_data, or a "
+                                             "narrow_data entry (H4)")
+
+
+class NarrowDataConfig(Strict):
+    """Narrow preference data (H4): for each training prompt, two samples of the SFT policy labelled by the gold
+    reward with Bradley–Terry noise. Everything else (demonstrations, held-out pairs, evaluation prompts) is copied."""
+
+    bt_temperature: float = Field(0.1, ge=0, description="τ in P(y1≻y2) = σ((r*(y1)−r*(y2))/τ); 0 = noiseless")
+    max_new_tokens: int = Field(16, gt=0, description="generation limit")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    generation_batch_size: int = no_fingerprint(256, "sequences per generation batch")
 
 
 class RewardModelConfig(TrainConfig):
     lr: float = 5e-4
+    data: str = data_field()
+    start: str = Field("sft", description="the SFT entry the reward model starts from (an SFT arm of another size "
+                                          "gives a reward model of that size)")
+    pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs (learning curves)")
     val_batch_size: int = no_fingerprint(64, "batch size when scoring held-out pairs")
+
+
+class LocalRmConfig(RewardModelConfig):
+    """The local verifier: the SFT language model trained with the Bradley–Terry loss on β·Σ_t log π(y_t|x, y<t),
+    its own summed log-probabilities (no value head, no reference)."""
+
+    lr: float = 1e-4
+    beta: float = Field(1.0, gt=0, description="scale of the summed log-probabilities in the Bradley–Terry loss")
 
 
 class OfflineDpoConfig(TrainConfig):
     lr: float = 5e-4
+    data: str = data_field()
+    pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs (learning curves)")
     beta: float = Field(0.1, gt=0, description="DPO β (the same β is used online)")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="TRL DPO loss")
 
@@ -110,6 +143,7 @@ class SftChosenConfig(TrainConfig):
     likelihood baseline."""
 
     epochs: float = 2
+    data: str = data_field()
 
 
 class OnlineDpoConfig(OfflineDpoConfig):
@@ -117,7 +151,9 @@ class OnlineDpoConfig(OfflineDpoConfig):
     ``offline_dpo``, so both roads share β and reference unless told otherwise."""
 
     start: str = Field("sft", description="the policy sampled from and trained: sft, offline_dpo or another arm")
-    verifier: Literal["reward_model", "gold"] = Field("reward_model", description="who scores the K samples")
+    verifier: str = Field("reward_model", description="who scores the K samples: 'gold' (oracle), or the entry of a "
+                                                     "verifier: a reward_model or local_rm entry, or a DPO policy (its "
+                                                     "implicit reward β·log π/π_ref)")
     k: int = Field(25, ge=2, description="completions sampled per prompt; best and worst become a pair")
     rounds: int = Field(1, ge=1, description="rounds of sample → label → train (>1: iterative online DPO)")
     prompt_multiplier: int = Field(1, ge=1, description="online prompts = this × the training prompts (H3)")
@@ -140,6 +176,22 @@ class OnlineRlConfig(TrainConfig):
     n_prompts: Optional[int] = Field(None, gt=0, description="training prompts (default: all)")
 
 
+class GapConfig(Strict):
+    """The generation–verification gap of one (task, seed): each verifier's held-out preference accuracy and
+    log-likelihood, and best-of-N curves (the gold reward of the sample each verifier picks among N) on samples of
+    each policy, with the gold reward itself as the upper bound."""
+
+    data: str = data_field()
+    verifiers: list[str] = Field(["reward_model", "local_rm", "offline_dpo"], min_length=1,
+                                 description="entries whose outputs are verifiers (reward_model, local_rm, DPO policies)")
+    policies: list[str] = Field(["sft", "offline_dpo"], description="policies sampled for the best-of-N curves")
+    max_n: int = Field(64, ge=1, description="largest N; N runs over the powers of two up to it (samples per prompt)")
+    n_prompts: int = Field(100, gt=0, description="evaluation prompts used for best-of-N (the first ones)")
+    max_new_tokens: int = Field(16, gt=0, description="generation limit")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    batch_size: int = no_fingerprint(256, "sequences per generation or scoring batch")
+
+
 class ReportConfig(Strict):
     """The study table: every arm × task × seed with bootstrap intervals, and paired online − offline differences."""
 
@@ -147,6 +199,8 @@ class ReportConfig(Strict):
     confidence: float = Field(0.95, gt=0, lt=1, description="interval coverage")
     baseline: str = Field("offline_dpo", description="the offline arm that online arms are compared with")
     bootstrap_seed: int = Field(0, description="seed of the bootstrap")
+    equivalence_margin: float = Field(0.02, ge=0, description="hypotheses predicting no difference are supported when "
+                                                              "the whole interval lies within ± this")
 
 
 class EvaluateConfig(Strict):
@@ -161,12 +215,15 @@ class Defaults(Strict):
     seed: int = Field(0, description="the study seed; each pipeline's `seeds` replaces it")
     model: ModelConfig = ModelConfig()
     prepare_data: PrepareDataConfig = PrepareDataConfig()
+    narrow_data: NarrowDataConfig = NarrowDataConfig()
     sft: SftConfig = SftConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
+    local_rm: LocalRmConfig = LocalRmConfig()
     offline_dpo: OfflineDpoConfig = OfflineDpoConfig()
     sft_chosen: SftChosenConfig = SftChosenConfig()
     online_dpo: OnlineDpoConfig = OnlineDpoConfig()
     online_rl: OnlineRlConfig = OnlineRlConfig()
+    gap: GapConfig = GapConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
 
@@ -196,12 +253,15 @@ class StudyFile(Strict):
 
 STAGE_CONFIGS: dict[str, type[Strict]] = {
     "prepare_data": PrepareDataConfig,
+    "narrow_data": NarrowDataConfig,
     "sft": SftConfig,
     "sft_chosen": SftChosenConfig,
     "reward_model": RewardModelConfig,
+    "local_rm": LocalRmConfig,
     "offline_dpo": OfflineDpoConfig,
     "online_dpo": OnlineDpoConfig,
     "online_rl": OnlineRlConfig,
+    "gap": GapConfig,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
 }

@@ -9,30 +9,47 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from roads.config import POLICY_STAGES, ArmConfig, Defaults, StageSpec, Study, resolve_params
+from roads.config import DATA_STAGES, POLICY_STAGES, VERIFIER_STAGES, ArmConfig, Defaults, StageSpec, Study, resolve_params
 
-# input name -> the stage that provides it, for stages whose inputs do not depend on their settings
+# input name -> the entry that provides it by default; a stage's `data`, `start` and `verifier` settings rename them
 DEPENDS: dict[str, dict[str, str]] = {
     "prepare_data": {},
+    "narrow_data": {"data": "prepare_data", "sft": "sft"},
     "sft": {"data": "prepare_data"},
     "sft_chosen": {"data": "prepare_data", "sft": "sft"},
     "reward_model": {"data": "prepare_data", "sft": "sft"},
+    "local_rm": {"data": "prepare_data", "sft": "sft"},
     "offline_dpo": {"data": "prepare_data", "sft": "sft"},
+    "online_dpo": {"data": "prepare_data", "reference": "sft", "start": "sft"},  # + "verifier" unless gold
+    "online_rl": {"data": "prepare_data", "reference": "sft"},  # + "verifier" unless gold
+    "gap": {"data": "prepare_data", "reference": "sft"},  # + "verifier.<entry>", "policy.<entry>"
     "evaluate": {"data": "prepare_data", "reference": "sft"},  # + "policy": the arm scored
 }
+# what kind of entry an input must name (checked when a pipeline is loaded)
+INPUT_KINDS = {"data": DATA_STAGES, "start": POLICY_STAGES, "sft": ("sft",), "verifier": VERIFIER_STAGES,
+               "policy": POLICY_STAGES}
 
 
 def stage_inputs(stage: str, params: dict[str, Any]) -> dict[str, str]:
     """Input name -> the entry (stage or arm) that provides it."""
+    inputs = dict(DEPENDS[stage])
+    if "data" in params:
+        inputs["data"] = params["data"]
+    if stage in ("reward_model", "local_rm"):
+        inputs["sft"] = params["start"]
     if stage == "online_dpo":
-        inputs = {"data": "prepare_data", "reference": "sft", "start": params["start"]}
-    elif stage == "online_rl":
-        inputs = {"data": "prepare_data", "reference": "sft"}
-    else:
-        return dict(DEPENDS[stage])
-    if params["verifier"] == "reward_model":
-        inputs["verifier"] = "reward_model"
+        inputs["start"] = params["start"]
+    if stage in ("online_dpo", "online_rl") and params["verifier"] != "gold":
+        inputs["verifier"] = params["verifier"]
+    if stage == "gap":
+        inputs.update({f"verifier.{v}": v for v in params["verifiers"]})
+        inputs.update({f"policy.{p}": p for p in params["policies"]})
     return inputs
+
+
+def input_kind(name: str) -> str:
+    """'verifier.reward_model' -> 'verifier'."""
+    return name.split(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -69,14 +86,20 @@ def check_stage_closure(entries: list[str], arms: dict[str, ArmConfig] | None = 
         for name, provider in stage_inputs(stage, params).items():
             if provider not in present:
                 return f"{entry!r} needs {provider!r} (its input {name!r}); add it to the list"
-            if name == "start" and not is_policy(provider, arms):
-                return f"{entry!r} starts from {provider!r}, which is not a policy"
+            kinds = INPUT_KINDS.get(input_kind(name))
+            provider_stage = arms[provider].stage if provider in arms else provider
+            if kinds and provider_stage not in kinds:
+                return (f"{entry!r} takes its input {name!r} from {provider!r}, a {provider_stage} entry; "
+                        f"it must be one of: {', '.join(kinds)}")
+            if provider == entry:
+                return f"{entry!r} cannot take its own output as its input {name!r}"
     return None
 
 
 def _order(entries: list[str], study: Study) -> list[str]:
     """Entries in dependency order (stable: the listed order wherever the graph allows)."""
     remaining = [e for e in entries if study.stage_of(e) not in ("evaluate", "report")]
+    remaining = list(dict.fromkeys(remaining))
     done: list[str] = []
     while remaining:
         for entry in remaining:

@@ -102,7 +102,20 @@ def save_trained(stage: str, model: torch.nn.Module, tokenizer, trainer, out_dir
     check_finite(model, stage)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    write_trained(out_dir, len(trainer.train_dataset))
     return final_train_metrics(stage, trainer.state.log_history)
+
+
+def write_trained(out_dir, train_examples: int) -> None:
+    """``trained.json``: how many examples the stage trained on (the x axis of learning curves)."""
+    from roads.artifacts import write_json
+
+    write_json(f"{out_dir}/trained.json", {"train_examples": int(train_examples)})
+
+
+def first_fraction(rows: list, fraction: float) -> list:
+    """The first ``fraction`` of ``rows`` (at least one): the nested subsets of a learning curve."""
+    return rows[: max(1, round(len(rows) * fraction))]
 
 
 def final_train_metrics(stage: str, log_history: list[dict]) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """offline_dpo: the one-stage road — TRL's DPOTrainer on the training pairs, starting from the SFT policy, with the
-SFT model *loaded from disk* as the reference. Output: the policy.
+SFT model *loaded from disk* as the reference (the first ``pair_fraction`` of the pairs, for learning curves).
+Output: the policy, and ``verifier.json``: its implicit reward β·log π/π_ref is a verifier too.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from pathlib import Path
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from roads.artifacts import ArtifactRef, StageResult, read_jsonl
+from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
 from roads.config import OfflineDpoConfig, StageSpec
 from roads.models import load_policy
-from roads.training import NullTracker, StageCallback, Tracker, save_trained, train, trainer_args
+from roads.training import NullTracker, StageCallback, Tracker, first_fraction, save_trained, train, trainer_args
+from roads.verifiers import VERIFIER_FILE
 
 VERSION = 1
 
@@ -34,11 +36,13 @@ def train_dpo(stage: str, cfg: OfflineDpoConfig, seed: int, start_policy: str, p
             callbacks=[StageCallback(stage, tracker)],
         )
         train(trainer)
-    return save_trained(stage, model, tokenizer, trainer, out_dir)
+    metrics = save_trained(stage, model, tokenizer, trainer, out_dir)
+    write_json(Path(out_dir) / VERIFIER_FILE, {"kind": "implicit", "beta": cfg.beta})  # β·log π/π_ref is a verifier
+    return metrics
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: OfflineDpoConfig = spec.config()
-    pairs = read_jsonl(Path(inputs["data"].path) / "pairs_train.jsonl")
+    pairs = first_fraction(read_jsonl(Path(inputs["data"].path) / "pairs_train.jsonl"), cfg.pair_fraction)
     metrics = train_dpo("offline_dpo", cfg, spec.seed, inputs["sft"].path, pairs, out_dir, tracker)
     return StageResult(metrics=metrics, files=[])

@@ -1,7 +1,8 @@
 """online_dpo: the two-stage road as the paper runs it (not TRL's OnlineDPOTrainer).
 
 From a start policy (SFT, or the offline-DPO policy) sample ``k`` completions per training prompt, score them with a
-verifier (the reward model, or the gold reward as an oracle arm), keep the best and the worst as a new (chosen,
+verifier (the reward model by default; any verifier — a local reward model, a DPO policy's implicit reward (H1: the
+offline data's own fit) — or the gold reward as an oracle arm), keep the best and the worst as a new (chosen,
 rejected) pair, and train with the *same* DPO loss, β and reference (the SFT model, loaded from disk) as offline DPO.
 ``rounds`` > 1 repeats sample → label → train from the latest policy (iterative online DPO). ``prompt_multiplier``
 > 1 adds prompts resampled from the SFT data (the paper's augmentation, H3).
@@ -18,10 +19,11 @@ from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, wr
 from roads.config import OnlineDpoConfig, StageSpec
 from roads.data import gold_reward_fn, task_of
 from roads.errors import RoadsError, TrainingError
-from roads.generation import reward_scores, sample
-from roads.models import load_policy, load_reward_model
+from roads.generation import sample
+from roads.models import load_policy
 from roads.stages.offline_dpo import train_dpo
-from roads.training import NullTracker, Tracker
+from roads.training import NullTracker, Tracker, first_fraction
+from roads.verifiers import load_verifier
 
 VERSION = 1
 
@@ -39,10 +41,11 @@ def best_worst_pairs(prompts: list[str], completions: list[list[str]], scores: l
     return pairs
 
 
-def online_prompts(data: Path, multiplier: int) -> list[str]:
-    """The training prompts (those of the offline pairs, in order), plus (multiplier − 1)× as many drawn in order
-    from the SFT prompts that are not among them (the paper's augmentation)."""
-    prompts = list(dict.fromkeys(r["prompt"] for r in read_jsonl(data / "pairs_train.jsonl")))
+def online_prompts(data: Path, multiplier: int, pair_fraction: float = 1.0) -> list[str]:
+    """The training prompts (those of the offline pairs — their first ``pair_fraction`` — in order), plus
+    (multiplier − 1)× as many drawn in order from the SFT prompts that are not among them (the paper's augmentation)."""
+    pairs = first_fraction(read_jsonl(data / "pairs_train.jsonl"), pair_fraction)
+    prompts = list(dict.fromkeys(r["prompt"] for r in pairs))
     if multiplier > 1:
         taken = set(prompts)
         extra = [p for p in dict.fromkeys(r["prompt"] for r in read_jsonl(data / "sft.jsonl")) if p not in taken]
@@ -55,7 +58,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     data = Path(inputs["data"].path)
     task_name, task = task_of(data)
     gold = gold_reward_fn(task)
-    prompts = online_prompts(data, cfg.prompt_multiplier)
+    prompts = online_prompts(data, cfg.prompt_multiplier, cfg.pair_fraction)
     if cfg.verifier == "gold":
         if gold is None:
             raise RoadsError(f"online_dpo.verifier: 'gold' needs a task with a gold reward; {task_name!r} has none")
@@ -63,11 +66,11 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         def verify(flat_prompts: list[str], flat_completions: list[str]) -> list[float]:
             return [gold(p, c) for p, c in zip(flat_prompts, flat_completions)]
     else:
-        rm, rm_tokenizer = load_reward_model(inputs["verifier"].path)
+        verifier = load_verifier(cfg.verifier, inputs["verifier"].path, reference=inputs["reference"].path,
+                                 batch_size=cfg.generation_batch_size)
 
         def verify(flat_prompts: list[str], flat_completions: list[str]) -> list[float]:
-            return reward_scores(rm, rm_tokenizer, flat_prompts, flat_completions,
-                                 batch_size=cfg.generation_batch_size).tolist()
+            return verifier.score(flat_prompts, flat_completions).tolist()
 
     policy_path = inputs["start"].path
     all_pairs: list[dict] = []

@@ -1,6 +1,7 @@
 """reward_model: the global verifier — the SFT model with its LM head replaced by a scalar head, trained with the
-Bradley–Terry loss (TRL's RewardTrainer) on the training pairs. Logs validation accuracy and preference
-log-likelihood, mean log σ(r(x, y+) − r(x, y−)), on held-out pairs. Output: the reward model and tokenizer.
+Bradley–Terry loss (TRL's RewardTrainer) on the training pairs (the first ``pair_fraction`` of them). Logs
+validation accuracy and preference log-likelihood, mean log σ(r(x, y+) − r(x, y−)), on held-out pairs. Output: the
+reward model and tokenizer, ``validation.json`` and ``verifier.json`` (kind ``global``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
 from roads.config import RewardModelConfig, StageSpec
 from roads.generation import reward_scores
 from roads.models import reward_model_from_policy
-from roads.training import NullTracker, StageCallback, Tracker, save_trained, train, trainer_args
+from roads.training import NullTracker, StageCallback, Tracker, first_fraction, save_trained, train, trainer_args
+from roads.verifiers import VERIFIER_FILE
 
 VERSION = 1
 
@@ -42,7 +44,7 @@ def score_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[to
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: RewardModelConfig = spec.config()
     data = Path(inputs["data"].path)
-    train_rows = read_jsonl(data / "pairs_train.jsonl")
+    train_rows = first_fraction(read_jsonl(data / "pairs_train.jsonl"), cfg.pair_fraction)
     val = read_jsonl(data / "pairs_val.jsonl")
     model, tokenizer = reward_model_from_policy(inputs["sft"].path, seed=spec.seed)
     with tempfile.TemporaryDirectory() as scratch:
@@ -61,4 +63,5 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     tracker.log_metrics({f"reward_model/val_{k}": v for k, v in val_metrics.items()}, step=trainer.state.global_step)
     tracker.progress(f"held-out accuracy {val_metrics['accuracy']:.3f}, log-likelihood {val_metrics['loglik']:.4f}")
     write_json(out_dir / "validation.json", {k: round(v, 6) for k, v in val_metrics.items()})
+    write_json(out_dir / VERIFIER_FILE, {"kind": "global"})
     return StageResult(metrics=metrics, files=["validation.json"])

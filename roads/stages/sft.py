@@ -46,7 +46,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         pairs = read_jsonl(data / "pairs_train.jsonl")
         corpus = [r["prompt"] + r["completion"] for r in rows] + [r["prompt"] + r["chosen"] + r["rejected"] for r in pairs]
         tokenizer = build_tokenizer(corpus, vocab_size=spec.model.vocab_size)
-        model = new_causal_lm(spec.model.preset, tokenizer, seed=spec.seed, max_positions=max(256, cfg.max_length))
+        model = new_causal_lm(cfg.preset or spec.model.preset, tokenizer, seed=spec.seed, max_positions=max(256, cfg.max_length))
     tracker.progress(f"{count_parameters(model):,} parameters, {len(rows)} demonstrations")
     metrics = train_sft("sft", cfg, spec.seed, model, tokenizer, rows, out_dir, tracker)
     metrics["sft/parameters"] = float(count_parameters(model))

@@ -1,0 +1,98 @@
+"""Verifiers: anything that scores a (prompt, completion) pair, loaded from a stage output by its ``verifier.json``.
+
+Three learnt kinds, all fitted to the same preference pairs (the paper's H5 comparison):
+
+``global``    the reward model r(x, y): the SFT model with a scalar head, Bradley–Terry loss (stage ``reward_model``).
+``local``     β·Σ_t log π(y_t | x, y<t) of a language model trained with the Bradley–Terry loss on exactly that
+              quantity (stage ``local_rm``): a reward the generator's own token probabilities must carry.
+``implicit``  the DPO implicit reward β·(log π_DPO(y|x) − log π_ref(y|x)) (stages ``offline_dpo``, ``online_dpo``),
+              with the SFT model as π_ref.
+
+and ``gold``, the task's true reward (synthetic tasks only). Completions are scored as the trainers saw them: the
+global reward model reads prompt + completion + EOS (TRL's RewardTrainer); log-probabilities are summed over the
+completion's tokens and the EOS (TRL's DPOTrainer appends it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from roads.artifacts import read_json
+from roads.errors import RoadsError
+from roads.generation import encode, reward_scores, sequence_logps
+
+KINDS = ("global", "local", "implicit", "gold")
+VERIFIER_FILE = "verifier.json"
+
+
+def completion_ids(tokenizer, completions: list[str]) -> list[list[int]]:
+    """Token ids of each completion followed by EOS, as DPO and the local reward model train on them."""
+    return [ids + [tokenizer.eos_token_id] for ids in encode(tokenizer, completions)]
+
+
+def summed_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y<t) over completion + EOS, shape (N,)."""
+    return sequence_logps(model, encode(tokenizer, prompts), completion_ids(tokenizer, completions),
+                          pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+
+
+@dataclass
+class Verifier:
+    name: str
+    kind: str
+    score: Callable[[list[str], list[str]], torch.Tensor]  # (prompts, completions) -> (N,) scores
+    parameters: int = 0
+    train_examples: Optional[int] = None
+
+
+def trained_examples(folder: str | Path) -> Optional[int]:
+    """How many examples (pairs) the stage whose output is ``folder`` trained on, when it says (``trained.json``)."""
+    file = Path(folder) / "trained.json"
+    return int(read_json(file)["train_examples"]) if file.is_file() else None
+
+
+def load_verifier(name: str, folder: str | Path, reference: str | Path | None = None,
+                  batch_size: int = 64) -> Verifier:
+    """The verifier saved at ``folder``. An ``implicit`` verifier needs the ``reference`` policy's folder."""
+    from roads.models import count_parameters, load_policy, load_reward_model
+
+    file = Path(folder) / VERIFIER_FILE
+    if not file.is_file():
+        raise RoadsError(f"{name}: {folder} holds no {VERIFIER_FILE}; a verifier is a reward_model, local_rm or DPO "
+                         "policy output")
+    info = read_json(file)
+    kind, beta = info["kind"], float(info.get("beta", 1.0))
+    examples = trained_examples(folder)
+    if kind == "global":
+        model, tokenizer = load_reward_model(folder)
+
+        def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
+            return reward_scores(model, tokenizer, prompts, completions, batch_size=batch_size)
+    elif kind == "local":
+        model, tokenizer = load_policy(folder)
+
+        def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
+            return beta * summed_logps(model, tokenizer, prompts, completions, batch_size)
+    elif kind == "implicit":
+        if reference is None:
+            raise RoadsError(f"{name}: the DPO implicit reward needs the reference policy")
+        model, tokenizer = load_policy(folder)
+        ref_model, _ = load_policy(reference)
+
+        def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
+            return beta * (summed_logps(model, tokenizer, prompts, completions, batch_size)
+                           - summed_logps(ref_model, tokenizer, prompts, completions, batch_size))
+    else:
+        raise RoadsError(f"{file}: unknown verifier kind {kind!r}; expected one of {', '.join(KINDS[:3])}")
+    return Verifier(name, kind, score, count_parameters(model), examples)
+
+
+def gold_verifier(gold: Callable[[str, str], float]) -> Verifier:
+    def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
+        return torch.tensor([gold(p, c) for p, c in zip(prompts, completions, strict=True)], dtype=torch.float64)
+
+    return Verifier("gold", "gold", score)
