@@ -1,4 +1,4 @@
-"""The ``roads`` command: list, show, run, stage, ui. Bad input gives one line on stderr and a non-zero exit."""
+"""The ``roads`` command: list, show, run, stage, report, ui. Bad input gives one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="What is RL worth in fine-tuning? Runs the study's pipelines as cached Prefect tasks logged to "
         "MLflow. State lives in ./.roads (or $ROADS_HOME).",
         epilog="examples: roads list | roads show smoke | roads run default --set sft.epochs=5 | "
-        "roads stage reward_model --force | roads ui",
+        "roads stage reward_model --force | roads report hypotheses --hypotheses | roads ui",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("list", help="name the pipelines with their tasks, seeds and stages")
@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute the stage even if it is cached")
     p.add_argument("--workers", type=int, default=None, help="stages run at the same time")
     _add_common(p, pipeline_positional=False)
+    p = sub.add_parser("report", help="run a pipeline (cached stages are hits) and print its report: the study table, "
+                                      "or the hypotheses table, or the gap summary; --out copies every report file")
+    _add_common(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--hypotheses", action="store_true", help="print the H1-H6 table (hypotheses.md)")
+    which.add_argument("--gap", action="store_true", help="print the per-family gap summary (gap_summary.md)")
+    p.add_argument("--out", default=None, metavar="DIR", help="also copy the report's files (tables, plots) into DIR")
+    p.add_argument("--workers", type=int, default=None, help="stages run at the same time")
     p = sub.add_parser("ui", help="start the MLflow UI on the local tracking store (127.0.0.1)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
@@ -123,6 +131,33 @@ def cmd_stage(args) -> int:
     return _run(args, force_stage=args.name if args.force else None, only_stage=args.name, pipeline=args.pipeline)
 
 
+def cmd_report(args) -> int:
+    study = load_study(args.file, args.pipeline, args.overrides)  # a bad config fails here, before anything is written
+    if "report" not in study.spec.stages:
+        raise RoadsError(f"pipeline {args.pipeline!r} has no report stage; add 'report' to its stages")
+    from flows import env
+
+    env.configure()
+    from flows.study import run_study
+
+    outcome = run_study(args.pipeline, args.overrides, args.file, workers=args.workers)
+    folder = Path(outcome["report"])
+    name = "hypotheses.md" if args.hypotheses else "gap_summary.md" if args.gap else "report.md"
+    if not (folder / name).is_file():
+        raise RoadsError(f"pipeline {args.pipeline!r} has no {name}: the gap summary needs a 'gap' stage")
+    if args.out:
+        import shutil
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for file in outcome.get("report_files") or sorted(p.name for p in folder.iterdir()):
+            shutil.copyfile(folder / file, out / file)
+    print(f"\n{(folder / name).read_text().rstrip()}\n")
+    print(f"(files: {folder}{'; copied to ' + args.out if args.out else ''}; MLflow: experiment {args.pipeline!r}, "
+          f"parent run {outcome['parent_run_id']}, artifacts under report/)")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from flows import env
 
@@ -140,7 +175,8 @@ def cmd_ui(args) -> int:
         return 0
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "stage": cmd_stage, "ui": cmd_ui}
+COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "stage": cmd_stage, "report": cmd_report,
+            "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

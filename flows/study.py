@@ -168,7 +168,8 @@ def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str 
     spent = budget(nodes, results)
     outcome = {"pipeline": pipeline, "parent_run_id": tracker.parent_id, "experiment_id": tracker.experiment_id,
                "nodes": report, "summary": rows, "budget": spent,
-               "report": results["report"]["artifact"]["path"] if "report" in results else None}
+               "report": results["report"]["artifact"]["path"] if "report" in results else None,
+               "report_files": results.get("report", {}).get("files", [])}
     table = markdown_table(arms_by_task(rows), ["task", "arm", "seeds", "gold_reward_mean", "win_rate"])
     files = {"summary.md": table + "\n", "nodes.md": markdown_table(report, ["node", "cache", "seconds", "error"]) + "\n",
              "budget.md": markdown_table(spent, list(BUDGET_COLUMNS)) + "\n"}

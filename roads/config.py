@@ -439,15 +439,27 @@ def read_study_file(path: str | Path) -> dict:
 
 
 def load_study_file(path: str | Path) -> StudyFile:
+    """The file, validated as written, and every pipeline checked with its own ``set`` applied."""
     raw = read_study_file(path)
     try:
         study = StudyFile(**raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, str(path))) from None
     _check_arms(study, str(path))
-    for name, pipe in study.pipelines.items():
-        _check_pipeline(study, name, pipe, str(path))
+    for name in study.pipelines:
+        with_set = _with_pipeline_set(read_study_file(path), study, name, str(path))
+        _check_pipeline(with_set, name, with_set.pipelines[name], str(path))
     return study
+
+
+def _with_pipeline_set(raw: dict, study: StudyFile, pipeline: str, path: str) -> StudyFile:
+    """Apply a pipeline's ``set`` to the raw file (in place) and validate the result."""
+    where = f"{path}: pipelines.{pipeline}.set"
+    if raw["pipelines"][pipeline].get("set") is None:
+        raw["pipelines"][pipeline]["set"] = {}
+    for key, value in study.pipelines[pipeline].set.items():
+        _apply(raw, pipeline, key, value, where)
+    return _validate(raw, where)
 
 
 def _looks_local(source: str) -> bool:
@@ -499,12 +511,7 @@ def load_study(path: str | Path, pipeline: str, overrides: list[str] | tuple[str
     if pipeline not in base.pipelines:
         raise ConfigError(f"{path}: unknown pipeline {pipeline!r}; known: {', '.join(sorted(base.pipelines))}")
     raw = read_study_file(path)
-    where_file = f"{path}: pipelines.{pipeline}.set"
-    if raw["pipelines"][pipeline].get("set") is None:
-        raw["pipelines"][pipeline]["set"] = {}
-    for key, value in base.pipelines[pipeline].set.items():
-        _apply(raw, pipeline, key, value, where_file)
-    study = _validate(raw, where_file)
+    study = _with_pipeline_set(raw, base, pipeline, str(path))
     for item in overrides:  # validated one at a time, so an error names the override that caused it
         key, value = parse_override(item)
         _apply(raw, pipeline, key, value, f"--set {item}")

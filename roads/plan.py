@@ -80,8 +80,8 @@ def check_stage_closure(entries: list[str], arms: dict[str, ArmConfig] | None = 
     for entry in entries:
         stage, params = resolve_params(entry, arms, defaults)
         if stage == "report":
-            if "evaluate" not in present:
-                return "stage 'report' needs 'evaluate'; add it to the list"
+            if "evaluate" not in present and not any(resolve_params(e, arms, defaults)[0] == "gap" for e in present):
+                return "stage 'report' needs 'evaluate' or 'gap'; add one to the list"
             continue
         for name, provider in stage_inputs(stage, params).items():
             if provider not in present:
@@ -122,7 +122,7 @@ def build_plan(study: Study) -> list[Node]:
     """All nodes in topological order."""
     entries = _order(study.spec.stages, study)
     nodes: list[Node] = []
-    evaluations: list[str] = []
+    reported: list[str] = []  # evaluations and gap measurements: the report's inputs
     for task_name in study.spec.tasks:
         for seed in study.spec.seeds:
             unit = f"{task_name}/seed{seed}"
@@ -130,16 +130,18 @@ def build_plan(study: Study) -> list[Node]:
                 spec = study.stage_spec(entry, task_name, seed)
                 inputs = {k: f"{unit}/{v}" for k, v in stage_inputs(spec.stage, spec.params).items()}
                 nodes.append(Node(f"{unit}/{entry}", spec, inputs))
+                if spec.stage == "gap":
+                    reported.append(nodes[-1].id)
             if "evaluate" in study.spec.stages:
                 for arm in arms(study):
                     inputs = {k: f"{unit}/{v}" for k, v in DEPENDS["evaluate"].items()}
                     inputs["policy"] = f"{unit}/{arm}"
                     node_id = f"{unit}/evaluate[{arm}]"
                     nodes.append(Node(node_id, study.stage_spec("evaluate", task_name, seed, arm=arm), inputs))
-                    evaluations.append(node_id)
+                    reported.append(node_id)
     if "report" in study.spec.stages:
         seed = study.spec.seeds[0]
-        nodes.append(Node("report", study.stage_spec("report", "", seed), {node_id: node_id for node_id in evaluations}))
+        nodes.append(Node("report", study.stage_spec("report", "", seed), {node_id: node_id for node_id in reported}))
     return nodes
 
 

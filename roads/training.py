@@ -102,15 +102,15 @@ def save_trained(stage: str, model: torch.nn.Module, tokenizer, trainer, out_dir
     check_finite(model, stage)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    write_trained(out_dir, len(trainer.train_dataset))
+    write_trained(out_dir, len(trainer.train_dataset), stage)
     return final_train_metrics(stage, trainer.state.log_history)
 
 
-def write_trained(out_dir, train_examples: int) -> None:
-    """``trained.json``: how many examples the stage trained on (the x axis of learning curves)."""
+def write_trained(out_dir, train_examples: int, stage: str | None = None) -> None:
+    """``trained.json``: which stage trained the model and on how many examples (the x axis of learning curves)."""
     from roads.artifacts import write_json
 
-    write_json(f"{out_dir}/trained.json", {"train_examples": int(train_examples)})
+    write_json(f"{out_dir}/trained.json", {"train_examples": int(train_examples), "stage": stage})
 
 
 def first_fraction(rows: list, fraction: float) -> list:

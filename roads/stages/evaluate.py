@@ -5,7 +5,8 @@ Samples ``samples_per_prompt`` completions per prompt from the arm and from the 
 reward: ``gold_reward_mean``; ``win_rate`` against the SFT sample of the same prompt and index, judged by the gold
 reward, ties counted half; always: ``kl_to_reference`` (Monte-Carlo estimate of KL(π‖π_ref) = E_y~π[log π(y|x) −
 log π_ref(y|x)]), ``length_mean`` (tokens, EOS excluded) and ``finished_rate``. Output: ``metrics.json`` and
-``samples.jsonl`` (one row per sample: the data for intervals over prompts and seeds).
+``samples.jsonl`` (one row per sample: the data for intervals over prompts and seeds). ``metrics.json`` also names
+the stage that trained the policy and on how many examples (from its ``trained.json``), for learning curves.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import fmean
 
-from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
+from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json, write_jsonl
 from roads.config import EvaluateConfig, StageSpec
 from roads.data import gold_reward_fn, task_of
 from roads.generation import encode, sample, sequence_logps
@@ -79,7 +80,11 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         metrics["win_rate"] = win_rate([r["gold_reward"] for r in rows], [r["reference_gold_reward"] for r in rows])
         metrics["exact_rate"] = fmean(float(r["gold_reward"] == 1.0) for r in rows)
     metrics = {k: round(v, 6) for k, v in metrics.items()}
-    write_json(out_dir / "metrics.json", {"arm": spec.arm, "task": task_name, "seed": spec.seed, **metrics})
+    trained = Path(inputs["policy"].path) / "trained.json"
+    policy = read_json(trained) if trained.is_file() else {}
+    write_json(out_dir / "metrics.json", {"arm": spec.arm, "task": task_name, "seed": spec.seed,
+                                          "policy_stage": policy.get("stage"),
+                                          "train_examples": policy.get("train_examples"), **metrics})
     write_jsonl(out_dir / "samples.jsonl", rows)
     tracker.progress(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return StageResult(metrics={f"evaluate/{k}": v for k, v in metrics.items()}, files=["metrics.json", "samples.jsonl"])

@@ -15,6 +15,11 @@ share, so both arms see the same resample. Each (task, arm) group has its own ge
 Output: ``report.md``, ``report.csv`` (one row per task × arm), ``paired.csv`` (task, arm, baseline, metric, diff,
 lo, hi, excludes_zero), ``report.json`` (the same numbers, for programs) and two plots, ``win_rate_by_arm.png`` and
 ``gold_vs_kl.png``. Without a gold reward (real data) only KL and length are reported and there are no paired rows.
+
+Inputs that are ``gap`` outputs (a ``gap.json``) feed the gap section (``roads.gap_report``): ``gap_summary.md``
+(the gap per task beside online − offline, the verifier table, best-of-N tables) and the plots ``best_of_n.png``,
+``gap_vs_online.png``, and ``learning_curves.png`` / ``scale.png`` when the run varies the number of pairs or the
+model sizes. Always: ``hypotheses.md`` / ``hypotheses.csv``, the H1–H6 table for the rows this run can measure.
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ from __future__ import annotations
 import csv
 import math
 import re
-import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json
+from roads.gap_report import (bon_rows, gap_summary, hypothesis_rows, is_gap_output, load_gap, verifier_diffs,
+                              verifier_rows, write_gap_markdown, write_gap_plots, write_hypotheses)
+from roads.metrics import bootstrap_interval, group_rng
 from roads.config import ReportConfig, StageSpec
 from roads.errors import DataError
 from roads.training import NullTracker, Tracker
@@ -43,63 +49,6 @@ ARM_ORDER = ("sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_s
              "online_dpo_gold", "online_rl")
 TASK_FAMILIES = ("gap", "short", "hidden")
 FILES = ["report.md", "report.csv", "paired.csv", "report.json", "win_rate_by_arm.png", "gold_vs_kl.png"]
-_CHUNK = 1 << 20  # bootstrap draws (replicates × seeds × prompts) held in memory at once
-
-
-# --------------------------------------------------------------------------- the bootstrap
-
-
-def bootstrap_interval(
-    per_seed: Sequence[np.ndarray],
-    *,
-    n_bootstrap: int = 2000,
-    confidence: float = 0.95,
-    rng: np.random.Generator | int = 0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Point estimate and hierarchical-bootstrap percentile interval of a mean over seeds of means over prompts.
-
-    ``per_seed`` holds one array per seed, shape ``(n_prompts_s,)`` or ``(n_prompts_s, n_metrics)``: the per-prompt
-    values (already averaged over a prompt's samples). Each replicate draws the seeds with replacement and, inside
-    each drawn seed, its prompts with replacement; all metrics share the draws. Returns ``(mean, lo, hi)``, each of
-    shape ``(n_metrics,)`` — or 0-d arrays when the inputs were 1-d. Deterministic given ``rng`` (a seed or a
-    ``numpy.random.Generator``).
-    """
-    if not per_seed:
-        raise ValueError("bootstrap_interval needs at least one seed")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    squeeze = np.ndim(per_seed[0]) == 1
-    arrays = [np.asarray(a, dtype=np.float64).reshape(len(a), -1) for a in per_seed]
-    n_metrics = arrays[0].shape[1]
-    if any(a.shape[1] != n_metrics for a in arrays) or any(len(a) == 0 for a in arrays):
-        raise ValueError("every seed needs at least one prompt and the same number of metrics")
-
-    point = np.mean([a.mean(axis=0) for a in arrays], axis=0)
-    n_prompts = np.array([len(a) for a in arrays])
-    offsets = np.concatenate([[0], np.cumsum(n_prompts)[:-1]])
-    n_seeds, max_prompts, total = len(arrays), int(n_prompts.max()), int(n_prompts.sum())
-    # metric-major, plus one zero column that the padding draws of seeds with fewer prompts point at
-    table = np.concatenate([np.concatenate(arrays).T, np.zeros((n_metrics, 1))], axis=1)  # (M, total + 1)
-    ragged = bool((n_prompts != max_prompts).any())
-
-    seeds = rng.integers(0, n_seeds, size=(n_bootstrap, n_seeds))
-    stats = np.empty((n_bootstrap, n_metrics))
-    step = max(1, _CHUNK // (n_seeds * max_prompts))
-    for start in range(0, n_bootstrap, step):
-        chosen = seeds[start:start + step]  # (c, S) which seed fills each slot
-        size = n_prompts[chosen][..., None]  # (c, S, 1)
-        local = (rng.random((*chosen.shape, max_prompts)) * size).astype(np.int64)  # (c, S, P) prompts drawn
-        index = offsets[chosen][..., None] + local
-        if ragged:
-            index = np.where(np.arange(max_prompts) < size, index, total)
-        seed_means = np.take(table, index, axis=1).sum(axis=-1) / size[..., 0]  # (M, c, S)
-        stats[start:start + step] = seed_means.mean(axis=-1).T
-    alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(stats, [alpha, 1 - alpha], axis=0)
-    if squeeze:
-        return point[0], lo[0], hi[0]
-    return point, lo, hi
 
 
 # --------------------------------------------------------------------------- reading evaluate outputs
@@ -113,6 +62,8 @@ class Group:
     arm: str
     metrics: tuple[str, ...]
     seeds: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # seed -> (prompt ids, (P, M))
+    policy_stage: str | None = None  # the stage that trained the policy, and on how many examples (learning curves)
+    train_examples: int | None = None
 
 
 def per_prompt(rows: list[dict], gold: bool, where: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +112,7 @@ def load_groups(inputs: dict[str, ArtifactRef]) -> dict[tuple[str, str], Group]:
         if seed in group.seeds:
             raise DataError(f"report: task {task!r}, arm {arm!r}, seed {seed} appears twice (input {name!r})")
         group.seeds[seed] = per_prompt(rows, gold, folder / "samples.jsonl")
+        group.policy_stage, group.train_examples = info.get("policy_stage"), info.get("train_examples")
     return groups
 
 
@@ -170,10 +122,6 @@ def arm_key(arm: str) -> tuple[int, str]:
 
 def task_key(task: str) -> int:
     return next((i for i, family in enumerate(TASK_FAMILIES) if task.startswith(family)), len(TASK_FAMILIES))
-
-
-def group_rng(bootstrap_seed: int, *labels: str) -> np.random.Generator:
-    return np.random.default_rng([bootstrap_seed, zlib.crc32("/".join(labels).encode())])
 
 
 def metric_key(*parts: str) -> str:
@@ -351,9 +299,11 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     cfg: ReportConfig = spec.config()
     out_dir = Path(out_dir)
     if not inputs:
-        raise DataError("report: no evaluate outputs to report on")
-    groups = load_groups(inputs)
-    first_seen = list(dict.fromkeys(task for task, _ in groups))
+        raise DataError("report: no evaluate or gap outputs to report on")
+    gap_inputs = {name: Path(ref.path) for name, ref in inputs.items() if is_gap_output(ref.path)}
+    groups = load_groups({name: ref for name, ref in inputs.items() if name not in gap_inputs})
+    gap = load_gap(gap_inputs)
+    first_seen = list(dict.fromkeys([*(task for task, _ in groups), *gap.info]))
     tasks = sorted(first_seen, key=task_key)  # stable: first-seen order within a family
     arms = sorted({arm for _, arm in groups}, key=arm_key)
     ordered = [groups[(t, a)] for t in tasks for a in arms if (t, a) in groups]
@@ -367,8 +317,40 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             continue
         pairs += paired(g, base, cfg)
 
+    def arm_effect(task: str, a: str, b: str) -> dict | None:
+        """The paired gold-reward difference a − b on ``task``, or None when the run lacks either arm."""
+        ga, gb = groups.get((task, a)), groups.get((task, b))
+        if ga is None or gb is None or "gold_reward_mean" not in ga.metrics or "gold_reward_mean" not in gb.metrics:
+            return None
+        found = next((p for p in pairs if p["task"] == task and p["arm"] == a and p["baseline"] == b
+                      and p["metric"] == "gold_reward_mean"), None)
+        found = found or next((p for p in paired(ga, gb, cfg) if p["metric"] == "gold_reward_mean"), None)
+        return None if found is None else {"mean": found["diff"], "lo": found["lo"], "hi": found["hi"]}
+
+    vrows, vdiffs, brows = verifier_rows(gap, cfg), verifier_diffs(gap, cfg), bon_rows(gap, cfg)
+    summary = gap_summary(gap, vdiffs, brows, lambda task: arm_effect(task, "online_dpo_sft", cfg.baseline))
+    families = {}
+    for task in tasks:
+        if task_key(task) < len(TASK_FAMILIES):
+            families.setdefault(TASK_FAMILIES[task_key(task)], task)
+    hypotheses = hypothesis_rows(families, arm_effect, vdiffs, cfg.equivalence_margin)
+    arm_points = [{"task": r["task"], "stage": g.policy_stage, "train_examples": g.train_examples,
+                   "gold": r["metrics"]["gold_reward_mean"]}
+                  for g, r in zip(ordered, rows) if g.train_examples and "gold_reward_mean" in r["metrics"]
+                  and g.policy_stage not in (None, "sft")]
+
+    files = list(FILES)
     write_markdown(out_dir / "report.md", rows, pairs, cfg)
     write_csvs(out_dir, rows, pairs)
+    write_plots(out_dir, rows, tasks, arms)
+    write_hypotheses(out_dir, hypotheses, cfg)
+    files += ["hypotheses.md", "hypotheses.csv"]
+    if gap.info:
+        write_gap_markdown(out_dir / "gap_summary.md", summary, vrows, vdiffs, brows, cfg)
+        files += ["gap_summary.md", *write_gap_plots(out_dir, summary, vrows, brows, arm_points)]
+    with open(out_dir / "report.md", "a") as fh:
+        fh.write("\nSee also: " + ", ".join(f"[{f}]({f})" for f in files if f.endswith(".md") and f != "report.md")
+                 + ".\n")
     write_json(out_dir / "report.json", {
         "confidence": cfg.confidence,
         "n_bootstrap": cfg.n_bootstrap,
@@ -378,8 +360,13 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         "arms": arms,
         "rows": rows,
         "paired": pairs,
+        "gap_summary": summary,
+        "verifiers": vrows,
+        "verifier_diffs": vdiffs,
+        "best_of_n": brows,
+        "learning_curve_points": arm_points,
+        "hypotheses": hypotheses,
     })
-    write_plots(out_dir, rows, tasks, arms)
 
     metrics: dict[str, float] = {}
     for r in rows:
@@ -390,10 +377,20 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         metrics[metric_key(p["task"], p["arm"], name)] = p["diff"]
         metrics[metric_key(p["task"], p["arm"], name + "_lo")] = p["lo"]
         metrics[metric_key(p["task"], p["arm"], name + "_hi")] = p["hi"]
+    for r in summary:
+        for key in ("loglik_global_minus_implicit", "loglik_global_minus_local"):
+            if key in r:
+                for part in ("mean", "lo", "hi"):
+                    metrics[metric_key("gap", r["task"], key + ("" if part == "mean" else f"_{part}"))] = r[key][part]
+    for h in hypotheses:
+        metrics[metric_key("hypotheses", h["id"], "effect")] = h["mean"]
+        metrics[metric_key("hypotheses", h["id"], "supported")] = float(h["verdict"] == "supported")
     metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
     wins = sum(p["excludes_zero"] and p["diff"] > 0 for p in pairs if p["metric"] == "gold_reward_mean")
     losses = sum(p["excludes_zero"] and p["diff"] < 0 for p in pairs if p["metric"] == "gold_reward_mean")
     n_pairs = sum(p["metric"] == "gold_reward_mean" for p in pairs)
     tracker.progress(f"{len(rows)} rows ({len(tasks)} tasks × {len(arms)} arms); against {cfg.baseline}: "
                      f"{wins} better, {losses} worse, {n_pairs - wins - losses} unresolved of {n_pairs}")
-    return StageResult(metrics=metrics, files=list(FILES))
+    for h in hypotheses:
+        tracker.progress(f"{h['id']}: {h['effect']} = {h['mean']:.3f} [{h['lo']:.3f}, {h['hi']:.3f}] → {h['verdict']}")
+    return StageResult(metrics=metrics, files=files)

@@ -414,7 +414,7 @@ def test_cli_help_mentions_every_command(in_root, capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("list", "show", "run", "stage", "ui"):
+    for command in ("list", "show", "run", "stage", "report", "ui"):
         assert command in out
 
 
@@ -424,3 +424,67 @@ def test_a_missing_local_data_file_fails_before_anything_runs(monkeypatch, tmp_p
         load_study(PIPELINES, "hh-rlhf-smoke", ["tasks.hh-rlhf.source=data/nope.jsonl"])
     assert "\n" not in str(info.value)
     load_study(PIPELINES, "hh-rlhf-smoke", ["tasks.hh-rlhf.source=Anthropic/hh-rlhf"])  # a hub name is not checked
+
+
+# --------------------------------------------------------------------------- inputs named by settings (issue 4)
+
+
+def test_online_dpo_verifier_must_be_a_verifier_entry():
+    err = config_error(PIPELINES, "h1", ["arms.online_dpo_data.set={start: sft, verifier: prepare_data}"])
+    assert "'online_dpo_data'" in str(err) and "verifier" in str(err) and "reward_model" in str(err)
+
+
+def test_online_dpo_verifier_must_be_in_the_pipeline():
+    err = config_error(PIPELINES, "h2", ["online_dpo.verifier=local_rm"])
+    assert "needs 'local_rm'" in str(err)
+
+
+def test_data_must_name_a_data_stage():
+    err = config_error(PIPELINES, "h4", ["arms.offline_dpo_narrow.set={data: sft}"])
+    assert "'offline_dpo_narrow'" in str(err) and "prepare_data, narrow_data" in str(err)
+
+
+def test_reward_model_start_must_be_an_sft_entry():
+    err = config_error(PIPELINES, "scale", ["arms.reward_model_small.set={start: reward_model}"])
+    assert "'reward_model_small'" in str(err) and "must be one of: sft" in str(err)
+
+
+def test_gap_policies_must_be_policies():
+    err = config_error(PIPELINES, "h5", ["gap.policies=[reward_model]"])
+    assert "policy.reward_model" in str(err)
+
+
+def test_a_pipeline_set_that_breaks_the_stage_graph_is_caught_when_the_file_loads(tmp_path):
+    path = write_study(tmp_path, lambda r: r["pipelines"]["scale"]["set"].__setitem__("gap.verifiers", ["nowhere"]))
+    with pytest.raises(ConfigError) as info:
+        load_study_file(path)
+    assert "pipelines.scale.stages" in str(info.value) and "'nowhere'" in str(info.value)
+
+
+def test_inputs_follow_the_settings():
+    from roads.plan import stage_inputs
+
+    study = load_study(PIPELINES, "hypotheses")
+    narrow = stage_inputs("online_dpo", study.params("online_dpo_narrow"))
+    assert narrow == {"data": "narrow_data", "reference": "sft", "start": "sft", "verifier": "reward_model_narrow"}
+    assert stage_inputs("online_dpo", study.params("online_dpo_data"))["verifier"] == "offline_dpo"
+    assert "verifier" not in stage_inputs("online_dpo", study.params("online_dpo_gold"))
+    gap = stage_inputs("gap", study.params("gap"))
+    assert gap["verifier.local_rm"] == "local_rm" and gap["policy.offline_dpo"] == "offline_dpo"
+    scale = load_study(PIPELINES, "scale")
+    assert stage_inputs("reward_model", scale.params("reward_model_base"))["sft"] == "sft_base"
+
+
+def test_online_dpo_still_inherits_dpo_settings_but_not_its_own_fields():
+    study = load_study(PIPELINES, "hypotheses", ["offline_dpo.beta=0.3"])
+    assert study.params("online_dpo_aug3")["beta"] == 0.3
+    assert study.params("online_dpo_aug3")["prompt_multiplier"] == 3
+    assert study.params("online_dpo_sft")["verifier"] == "reward_model"
+
+
+def test_the_report_is_wired_to_every_gap_and_evaluate_node():
+    study = load_study(PIPELINES, "gap-smoke")
+    nodes = build_plan(study)
+    report = next(n for n in nodes if n.id == "report")
+    expected = {n.id for n in nodes if n.stage in ("gap", "evaluate")}
+    assert set(report.inputs.values()) == expected and any(i.endswith("/gap") for i in expected)

@@ -180,7 +180,7 @@ def test_outputs_tables_and_plots(tmp_path):
                 inputs[f"{task}/seed{seed}/evaluate[{arm}]"] = write_eval(tmp_path, task, arm, seed, gold, ref, 5,
                                                                           kl=0.1 * len(arm), length=len(arm))
     result, out = run_report(tmp_path, inputs, n_bootstrap=200)
-    assert sorted(result.files) == sorted(FILES)
+    assert sorted(result.files) == sorted([*FILES, "hypotheses.md", "hypotheses.csv"])
     for name in FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     for png in ("win_rate_by_arm.png", "gold_vs_kl.png"):
