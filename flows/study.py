@@ -174,7 +174,8 @@ def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str 
     files = {"summary.md": table + "\n", "nodes.md": markdown_table(report, ["node", "cache", "seconds", "error"]) + "\n",
              "budget.md": markdown_table(spent, list(BUDGET_COLUMNS)) + "\n"}
     tracker.finish("FAILED" if failed else "FINISHED", rows, files, budget_rows=spent,
-                   report_folder=outcome["report"], report_files=results.get("report", {}).get("files", []))
+                   report_folder=outcome["report"], report_files=results.get("report", {}).get("files", []),
+                   report_metrics=results.get("report", {}).get("metrics"))
     if failed:
         first = next(iter(failed.items()))
         raise StudyFailed(f"{len(failed)} of {len(nodes)} stages failed; first: {first[0]}: {first[1]}", outcome)

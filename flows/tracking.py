@@ -91,7 +91,9 @@ class StudyTracker:
         logged = set(self.client.get_run(run_id).data.metrics)  # per-step history written by the task itself
         metrics = [Metric(k, float(v), now, 0) for k, v in result["metrics"].items() if k not in logged]
         metrics.append(Metric(f"{node.stage}/wall_seconds", float(result.get("wall_seconds", 0.0)), now, 0))
-        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000], synchronous=True)
         self.client.log_dict(run_id, node.spec.model_dump(), "config.json")
         folder = Path(result["artifact"]["path"])
         for name in result.get("files", []):
@@ -105,10 +107,12 @@ class StudyTracker:
         self.client.set_terminated(run_id, "FAILED")
 
     def finish(self, status: str, summary_rows: list[dict], files: dict[str, str], budget_rows: list[dict] = (),
-               report_folder: str | None = None, report_files: list[str] = ()) -> None:
-        """The parent run's summary metrics, budget per arm, text files and the report's files; then its status."""
+               report_folder: str | None = None, report_files: list[str] = (),
+               report_metrics: dict[str, float] | None = None) -> None:
+        """The parent run's summary metrics, budget per arm, the report's metrics (study table, gap summary,
+        hypotheses) and files, text files; then its status."""
         now = int(time.time() * 1000)
-        metrics = []
+        metrics = [Metric(k, float(v), now, 0) for k, v in (report_metrics or {}).items()]
         for row in summary_rows:
             for key in ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean"):
                 if row.get(key) is not None:
@@ -119,8 +123,8 @@ class StudyTracker:
         for name in report_files:
             if report_folder and (Path(report_folder) / name).is_file():
                 self.client.log_artifact(self.parent_id, str(Path(report_folder) / name), "report")
-        if metrics:
-            self.client.log_batch(self.parent_id, metrics=metrics, synchronous=True)
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.parent_id, metrics=metrics[start:start + 1000], synchronous=True)
         for name, text in files.items():
             self.client.log_text(self.parent_id, text, name)
         self.client.set_terminated(self.parent_id, status)

@@ -178,3 +178,44 @@ def test_every_arm_of_the_study_smoke_pipeline_runs_and_reports(home):
     parent_files = {f.path for f in client.list_artifacts(outcome["parent_run_id"], "report")}
     assert {"report/report.md", "report/win_rate_by_arm.png", "report/gold_vs_kl.png"} <= parent_files
     assert "budget/gap/online_rl/tokens_generated" in client.get_run(outcome["parent_run_id"]).data.metrics
+
+
+def test_gap_smoke_measures_the_gap_and_tables_the_hypotheses(home, capsys):
+    """Issue 4 end to end: local_rm, narrow_data, the hypothesis arms, a learning-curve and a scale arm, the gap
+    stage, and the report's gap summary and hypotheses table — in the report folder, in MLflow, and via the CLI."""
+    from flows.cli import main
+
+    assert main(["report", "gap-smoke", "--hypotheses", "--out", str(home / "exported")]) == 0
+    out = capsys.readouterr().out
+    assert "| H1 |" in out and "| H5 |" in out and "| H6-short |" in out and "| H4 |" in out
+    assert "| H6-hidden |" not in out  # the pipeline has no hidden-family task: that row is not measurable
+    exported = home / "exported"
+    for name in ("hypotheses.md", "hypotheses.csv", "gap_summary.md", "best_of_n.png", "gap_vs_online.png",
+                 "learning_curves.png", "scale.png", "report.json"):
+        assert (exported / name).is_file(), name
+    doc = json.loads((exported / "report.json").read_text())
+    kinds = {(r["task"], r["verifier"]): r["kind"] for r in doc["verifiers"]}
+    assert kinds[("gap", "reward_model")] == "global" and kinds[("gap", "local_rm")] == "local"
+    assert kinds[("gap", "offline_dpo")] == "implicit"
+    train = {(r["task"], r["verifier"]): r["train_examples"] for r in doc["verifiers"]}
+    assert train[("gap", "reward_model_1_2")] * 2 == train[("gap", "reward_model")] == 32
+    summary = {r["task"]: r for r in doc["gap_summary"]}
+    assert {"gap", "short"} == set(summary)
+    for row in summary.values():
+        assert {"loglik_global_minus_implicit", "online_minus_offline", "bon_gold"} <= set(row)
+    for row in doc["best_of_n"]:
+        assert row["ns"] == [1, 2, 4, 8]
+        if row["verifier"] == "gold":  # the upper bound never decreases with N
+            means = [c["mean"] for c in row["curve"]]
+            assert all(b >= a - 1e-9 for a, b in zip(means, means[1:]))
+    verdicts = {h["id"]: h["verdict"] for h in doc["hypotheses"]}
+    assert set(verdicts.values()) <= {"supported", "refuted", "inconclusive"}
+    # a rerun is all hits, and the parent run carries the tables
+    outcome = run_study("gap-smoke")
+    assert set(cache_states(outcome).values()) == {"hit"}
+    client = MlflowClient()
+    parent = outcome["parent_run_id"]
+    files = {f.path for f in client.list_artifacts(parent, "report")}
+    assert {"report/hypotheses.md", "report/gap_summary.md", "report/best_of_n.png"} <= files
+    metrics = client.get_run(parent).data.metrics
+    assert "report/hypotheses/H5/effect" in metrics and "report/gap/gap/loglik_global_minus_implicit" in metrics

@@ -248,3 +248,86 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path):
     b = write_eval(tmp_path / "b", "gap", "sft", 0)
     with pytest.raises(DataError, match="seed 0 appears twice"):
         run(spec(), {"a": a, "b": b}, tmp_path)
+
+
+# --------------------------------------------------------------------------- the gap section and the hypotheses
+
+
+def write_gap(root: Path, task: str, seed: int, verifiers: dict[str, tuple[str, float, float]],
+              curves: dict[tuple[str, str], list[float]], ns=(1, 2, 4), n_pairs: int = 6, n_prompts: int = 3,
+              train: dict | None = None) -> ArtifactRef:
+    """A fake gap folder. ``verifiers``: entry -> (kind, per-pair correct, per-pair loglik), constant over pairs;
+    ``curves``: (policy, verifier) -> best-of-N values, the same for every prompt."""
+    folder = root / f"gap-{task}-{seed}"
+    folder.mkdir(parents=True)
+    train = train or {}
+    info = {"task": task, "seed": seed, "ns": list(ns), "n_prompts": n_prompts,
+            "verifiers": {v: {"kind": k, "parameters": 1000, "train_examples": train.get(v, 100), "val_accuracy": c,
+                              "val_loglik": ll, "val_margin": 0.0} for v, (k, c, ll) in verifiers.items()},
+            "policies": {p: {"parameters": 1000, "train_examples": 50} for p, _ in curves}}
+    (folder / "gap.json").write_text(json.dumps(info))
+    (folder / "verifier_pairs.jsonl").write_text("".join(
+        json.dumps({"verifier": v, "pair_index": i, "margin": 0.0, "correct": c, "loglik": ll}) + "\n"
+        for v, (_, c, ll) in verifiers.items() for i in range(n_pairs)))
+    (folder / "best_of_n.jsonl").write_text("".join(
+        json.dumps({"policy": p, "verifier": v, "prompt_index": i, "values": values}) + "\n"
+        for (p, v), values in curves.items() for i in range(n_prompts)))
+    return ArtifactRef(path=str(folder), digest=folder.name)
+
+
+VERIFIERS = {"reward_model": ("global", 1.0, -0.5), "local_rm": ("local", 0.5, -0.9), "offline_dpo": ("implicit", 0.75, -0.7)}
+CURVES = {("sft", "gold"): [0.5, 0.7, 0.9], ("sft", "reward_model"): [0.5, 0.6, 0.7],
+          ("sft", "local_rm"): [0.5, 0.5, 0.5], ("sft", "offline_dpo"): [0.5, 0.55, 0.6]}
+
+
+def test_gap_summary_and_hypotheses_on_known_inputs(tmp_path):
+    inputs = {}
+    for seed in (0, 1):
+        inputs[f"gap/seed{seed}/gap"] = write_gap(tmp_path, "gap", seed, VERIFIERS, CURVES)
+        ones = np.ones((4, 2))
+        inputs[f"e-sft-{seed}"] = write_eval(tmp_path, "gap", "sft", seed, 0.5 * ones, 0.5 * ones)
+        inputs[f"e-off-{seed}"] = write_eval(tmp_path, "gap", "offline_dpo", seed, 0.5 * ones, 0.5 * ones)
+        inputs[f"e-on-{seed}"] = write_eval(tmp_path, "gap", "online_dpo_sft", seed, 0.6 * ones, 0.5 * ones)
+    result, out = run_report(tmp_path, inputs, n_bootstrap=200)
+    assert {"gap_summary.md", "hypotheses.md", "best_of_n.png", "gap_vs_online.png"} <= set(result.files)
+    assert "learning_curves.png" not in result.files and "scale.png" not in result.files  # nothing varies
+    doc = read_json(out / "report.json")
+    (row,) = doc["gap_summary"]
+    assert row["loglik_global_minus_implicit"] == {"mean": 0.2, "lo": 0.2, "hi": 0.2}
+    assert row["loglik_global_minus_local"]["mean"] == pytest.approx(0.4)
+    assert row["online_minus_offline"]["mean"] == pytest.approx(0.1)
+    # headroom = (verifier pick at the largest N − a random sample) / (gold pick − a random sample)
+    assert row["headroom_global"] == pytest.approx(0.5) and row["headroom_local"] == pytest.approx(0.0)
+    assert row["headroom_implicit"] == pytest.approx(0.25)
+    verdicts = {h["id"]: (h["mean"], h["verdict"]) for h in doc["hypotheses"]}
+    assert set(verdicts) == {"H2", "H5", "H5b"}  # only what this run's arms can measure
+    assert verdicts["H2"] == (pytest.approx(0.1), "refuted")  # predicted no difference; the interval excludes 0
+    assert verdicts["H5"] == (pytest.approx(0.2), "supported")
+    assert result.metrics["report/hypotheses/H5/effect"] == pytest.approx(0.2)
+    text = (out / "hypotheses.md").read_text()
+    assert "| H5 |" in text and "**supported**" in text and "| H1 |" not in text
+    assert (out / "best_of_n.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "[gap_summary.md](gap_summary.md)" in (out / "report.md").read_text()
+
+
+def test_learning_curves_and_scale_plots_appear_when_the_run_varies_them(tmp_path):
+    verifiers = {**VERIFIERS, "reward_model_1_2": ("global", 0.75, -0.6)}
+    curves = {**CURVES, ("sft_small", "gold"): [0.6, 0.8, 0.9], ("sft_small", "reward_model"): [0.6, 0.7, 0.8]}
+    inputs = {"g": write_gap(tmp_path, "gap", 0, verifiers, curves, train={"reward_model_1_2": 50})}
+    info = json.loads((Path(inputs["g"].path) / "gap.json").read_text())
+    info["policies"]["sft_small"]["parameters"] = 8000
+    (Path(inputs["g"].path) / "gap.json").write_text(json.dumps(info))
+    result, out = run_report(tmp_path, inputs, n_bootstrap=200)
+    assert {"learning_curves.png", "scale.png"} <= set(result.files)
+    doc = read_json(out / "report.json")
+    assert doc["hypotheses"] and not doc["rows"]  # a report from gap outputs alone
+    (row,) = doc["gap_summary"]
+    assert row["accuracy_global"] == 1.0  # the full-data reward model speaks for its kind, not the 1/2 arm
+
+
+def test_gap_outputs_with_different_n_grids_are_refused(tmp_path):
+    inputs = {"a": write_gap(tmp_path / "a", "gap", 0, VERIFIERS, CURVES),
+              "b": write_gap(tmp_path / "b", "gap", 1, VERIFIERS, {k: v + [1.0] for k, v in CURVES.items()},
+                             ns=(1, 2, 4, 8))}
+    with pytest.raises(DataError, match="different N grids"):
+        run_report(tmp_path, inputs, n_bootstrap=200)
