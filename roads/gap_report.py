@@ -14,6 +14,7 @@ explain.
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +30,7 @@ GAP_FILES = ("gap.json", "verifier_pairs.jsonl", "best_of_n.jsonl")
 KIND_ORDER = ("global", "local", "implicit", "gold")
 KIND_LABEL = {"global": "global RM", "local": "local RM", "implicit": "DPO implicit", "gold": "gold (upper bound)"}
 VERIFIER_DIFFS = (("global", "implicit"), ("global", "local"), ("local", "implicit"))
+FRACTION_SUFFIX = re.compile(r"_1_\d+$")
 
 
 def is_gap_output(folder: str | Path) -> bool:
@@ -242,8 +244,32 @@ def _size(n) -> str:
     return "–" if not n else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
 
 
+def series_name(entry: str) -> str:
+    """The learning curve an entry belongs to: learning-curve arms are named ``<entry>_1_<k>`` (trained on the first
+    1/k of the pairs), so ``reward_model_1_8``, ``reward_model_1_2`` and ``reward_model`` form one curve."""
+    return FRACTION_SUFFIX.sub("", entry)
+
+
+Curves = dict[tuple[str, str], list[tuple[int, dict]]]
+
+
+def learning_curves(vrows: list[dict], arm_points: list[dict]) -> tuple[Curves, Curves]:
+    """(verifier curves, policy curves): (task, series) -> [(training pairs, accuracy or gold reward cell)], for the
+    series with at least two different numbers of pairs."""
+    vcurves: Curves = {}
+    for r in vrows:
+        if r["train_examples"]:
+            vcurves.setdefault((r["task"], series_name(r["verifier"])), []).append((r["train_examples"], r["accuracy"]))
+    pcurves: Curves = {}
+    for r in arm_points:
+        pcurves.setdefault((r["task"], series_name(r["arm"])), []).append((r["train_examples"], r["gold"]))
+    pick = lambda curves: {k: sorted(v, key=lambda e: e[0]) for k, v in curves.items()  # noqa: E731
+                           if len({e[0] for e in v}) > 1}
+    return pick(vcurves), pick(pcurves)
+
+
 def write_gap_markdown(path: Path, summary: list[dict], vrows: list[dict], vdiffs: list[dict], brows: list[dict],
-                       cfg) -> None:
+                       cfg, arm_points: list[dict] = ()) -> None:
     pct = f"{100 * cfg.confidence:g}%"
     lines = [
         "# The generation–verification gap",
@@ -291,6 +317,14 @@ def write_gap_markdown(path: Path, summary: list[dict], vrows: list[dict], vdiff
                              f"({_size(r['verifier_parameters'])}) | "
                              + " | ".join(f"{c['mean']:.3f}" for c in r["curve"]) + " |")
             lines.append("")
+    vcurves, pcurves = learning_curves(vrows, list(arm_points))
+    if vcurves or pcurves:
+        lines += ["## Learning curves (against the number of training pairs)", "",
+                  "| task | curve | measure | training pairs: value [lo, hi] |", "|---|---|---|---|"]
+        for curves, measure in ((vcurves, "held-out accuracy"), (pcurves, "gold reward")):
+            for (task, name), pts in curves.items():
+                lines.append(f"| {task} | {name} | {measure} | "
+                             + "; ".join(f"{n}: {_fmt(c)}" for n, c in pts) + " |")
     path.write_text("\n".join(lines).rstrip() + "\n")
 
 
@@ -383,15 +417,7 @@ def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows
     written.append("gap_vs_online.png")
 
     # learning curves: verifiers (accuracy) and policies (gold reward) against the pairs they were trained on
-    vcurves: dict[tuple[str, str], list[tuple[int, dict]]] = {}
-    for r in vrows:
-        if r["train_examples"]:
-            vcurves.setdefault((r["task"], r["kind"]), []).append((r["train_examples"], r["accuracy"]))
-    pcurves: dict[tuple[str, str], list[tuple[int, dict]]] = {}
-    for r in arm_points:
-        pcurves.setdefault((r["task"], r["stage"]), []).append((r["train_examples"], r["gold"]))
-    vcurves = {k: sorted(v, key=lambda e: e[0]) for k, v in vcurves.items() if len({e[0] for e in v}) > 1}
-    pcurves = {k: sorted(v, key=lambda e: e[0]) for k, v in pcurves.items() if len({e[0] for e in v}) > 1}
+    vcurves, pcurves = learning_curves(vrows, arm_points)
     if vcurves or pcurves:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, curves, ylabel, title in ((axes[0], vcurves, "held-out accuracy", "Verifiers"),

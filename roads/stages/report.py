@@ -334,7 +334,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         if task_key(task) < len(TASK_FAMILIES):
             families.setdefault(TASK_FAMILIES[task_key(task)], task)
     hypotheses = hypothesis_rows(families, arm_effect, vdiffs, cfg.equivalence_margin)
-    arm_points = [{"task": r["task"], "stage": g.policy_stage, "train_examples": g.train_examples,
+    arm_points = [{"task": r["task"], "arm": g.arm, "stage": g.policy_stage, "train_examples": g.train_examples,
                    "gold": r["metrics"]["gold_reward_mean"]}
                   for g, r in zip(ordered, rows) if g.train_examples and "gold_reward_mean" in r["metrics"]
                   and g.policy_stage not in (None, "sft")]
@@ -346,7 +346,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     write_hypotheses(out_dir, hypotheses, cfg)
     files += ["hypotheses.md", "hypotheses.csv"]
     if gap.info:
-        write_gap_markdown(out_dir / "gap_summary.md", summary, vrows, vdiffs, brows, cfg)
+        write_gap_markdown(out_dir / "gap_summary.md", summary, vrows, vdiffs, brows, cfg, arm_points)
         files += ["gap_summary.md", *write_gap_plots(out_dir, summary, vrows, brows, arm_points)]
     with open(out_dir / "report.md", "a") as fh:
         fh.write("\nSee also: " + ", ".join(f"[{f}]({f})" for f in files if f.endswith(".md") and f != "report.md")
