@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from roads.errors import ConfigError
 
-STAGE_NAMES = ("prepare_data", "narrow_data", "sft", "sft_chosen", "reward_model", "local_rm", "offline_dpo",
-               "online_dpo", "online_rl", "gap", "evaluate", "report")
-POLICY_STAGES = ("sft", "sft_chosen", "offline_dpo", "online_dpo", "online_rl")  # what `evaluate` scores
+STAGE_NAMES = ("prepare_data", "narrow_data", "sft", "sft_chosen", "reward_model", "local_rm", "genrm", "offline_dpo",
+               "online_dpo", "online_rl", "q_sft", "ivl", "gap", "evaluate", "report")
+POLICY_STAGES = ("sft", "sft_chosen", "offline_dpo", "online_dpo", "online_rl", "q_sft", "ivl")  # what `evaluate` scores
 DATA_STAGES = ("prepare_data", "narrow_data")  # what a stage's `data` may name
-VERIFIER_STAGES = ("reward_model", "local_rm", "offline_dpo", "online_dpo")  # global, local, DPO implicit reward
+# global, local, generative, DPO implicit reward
+VERIFIER_STAGES = ("reward_model", "local_rm", "genrm", "offline_dpo", "online_dpo")
 BASIC_STAGES = ("prepare_data", "sft", "reward_model", "offline_dpo", "evaluate")
 
 
@@ -140,11 +141,70 @@ class OfflineDpoConfig(TrainConfig):
 
 class SftChosenConfig(TrainConfig):
     """SFT on the chosen responses of the preference pairs, continuing from the SFT policy: the simplest offline
-    likelihood baseline."""
+    likelihood baseline (and, from another SFT entry, the 'fine-tuned directly' control of inverse value learning)."""
 
     epochs: float = 2
     data: str = data_field()
+    start: str = Field("sft", description="the SFT entry it continues from")
 
+
+class QSftConfig(TrainConfig):
+    """Q-SFT (Hong et al.): offline value-based RL by weighted cross-entropy. A behaviour policy π_β (SFT on every
+    response of the pairs, from ``start``), a likelihood model p_θ whose token probabilities are Q-values (trained
+    with the Bellman-target-weighted cross-entropy, a Polyak-averaged target copy), and the extracted policy
+    π ∝ π_β·exp(β·p_θ)."""
+
+    lr: float = 1e-4
+    epochs: float = 2
+    data: str = data_field()
+    start: str = Field("sft", description="the SFT entry that behaviour policy and likelihood model start from")
+    behaviour_epochs: float = Field(1, gt=0, description="SFT epochs of the behaviour policy on every response")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount γ of the Bellman target")
+    beta: float = Field(1.0, gt=0, description="extraction: π ∝ π_β·exp(β·p_θ)")
+    polyak: float = Field(0.05, gt=0, le=1, description="target update θ̄ ← (1−α)θ̄ + αθ, once per step")
+    min_behaviour_prob: float = Field(1e-4, ge=0, lt=1,
+                                      description="next tokens with π_β below this are left out of the max")
+    rest_mass: Literal["dummy", "spread"] = Field("dummy", description="where 1 − w goes: a dummy token, or spread "
+                                                                        "evenly over the other tokens")
+    reward: Literal["preferences", "reward_model"] = Field(
+        "preferences", description="returns: chosen 1 / rejected 0, or σ(reward model score) of each response")
+
+
+class GenRmConfig(TrainConfig):
+    """A generative verifier (Mahan et al.): the LM reads (prompt, response A, response B) and writes a verdict token.
+    ``genrm``: SFT on the labels; ``star_sft`` / ``star_dpo``: rationales sampled by the model, kept (SFT) or paired
+    correct-vs-wrong (DPO) by whether their verdict matches the label. Scored in both orders (antisymmetric)."""
+
+    lr: float = 1e-4
+    epochs: float = 2
+    data: str = data_field()
+    start: str = Field("sft", description="the SFT entry it starts from")
+    method: Literal["genrm", "star_sft", "star_dpo"] = Field("genrm", description="how it is trained")
+    star_iterations: int = Field(1, ge=1, description="STaR rounds of sample → filter → train")
+    star_samples: int = Field(4, ge=1, description="rationales sampled per training pair per round")
+    rationale_tokens: int = Field(16, gt=0, description="longest rationale")
+    votes: int = Field(1, ge=1, description="verdict samples for a majority vote at scoring; 1 = the verdict-token "
+                                            "probabilities")
+    beta: float = Field(1.0, gt=0, description="STaR-DPO β")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of rationales and votes")
+    val_batch_size: int = no_fingerprint(64, "batch size when scoring")
+
+
+class IvlConfig(TrainConfig):
+    """Inverse value learning (Lu et al.): a small value network whose logits are added to a frozen base model's
+    logits (residual connection), trained with next-token cross-entropy plus an L1 penalty on its logits, then added
+    to a *different* base model with the same vocabulary."""
+
+    lr: float = 1e-3
+    epochs: float = 3
+    data: str = data_field()
+    base: str = Field("sft", description="the frozen base (an SFT entry) the value network is trained on")
+    target: str = Field("sft", description="the base (an SFT entry) it is added to at inference: a larger preset or "
+                                          "another seed")
+    value_preset: Literal["tiny", "small", "base"] = Field("tiny", description="size of the value network")
+    train_on: Literal["chosen", "demonstrations"] = Field("chosen", description="the chosen responses of the pairs, "
+                                                                                "or the SFT demonstrations")
+    l1: float = Field(1.0, ge=0, description="coefficient of mean_t ‖g(x<t)‖₁/|V|")
 
 class OnlineDpoConfig(OfflineDpoConfig):
     """The paper's online DPO. DPO settings (β, lr, epochs, batch size, loss) not set here are taken from
@@ -219,10 +279,13 @@ class Defaults(Strict):
     sft: SftConfig = SftConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     local_rm: LocalRmConfig = LocalRmConfig()
+    genrm: GenRmConfig = GenRmConfig()
     offline_dpo: OfflineDpoConfig = OfflineDpoConfig()
     sft_chosen: SftChosenConfig = SftChosenConfig()
     online_dpo: OnlineDpoConfig = OnlineDpoConfig()
     online_rl: OnlineRlConfig = OnlineRlConfig()
+    q_sft: QSftConfig = QSftConfig()
+    ivl: IvlConfig = IvlConfig()
     gap: GapConfig = GapConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
@@ -258,9 +321,12 @@ STAGE_CONFIGS: dict[str, type[Strict]] = {
     "sft_chosen": SftChosenConfig,
     "reward_model": RewardModelConfig,
     "local_rm": LocalRmConfig,
+    "genrm": GenRmConfig,
     "offline_dpo": OfflineDpoConfig,
     "online_dpo": OnlineDpoConfig,
     "online_rl": OnlineRlConfig,
+    "q_sft": QSftConfig,
+    "ivl": IvlConfig,
     "gap": GapConfig,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,

@@ -4,6 +4,7 @@ config (no download), or a pretrained causal LM and tokenizer by local path or h
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable
 
 import torch
@@ -89,6 +90,15 @@ def load_pretrained(name_or_path: str):
 
 
 def load_policy(path: str | Path):
+    """A policy and its tokenizer: a saved causal LM, or a composed policy (``policy.json``, see :class:`ComposedLM`)."""
+    spec = Path(path) / POLICY_FILE
+    if spec.is_file():
+        import json
+
+        parts = json.loads(spec.read_text())["parts"]
+        loaded = [load_policy(Path(path) / part["path"]) for part in parts]
+        model = ComposedLM([m for m, _ in loaded], [p["transform"] for p in parts], [p["weight"] for p in parts])
+        return model, loaded[0][1]
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path))
     return model, tokenizer
@@ -113,3 +123,53 @@ def load_reward_model(path: str | Path):
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- composed policies
+POLICY_FILE = "policy.json"
+TRANSFORMS = ("logits", "log_softmax", "softmax")
+
+
+class ComposedLM(torch.nn.Module):
+    """A policy whose next-token logits are a weighted sum of transformed logits of causal LMs that share a vocabulary:
+    ``logits = Σ_i w_i · T_i(f_i(x))`` with T ∈ {logits, log_softmax, softmax}. Q-SFT's extraction is
+    log π_behaviour + β·p_likelihood; inverse value learning's is base logits + value logits. It samples, scores and
+    evaluates like any causal LM here: the key-value cache is a tuple with one cache per part."""
+
+    def __init__(self, models: list[torch.nn.Module], transforms: list[str], weights: list[float]):
+        super().__init__()
+        if not models or not len(models) == len(transforms) == len(weights):
+            raise RoadsError("a composed policy needs one transform and one weight per model")
+        for t in transforms:
+            if t not in TRANSFORMS:
+                raise RoadsError(f"unknown logit transform {t!r}; choose one of {', '.join(TRANSFORMS)}")
+        self.parts = torch.nn.ModuleList(models)
+        self.transforms, self.weights = list(transforms), [float(w) for w in weights]
+        self.config = models[0].config
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                **kwargs):
+        pasts = past_key_values if past_key_values is not None else (None,) * len(self.parts)
+        total, caches = None, []
+        for model, transform, weight, past in zip(self.parts, self.transforms, self.weights, pasts):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past, use_cache=use_cache)
+            logits = out.logits.float()
+            if transform == "log_softmax":
+                logits = torch.log_softmax(logits, dim=-1)
+            elif transform == "softmax":
+                logits = torch.softmax(logits, dim=-1)
+            total = weight * logits if total is None else total + weight * logits
+            caches.append(out.past_key_values if use_cache else None)
+        return SimpleNamespace(logits=total, past_key_values=tuple(caches) if use_cache else None)
+
+
+def write_composed(out_dir: str | Path, parts: list[dict]) -> None:
+    """``policy.json`` of a composed policy: parts = [{"path": subfolder, "transform": …, "weight": …}, …]; the
+    subfolders live inside ``out_dir`` so the policy's digest covers every weight it uses."""
+    import json
+
+    for part in parts:
+        if part["transform"] not in TRANSFORMS:
+            raise RoadsError(f"unknown logit transform {part['transform']!r}")
+    (Path(out_dir) / POLICY_FILE).write_text(json.dumps({"parts": parts}, indent=1))

@@ -19,6 +19,9 @@ DEPENDS: dict[str, dict[str, str]] = {
     "sft_chosen": {"data": "prepare_data", "sft": "sft"},
     "reward_model": {"data": "prepare_data", "sft": "sft"},
     "local_rm": {"data": "prepare_data", "sft": "sft"},
+    "genrm": {"data": "prepare_data", "sft": "sft"},
+    "q_sft": {"data": "prepare_data", "sft": "sft"},  # + "verifier" when its returns come from a reward model
+    "ivl": {"data": "prepare_data", "base": "sft", "target": "sft"},
     "offline_dpo": {"data": "prepare_data", "sft": "sft"},
     "online_dpo": {"data": "prepare_data", "reference": "sft", "start": "sft"},  # + "verifier" unless gold
     "online_rl": {"data": "prepare_data", "reference": "sft"},  # + "verifier" unless gold
@@ -27,7 +30,7 @@ DEPENDS: dict[str, dict[str, str]] = {
 }
 # what kind of entry an input must name (checked when a pipeline is loaded)
 INPUT_KINDS = {"data": DATA_STAGES, "start": POLICY_STAGES, "sft": ("sft",), "verifier": VERIFIER_STAGES,
-               "policy": POLICY_STAGES}
+               "policy": POLICY_STAGES, "base": ("sft",), "target": ("sft",)}
 
 
 def stage_inputs(stage: str, params: dict[str, Any]) -> dict[str, str]:
@@ -35,8 +38,12 @@ def stage_inputs(stage: str, params: dict[str, Any]) -> dict[str, str]:
     inputs = dict(DEPENDS[stage])
     if "data" in params:
         inputs["data"] = params["data"]
-    if stage in ("reward_model", "local_rm"):
+    if stage in ("reward_model", "local_rm", "genrm", "sft_chosen", "q_sft"):
         inputs["sft"] = params["start"]
+    if stage == "ivl":
+        inputs["base"], inputs["target"] = params["base"], params["target"]
+    if stage == "q_sft" and params["reward"] == "reward_model":
+        inputs["verifier"] = "reward_model"
     if stage == "online_dpo":
         inputs["start"] = params["start"]
     if stage in ("online_dpo", "online_rl") and params["verifier"] != "gold":
