@@ -29,8 +29,9 @@ DEPENDS: dict[str, dict[str, str]] = {
     "evaluate": {"data": "prepare_data", "reference": "sft"},  # + "policy": the arm scored
 }
 # what kind of entry an input must name (checked when a pipeline is loaded)
-INPUT_KINDS = {"data": DATA_STAGES, "start": POLICY_STAGES, "sft": ("sft",), "verifier": VERIFIER_STAGES,
-               "policy": POLICY_STAGES, "base": ("sft",), "target": ("sft",)}
+COMPOSED_STAGES = ("q_sft", "ivl")  # policies made of several models: evaluated and sampled, not trained further
+INPUT_KINDS = {"data": DATA_STAGES, "start": tuple(s for s in POLICY_STAGES if s not in COMPOSED_STAGES),
+               "sft": ("sft",), "verifier": VERIFIER_STAGES, "policy": POLICY_STAGES, "base": ("sft",), "target": ("sft",)}
 
 
 def stage_inputs(stage: str, params: dict[str, Any]) -> dict[str, str]:

@@ -1,12 +1,20 @@
 """Verifiers: anything that scores a (prompt, completion) pair, loaded from a stage output by its ``verifier.json``.
 
-Three learnt kinds, all fitted to the same preference pairs (the paper's H5 comparison):
+Four learnt kinds, all fitted to the same preference pairs (the paper's H5 comparison):
 
 ``global``    the reward model r(x, y): the SFT model with a scalar head, Bradley–Terry loss (stage ``reward_model``).
 ``local``     β·Σ_t log π(y_t | x, y<t) of a language model trained with the Bradley–Terry loss on exactly that
               quantity (stage ``local_rm``): a reward the generator's own token probabilities must carry.
 ``implicit``  the DPO implicit reward β·(log π_DPO(y|x) − log π_ref(y|x)) (stages ``offline_dpo``, ``online_dpo``),
               with the SFT model as π_ref.
+
+``generative`` the language model as a judge (stage ``genrm``): it reads (prompt, response A, response B) and writes the
+              verdict "A" or "B". Its native score is pairwise, ``compare(prompts, a, b)`` = the log-odds that a ≻ b
+              (exactly antisymmetric, see :func:`roads.stages.genrm.compare`). Its pointwise ``score(prompts,
+              completions)`` is the log-odds of each completion against a per-prompt *reference*: the first completion
+              given for that prompt in the same call (which therefore scores 0) — the GenRM paper's reward relative to
+              a reference response, r(x, y) = log p(y ≻ y_ref | x)/p(y_ref ≻ y | x). Scores are comparable only within
+              one call and one prompt (ranking the samples of a prompt, as best-of-N and online DPO do).
 
 and ``gold``, the task's true reward (synthetic tasks only). Completions are scored as the trainers saw them: the
 global reward model reads prompt + completion + EOS (TRL's RewardTrainer); log-probabilities are summed over the
@@ -25,7 +33,7 @@ from roads.artifacts import read_json
 from roads.errors import RoadsError
 from roads.generation import encode, reward_scores, sequence_logps
 
-KINDS = ("global", "local", "implicit", "gold")
+KINDS = ("global", "local", "implicit", "generative", "gold")
 VERIFIER_FILE = "verifier.json"
 
 
@@ -47,6 +55,8 @@ class Verifier:
     score: Callable[[list[str], list[str]], torch.Tensor]  # (prompts, completions) -> (N,) scores
     parameters: int = 0
     train_examples: Optional[int] = None
+    # (prompts, a, b) -> (N,) log-odds that a ≻ b, for verifiers that judge pairs (kind ``generative``); else None
+    compare: Optional[Callable[[list[str], list[str], list[str]], torch.Tensor]] = None
 
 
 def trained_examples(folder: str | Path) -> Optional[int]:
@@ -57,13 +67,14 @@ def trained_examples(folder: str | Path) -> Optional[int]:
 
 def load_verifier(name: str, folder: str | Path, reference: str | Path | None = None,
                   batch_size: int = 64) -> Verifier:
-    """The verifier saved at ``folder``. An ``implicit`` verifier needs the ``reference`` policy's folder."""
+    """The verifier saved at ``folder``. An ``implicit`` verifier needs the ``reference`` policy's folder; a
+    ``generative`` one also has ``compare``."""
     from roads.models import count_parameters, load_policy, load_reward_model
 
     file = Path(folder) / VERIFIER_FILE
     if not file.is_file():
-        raise RoadsError(f"{name}: {folder} holds no {VERIFIER_FILE}; a verifier is a reward_model, local_rm or DPO "
-                         "policy output")
+        raise RoadsError(f"{name}: {folder} holds no {VERIFIER_FILE}; a verifier is a reward_model, local_rm, genrm or "
+                         "DPO policy output")
     info = read_json(file)
     kind, beta = info["kind"], float(info.get("beta", 1.0))
     examples = trained_examples(folder)
@@ -86,8 +97,25 @@ def load_verifier(name: str, folder: str | Path, reference: str | Path | None = 
         def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
             return beta * (summed_logps(model, tokenizer, prompts, completions, batch_size)
                            - summed_logps(ref_model, tokenizer, prompts, completions, batch_size))
+    elif kind == "generative":
+        from roads.stages.genrm import compare as judge
+
+        model, tokenizer = load_policy(folder)
+        options = dict(rationale=bool(info.get("rationale", False)), votes=int(info.get("votes", 1)),
+                       rationale_tokens=int(info.get("rationale_tokens", 16)),
+                       temperature=float(info.get("temperature", 1.0)), batch_size=batch_size)
+
+        def compare(prompts: list[str], a: list[str], b: list[str]) -> torch.Tensor:
+            return judge(model, tokenizer, prompts, a, b, **options)
+
+        def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
+            reference: dict[str, str] = {}  # prompt -> its first completion in this call
+            return compare(prompts, completions, [reference.setdefault(p, c) for p, c in zip(prompts, completions,
+                                                                                            strict=True)])
+
+        return Verifier(name, kind, score, count_parameters(model), examples, compare)
     else:
-        raise RoadsError(f"{file}: unknown verifier kind {kind!r}; expected one of {', '.join(KINDS[:3])}")
+        raise RoadsError(f"{file}: unknown verifier kind {kind!r}; expected one of {', '.join(KINDS[:4])}")
     return Verifier(name, kind, score, count_parameters(model), examples)
 
 

@@ -132,10 +132,16 @@ def _verifiers(inputs: dict[str, ArtifactRef], cfg: GapConfig) -> Iterator[tuple
 
 
 def validate(verifier: Verifier, val: list[dict]) -> tuple[dict[str, float], list[dict]]:
-    """Preference metrics of a verifier on held-out pairs, and one row per pair."""
+    """Preference metrics of a verifier on held-out pairs, and one row per pair. The margin is the verifier's pairwise
+    ``compare(x, y+, y−)`` where it has one (a generative verifier), else s(x, y+) − s(x, y−)."""
     prompts = [r["prompt"] for r in val]
-    chosen = verifier.score(prompts, [r["chosen"] for r in val]).to(torch.float64).cpu()
-    rejected = verifier.score(prompts, [r["rejected"] for r in val]).to(torch.float64).cpu()
+    if verifier.compare is not None:
+        margin = verifier.compare(prompts, [r["chosen"] for r in val], [r["rejected"] for r in val])
+        chosen = margin.to(torch.float64).cpu()
+        rejected = torch.zeros_like(chosen)
+    else:
+        chosen = verifier.score(prompts, [r["chosen"] for r in val]).to(torch.float64).cpu()
+        rejected = verifier.score(prompts, [r["rejected"] for r in val]).to(torch.float64).cpu()
     margin = chosen - rejected
     loglik = torch.nn.functional.logsigmoid(margin)
     rows = [{"verifier": verifier.name, "pair_index": i, "margin": round(float(d), 6),

@@ -219,3 +219,21 @@ def test_gap_smoke_measures_the_gap_and_tables_the_hypotheses(home, capsys):
     assert {"report/hypotheses.md", "report/gap_summary.md", "report/best_of_n.png"} <= files
     metrics = client.get_run(parent).data.metrics
     assert "report/hypotheses/H5/effect" in metrics and "report/gap/gap/loglik_global_minus_implicit" in metrics
+
+
+def test_the_other_roads_run_as_arms_and_land_in_the_report(home):
+    """Issue 5 end to end: Q-SFT (both return sources), GenRM as a verifier (gap) and as the online DPO labeller,
+    inverse value learning on its own base and transferred to a bigger one, each an arm of the report."""
+    outcome = run_study("roads-smoke")
+    states = cache_states(outcome)
+    assert "failed" not in states.values()
+    doc = json.loads((Path(outcome["report"]) / "report.json").read_text())
+    rows = {(r["task"], r["arm"]): r for r in doc["rows"]}
+    for arm in ("q_sft", "q_sft_rm", "online_dpo_genrm", "ivl", "ivl_to_small", "sft_small", "sft_chosen_small"):
+        cell = rows[("gap", arm)]["metrics"]["gold_reward_mean"]
+        assert cell["lo"] <= cell["mean"] <= cell["hi"] and rows[("gap", arm)]["seeds"] == [0, 1], arm
+    kinds = {r["verifier"]: r["kind"] for r in doc["verifiers"]}
+    assert kinds["genrm"] == "generative" and kinds["reward_model"] == "global"
+    assert {"q_sft", "ivl_to_small"} <= {r["policy"] for r in doc["best_of_n"]}
+    text = (Path(outcome["report"]) / "report.md").read_text()
+    assert "| q_sft |" in text and "| ivl_to_small |" in text
