@@ -160,7 +160,7 @@ class QSftConfig(TrainConfig):
     start: str = Field("sft", description="the SFT entry that behaviour policy and likelihood model start from")
     behaviour_epochs: float = Field(1, gt=0, description="SFT epochs of the behaviour policy on every response")
     gamma: float = Field(1.0, ge=0, le=1, description="discount γ of the Bellman target")
-    beta: float = Field(1.0, gt=0, description="extraction: π ∝ π_β·exp(β·p_θ)")
+    beta: float = Field(1.0, ge=0, description="extraction: π ∝ π_β·exp(β·p_θ); 0 gives the behaviour policy alone")
     polyak: float = Field(0.05, gt=0, le=1, description="target update θ̄ ← (1−α)θ̄ + αθ, once per step")
     min_behaviour_prob: float = Field(1e-4, ge=0, lt=1,
                                       description="next tokens with π_β below this are left out of the max")

@@ -4,7 +4,7 @@ to the tracker and fails the stage on a NaN or infinite loss, and a weights chec
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
@@ -126,3 +126,65 @@ def final_train_metrics(stage: str, log_history: list[dict]) -> dict[str, float]
             if isinstance(value, (int, float)) and key not in ("epoch", "step"):
                 out[f"{stage}/{key}"] = float(value)
     return out
+
+
+MAX_GRAD_NORM = 1.0
+
+
+def train_loop(stage: str, cfg: TrainConfig, seed: int, model: torch.nn.Module, n: int,
+               step_loss: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]], tracker: Tracker,
+               after_step: Callable[[], None] | None = None,
+               parameters: Iterable[torch.nn.Parameter] | None = None) -> dict[str, float]:
+    """The loop of the stages whose loss TRL does not have (local_rm, q_sft, ivl), top to bottom: ``cfg.epochs``
+    passes over ``n`` examples in batches of ``cfg.batch_size``, shuffled each epoch by a generator seeded with
+    ``seed``; AdamW (no weight decay) at ``cfg.lr`` decaying linearly to 0; gradients clipped at norm 1.
+    ``step_loss(batch indices) -> (loss, extra metrics)``; ``after_step`` runs after each optimiser step (Q-SFT's
+    Polyak update). A non-finite loss or gradient raises TrainingError naming ``<stage>.lr``. Every
+    ``cfg.logging_steps`` steps (and at the last) the window means of the loss and extras are logged as
+    ``<stage>/<name>``. The process's global RNG is left as it was. Returns the last window's means,
+    ``<stage>/train_loss`` (the mean over all steps) and ``<stage>/steps``."""
+    per_epoch = math.ceil(n / cfg.batch_size)
+    total = max(1, math.ceil(cfg.epochs * per_epoch))
+    params = list(parameters if parameters is not None else model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total - s) / total))
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    window: dict[str, list[float]] = {}
+    logged: dict[str, float] = {}
+    step = 0
+    model.train()
+    with torch.random.fork_rng():  # the process's global generator is left as it was
+        torch.manual_seed(seed)  # dropout, if the model has any
+        while step < total:
+            order = torch.randperm(n, generator=generator).tolist()
+            for start in range(0, n, cfg.batch_size):
+                if step == total:
+                    break
+                loss, extra = step_loss(order[start:start + cfg.batch_size])
+                step += 1
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(f"{stage}: loss became {value} at step {step}; lower {stage}.lr or check "
+                                        "the data — nothing was cached")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+                if not math.isfinite(grad_norm):
+                    raise TrainingError(f"{stage}: gradient norm became {grad_norm} at step {step}; lower "
+                                        f"{stage}.lr or check the data — nothing was cached")
+                optimizer.step()
+                schedule.step()
+                if after_step is not None:
+                    after_step()
+                losses.append(value)
+                for key, v in {"loss": value, **extra}.items():
+                    window.setdefault(key, []).append(float(v))
+                if step % cfg.logging_steps == 0 or step == total:
+                    logged = {f"{stage}/{k}": sum(v) / len(v) for k, v in window.items()}
+                    tracker.log_metrics(logged, step=step)
+                    tracker.progress(f"step {step}/{total} " + " ".join(f"{k} {sum(v) / len(v):.4f}"
+                                                                        for k, v in window.items()))
+                    window = {}
+    model.eval()
+    return {**logged, f"{stage}/train_loss": sum(losses) / len(losses), f"{stage}/steps": float(total)}

@@ -19,7 +19,6 @@ with transform ``logits`` and weight 1, and ``trained.json``.
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -27,15 +26,14 @@ import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
 from roads.config import IvlConfig, StageSpec
-from roads.errors import DataError, RoadsError, TrainingError
+from roads.errors import DataError, RoadsError
 from roads.generation import encode
 from roads.models import count_parameters, load_policy, new_causal_lm, write_composed
-from roads.training import NullTracker, Tracker, check_finite, write_trained
+from roads.training import NullTracker, Tracker, check_finite, write_trained, train_loop
 from roads.verifiers import completion_ids
 
 VERSION = 1
 STAGE = "ivl"
-MAX_GRAD_NORM = 1.0
 
 
 def ivl_loss(base_logits: torch.Tensor, value_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -128,57 +126,18 @@ def train_value(cfg: IvlConfig, seed: int, base, value, tokenizer, rows: list[di
     pad_id, device = tokenizer.pad_token_id, next(value.parameters()).device
     base.eval()
     base.requires_grad_(False)
-    n = len(rows)
-    per_epoch = math.ceil(n / cfg.batch_size)
-    total = max(1, math.ceil(cfg.epochs * per_epoch))
-    optimizer = torch.optim.AdamW(value.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total - s) / total))
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    window: dict[str, list[float]] = {"loss": [], "ce": [], "penalty": []}
-    logged: dict[str, float] = {}
-    step = 0
-    value.train()
-    with torch.random.fork_rng():  # the process's global generator is left as it was
-        torch.manual_seed(seed)  # dropout, if the model has any
-        while step < total:
-            order = torch.randperm(n, generator=generator).tolist()
-            for start in range(0, n, cfg.batch_size):
-                if step == total:
-                    break
-                batch = order[start:start + cfg.batch_size]
-                ids, attention, labels, label_mask = batch_tensors(
-                    [prompts[i] for i in batch], [completions[i] for i in batch], pad_id=pad_id,
-                    max_length=cfg.max_length, device=device)
-                with torch.no_grad():
-                    base_logits = base(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-                value_logits = value(input_ids=ids, attention_mask=attention).logits[:, :-1]
-                loss, ce, penalty = ivl_loss(base_logits, value_logits, labels, label_mask, cfg.l1)
-                step += 1
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise TrainingError(f"{STAGE}: loss became {loss_value} at step {step}; lower {STAGE}.lr or "
-                                        "check the data — nothing was cached")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(value.parameters(), MAX_GRAD_NORM))
-                if not math.isfinite(grad_norm):
-                    raise TrainingError(f"{STAGE}: gradient norm became {grad_norm} at step {step}; lower "
-                                        f"{STAGE}.lr or check the data — nothing was cached")
-                optimizer.step()
-                schedule.step()
-                losses.append(loss_value)
-                window["loss"].append(loss_value)
-                window["ce"].append(float(ce.detach()))
-                window["penalty"].append(float(penalty.detach()))
-                if step % cfg.logging_steps == 0 or step == total:
-                    logged = {f"{STAGE}/{k}": sum(v) / len(v) for k, v in window.items()}
-                    tracker.log_metrics(logged, step=step)
-                    tracker.progress(f"step {step}/{total} loss {logged[f'{STAGE}/loss']:.4f} "
-                                     f"ce {logged[f'{STAGE}/ce']:.4f} penalty {logged[f'{STAGE}/penalty']:.4f}")
-                    window = {k: [] for k in window}
-    value.eval()
-    return {**logged, f"{STAGE}/train_loss": sum(losses) / len(losses), f"{STAGE}/steps": float(total)}
+
+    def step_loss(batch: list[int]):
+        ids, attention, labels, label_mask = batch_tensors(
+            [prompts[i] for i in batch], [completions[i] for i in batch], pad_id=pad_id,
+            max_length=cfg.max_length, device=device)
+        with torch.no_grad():
+            base_logits = base(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        value_logits = value(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        loss, ce, penalty = ivl_loss(base_logits, value_logits, labels, label_mask, cfg.l1)
+        return loss, {"ce": float(ce.detach()), "penalty": float(penalty.detach())}
+
+    return train_loop(STAGE, cfg, seed, value, len(rows), step_loss, tracker)
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:

@@ -11,24 +11,22 @@ with its β) and ``validation.json`` (accuracy, log-likelihood and margin of the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
 from roads.config import LocalRmConfig, StageSpec
-from roads.errors import DataError, TrainingError
+from roads.errors import DataError
 from roads.generation import encode
 from roads.losses import local_bt_loss
 from roads.models import load_policy
 from roads.stages.reward_model import preference_metrics
-from roads.training import NullTracker, Tracker, check_finite, first_fraction, write_trained
+from roads.training import NullTracker, Tracker, check_finite, first_fraction, write_trained, train_loop
 from roads.verifiers import VERIFIER_FILE, completion_ids, summed_logps
 
 VERSION = 1
 STAGE = "local_rm"
-MAX_GRAD_NORM = 1.0
 
 
 def pair_ids(tokenizer, rows: list[dict]) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
@@ -64,56 +62,17 @@ def train_local_rm(cfg: LocalRmConfig, seed: int, model, tokenizer, rows: list[d
     if not rows:
         raise DataError(f"{STAGE}: no training pairs")
     prompts, chosen, rejected = pair_ids(tokenizer, rows)
-    n = len(rows)
-    per_epoch = math.ceil(n / cfg.batch_size)
-    total = max(1, math.ceil(cfg.epochs * per_epoch))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total - s) / total))
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    window_loss: list[float] = []
-    window_acc: list[float] = []
-    logged: dict[str, float] = {}
-    step = 0
-    model.train()
-    with torch.random.fork_rng():  # the process's global generator is left as it was
-        torch.manual_seed(seed)  # dropout, if the model has any
-        while step < total:
-            order = torch.randperm(n, generator=generator).tolist()
-            for start in range(0, n, cfg.batch_size):
-                if step == total:
-                    break
-                batch = order[start:start + cfg.batch_size]
-                logps = summed_logps_with_grad(
-                    model, [prompts[i] for i in batch] * 2, [chosen[i] for i in batch] + [rejected[i] for i in batch],
-                    pad_id=tokenizer.pad_token_id, max_length=cfg.max_length)
-                chosen_logps, rejected_logps = logps[: len(batch)], logps[len(batch):]
-                loss = local_bt_loss(chosen_logps, rejected_logps, cfg.beta)
-                step += 1
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingError(f"{STAGE}: loss became {value} at step {step}; lower {STAGE}.lr or check "
-                                        "the data — nothing was cached")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM))
-                if not math.isfinite(grad_norm):
-                    raise TrainingError(f"{STAGE}: gradient norm became {grad_norm} at step {step}; lower "
-                                        f"{STAGE}.lr or check the data — nothing was cached")
-                optimizer.step()
-                schedule.step()
-                margin = (chosen_logps - rejected_logps).detach()
-                losses.append(value)
-                window_loss.append(value)
-                window_acc.append(float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()))
-                if step % cfg.logging_steps == 0 or step == total:
-                    logged = {f"{STAGE}/loss": sum(window_loss) / len(window_loss),
-                              f"{STAGE}/accuracy": sum(window_acc) / len(window_acc)}
-                    tracker.log_metrics(logged, step=step)
-                    tracker.progress(f"step {step}/{total} loss {logged[f'{STAGE}/loss']:.4f}")
-                    window_loss, window_acc = [], []
-    model.eval()
-    return {**logged, f"{STAGE}/train_loss": sum(losses) / len(losses), f"{STAGE}/steps": float(total)}
+
+    def step_loss(batch: list[int]):
+        logps = summed_logps_with_grad(
+            model, [prompts[i] for i in batch] * 2, [chosen[i] for i in batch] + [rejected[i] for i in batch],
+            pad_id=tokenizer.pad_token_id, max_length=cfg.max_length)
+        chosen_logps, rejected_logps = logps[: len(batch)], logps[len(batch):]
+        margin = (chosen_logps - rejected_logps).detach()
+        accuracy = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+        return local_bt_loss(chosen_logps, rejected_logps, cfg.beta), {"accuracy": accuracy}
+
+    return train_loop(STAGE, cfg, seed, model, len(rows), step_loss, tracker)
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:

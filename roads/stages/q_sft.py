@@ -26,24 +26,22 @@ tokenizer), ``policy.json`` (behaviour log_softmax weight 1, likelihood softmax 
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
 from roads.config import QSftConfig, StageSpec, TrainConfig
-from roads.errors import DataError, RoadsError, TrainingError
+from roads.errors import DataError, RoadsError
 from roads.generation import encode
 from roads.losses import q_sft_loss, q_sft_targets
 from roads.models import load_policy, write_composed
 from roads.stages.sft import train_sft
-from roads.training import NullTracker, Tracker, check_finite, write_trained
+from roads.training import NullTracker, Tracker, check_finite, write_trained, train_loop
 from roads.verifiers import completion_ids, load_verifier
 
 VERSION = 1
 STAGE = "q_sft"
-MAX_GRAD_NORM = 1.0
 
 
 def responses(rows: list[dict]) -> list[dict]:
@@ -102,67 +100,27 @@ def train_likelihood(cfg: QSftConfig, seed: int, model, target, behaviour, token
     if n == 0:
         raise DataError(f"{STAGE}: no training responses")
     device = next(model.parameters()).device
-    per_epoch = math.ceil(n / cfg.batch_size)
-    total = max(1, math.ceil(cfg.epochs * per_epoch))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total - s) / total))
-    generator = torch.Generator().manual_seed(seed)
     for frozen in (behaviour, target):
         frozen.eval()
         frozen.requires_grad_(False)
-    losses: list[float] = []
-    window_loss: list[float] = []
-    window_weight: list[float] = []
-    logged: dict[str, float] = {}
-    step = 0
-    model.train()
-    with torch.random.fork_rng():  # the process's global generator is left as it was
-        torch.manual_seed(seed)  # dropout, if the model has any
-        while step < total:
-            order = torch.randperm(n, generator=generator).tolist()
-            for start in range(0, n, cfg.batch_size):
-                if step == total:
-                    break
-                batch = order[start:start + cfg.batch_size]
-                ids, attention, action, is_last = (t.to(device) for t in token_batch(
-                    [prompts[i] for i in batch], [completions[i] for i in batch], pad_id=tokenizer.pad_token_id,
-                    max_length=cfg.max_length))
-                with torch.no_grad():
-                    next_behaviour = torch.softmax(behaviour(input_ids=ids, attention_mask=attention).logits.float()
-                                                   [:, 1:], dim=-1)
-                    next_target = torch.softmax(target(input_ids=ids, attention_mask=attention).logits.float()[:, 1:],
-                                                dim=-1)
-                    weights = q_sft_targets(returns[batch].to(device), next_behaviour, next_target, is_last,
-                                            cfg.gamma, cfg.min_behaviour_prob)
-                logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-                loss = q_sft_loss(logits, ids[:, 1:], weights, action, cfg.rest_mass, tokenizer.pad_token_id)
-                step += 1
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingError(f"{STAGE}: loss became {value} at step {step}; lower {STAGE}.lr or check "
-                                        "the data — nothing was cached")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM))
-                if not math.isfinite(grad_norm):
-                    raise TrainingError(f"{STAGE}: gradient norm became {grad_norm} at step {step}; lower "
-                                        f"{STAGE}.lr or check the data — nothing was cached")
-                optimizer.step()
-                schedule.step()
-                polyak_update(target, model, cfg.polyak)
-                weight_mean = float(weights[action].mean()) if bool(action.any()) else 0.0
-                losses.append(value)
-                window_loss.append(value)
-                window_weight.append(weight_mean)
-                if step % cfg.logging_steps == 0 or step == total:
-                    logged = {f"{STAGE}/loss": sum(window_loss) / len(window_loss),
-                              f"{STAGE}/weight_mean": sum(window_weight) / len(window_weight)}
-                    tracker.log_metrics(logged, step=step)
-                    tracker.progress(f"step {step}/{total} loss {logged[f'{STAGE}/loss']:.4f} "
-                                     f"mean target {logged[f'{STAGE}/weight_mean']:.3f}")
-                    window_loss, window_weight = [], []
-    model.eval()
-    return {**logged, f"{STAGE}/train_loss": sum(losses) / len(losses), f"{STAGE}/steps": float(total)}
+
+    def step_loss(batch: list[int]):
+        ids, attention, action, is_last = (t.to(device) for t in token_batch(
+            [prompts[i] for i in batch], [completions[i] for i in batch], pad_id=tokenizer.pad_token_id,
+            max_length=cfg.max_length))
+        with torch.no_grad():
+            next_behaviour = torch.softmax(behaviour(input_ids=ids, attention_mask=attention).logits.float()[:, 1:],
+                                           dim=-1)
+            next_target = torch.softmax(target(input_ids=ids, attention_mask=attention).logits.float()[:, 1:], dim=-1)
+            weights = q_sft_targets(returns[batch].to(device), next_behaviour, next_target, is_last, cfg.gamma,
+                                    cfg.min_behaviour_prob)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        loss = q_sft_loss(logits, ids[:, 1:], weights, action, cfg.rest_mass, tokenizer.pad_token_id)
+        weight_mean = float(weights[action].mean()) if bool(action.any()) else 0.0
+        return loss, {"weight_mean": weight_mean}
+
+    return train_loop(STAGE, cfg, seed, model, n, step_loss, tracker,
+                      after_step=lambda: polyak_update(target, model, cfg.polyak))
 
 
 class _Behaviour:

@@ -46,7 +46,7 @@ METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
 GOLD_METRICS = ("gold_reward_mean", "win_rate")
 PAIRED_METRICS = {"gold_reward_mean": "gold_reward_diff", "win_rate": "win_rate_diff"}
 ARM_ORDER = ("sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft", "online_dpo_dpo",
-             "online_dpo_gold", "online_rl", "q_sft", "q_sft_spread", "q_sft_rm", "online_dpo_genrm", "sft_small",
+             "online_dpo_gold", "online_rl", "q_sft", "q_sft_spread", "q_sft_rm", "q_sft_behaviour", "online_dpo_genrm", "sft_small",
              "sft_chosen_small", "ivl", "ivl_to_small")
 TASK_FAMILIES = ("gap", "short", "hidden")
 FILES = ["report.md", "report.csv", "paired.csv", "report.json", "win_rate_by_arm.png", "gold_vs_kl.png"]
