@@ -14,6 +14,7 @@ the key path.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -513,7 +514,7 @@ def load_study_file(path: str | Path) -> StudyFile:
         raise ConfigError(_format_error(err, str(path))) from None
     _check_arms(study, str(path))
     for name in study.pipelines:
-        with_set = _with_pipeline_set(read_study_file(path), study, name, str(path))
+        with_set = _with_pipeline_set(copy.deepcopy(raw), study, name, str(path))
         _check_pipeline(with_set, name, with_set.pipelines[name], str(path))
     return study
 
