@@ -19,6 +19,7 @@ from roads.models import build_tokenizer, load_policy, new_causal_lm
 from roads.runner import execute
 from roads.stages.gap import validate
 from roads.verifiers import Verifier, load_verifier
+from support import Recorder
 
 N_PAIRS = 6
 
@@ -128,18 +129,6 @@ def inputs(tmp_path_factory):
 def spec(**params) -> StageSpec:
     cfg = GenRmConfig(**{"epochs": 1, "batch_size": 6, "logging_steps": 1, "val_batch_size": 16, **params})
     return StageSpec(stage="genrm", params=cfg.model_dump(), seed=0)
-
-
-class Recorder:
-    def __init__(self):
-        self.logs: list[tuple[dict, int | None]] = []
-        self.messages: list[str] = []
-
-    def log_metrics(self, metrics, step=None):
-        self.logs.append((dict(metrics), step))
-
-    def progress(self, message):
-        self.messages.append(message)
 
 
 @pytest.fixture(scope="module")

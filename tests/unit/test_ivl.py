@@ -18,6 +18,7 @@ from roads.errors import TrainingError
 from roads.generation import encode, sample
 from roads.models import POLICY_FILE, ComposedLM, load_policy
 from roads.runner import execute
+from support import Recorder
 
 N_PAIRS, BATCH = 16, 8  # 2 steps per epoch
 
@@ -75,18 +76,6 @@ def inputs(tmp_path_factory):
 def spec(seed: int = 0, **params) -> StageSpec:
     cfg = IvlConfig(**{"epochs": 2, "batch_size": BATCH, "lr": 3e-3, "logging_steps": 1, **params})
     return StageSpec(stage="ivl", params=cfg.model_dump(), seed=seed)
-
-
-class Recorder:
-    def __init__(self):
-        self.logs: list[tuple[dict, int | None]] = []
-        self.messages: list[str] = []
-
-    def log_metrics(self, metrics, step=None):
-        self.logs.append((dict(metrics), step))
-
-    def progress(self, message):
-        self.messages.append(message)
 
 
 @pytest.fixture(scope="module")

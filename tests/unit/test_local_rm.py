@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import roads.stages.local_rm as local_rm
 from roads.artifacts import read_json, read_jsonl
@@ -20,6 +19,7 @@ from roads.losses import local_bt_loss
 from roads.models import load_policy
 from roads.runner import execute
 from roads.verifiers import completion_ids, load_verifier, summed_logps
+from support import Recorder, differs, weights
 
 N_PAIRS, FRACTION, BATCH, BETA = 12, 0.5, 4, 0.5  # 6 training pairs: 2 optimiser steps
 
@@ -80,32 +80,11 @@ def spec(seed: int = 0, **params) -> StageSpec:
     return StageSpec(stage="local_rm", params=cfg.model_dump(), seed=seed)
 
 
-class Recorder:
-    def __init__(self):
-        self.logs: list[tuple[dict, int | None]] = []
-        self.messages: list[str] = []
-
-    def log_metrics(self, metrics, step=None):
-        self.logs.append((dict(metrics), step))
-
-    def progress(self, message):
-        self.messages.append(message)
-
-
 @pytest.fixture(scope="module")
 def trained(inputs, tmp_path_factory):
     tracker = Recorder()
     result = execute(spec(), inputs, tmp_path_factory.mktemp("rm-store"), tracker)
     return result, tracker
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / "model.safetensors"))
-
-
-def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    assert a.keys() == b.keys()
-    return any(not torch.equal(a[k], b[k]) for k in a)
 
 
 # --------------------------------------------------------------------------- differentiable log-probabilities

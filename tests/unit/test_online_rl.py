@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from roads.artifacts import read_json, read_jsonl, write_jsonl
 from roads.config import OnlineRlConfig, StageSpec, TaskConfig, load_study
@@ -20,6 +19,7 @@ from roads.models import load_policy
 from roads.plan import build_plan
 from roads.runner import execute
 from roads.stages import online_rl
+from support import weights
 
 ROOT = Path(__file__).resolve().parents[2]
 # the SFT policy is trained a little longer than the smoke default (still ~40 tiny steps) so that its samples earn
@@ -42,10 +42,6 @@ class RecordingTracker:
 
     def steps_with(self, name: str) -> list[int]:
         return [step for step, m in self.metrics if name in m]
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / "model.safetensors"))
 
 
 def spec_for(**changes) -> StageSpec:

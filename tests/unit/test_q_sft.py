@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import roads.stages.q_sft as q_sft
@@ -21,6 +20,7 @@ from roads.losses import q_sft_extract_logits, q_sft_loss, q_sft_targets
 from roads.models import POLICY_FILE, ComposedLM, load_policy
 from roads.runner import execute
 from roads.verifiers import completion_ids, load_verifier
+from support import Recorder, differs, weights
 
 LN2 = math.log(2.0)
 N_PAIRS, BATCH, BETA = 6, 4, 0.5  # 12 responses: 3 optimiser steps
@@ -218,32 +218,11 @@ def spec(seed: int = 0, **params) -> StageSpec:
     return StageSpec(stage="q_sft", params=cfg.model_dump(), seed=seed)
 
 
-class Recorder:
-    def __init__(self):
-        self.logs: list[tuple[dict, int | None]] = []
-        self.messages: list[str] = []
-
-    def log_metrics(self, metrics, step=None):
-        self.logs.append((dict(metrics), step))
-
-    def progress(self, message):
-        self.messages.append(message)
-
-
 @pytest.fixture(scope="module")
 def trained(inputs, tmp_path_factory):
     tracker = Recorder()
     result = execute(spec(), inputs, tmp_path_factory.mktemp("q-store"), tracker)
     return result, tracker
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / "model.safetensors"))
-
-
-def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    assert a.keys() == b.keys()
-    return any(not torch.equal(a[k], b[k]) for k in a)
 
 
 # --------------------------------------------------------------------------- the stage

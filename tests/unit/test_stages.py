@@ -8,8 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import roads.stages.sft
 from roads.artifacts import ArtifactRef, digest_dir, read_json, read_jsonl
@@ -18,6 +16,7 @@ from roads.errors import RoadsError
 from roads.models import build_tokenizer, load_pretrained, new_causal_lm
 from roads.plan import build_plan
 from roads.runner import execute
+from support import differs, weights
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = ROOT / "pipelines.yaml"
@@ -33,15 +32,6 @@ SMALL = [
     "reward_model.batch_size=16",
     "evaluate.max_new_tokens=6",
 ]
-
-
-def weights(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / "model.safetensors"))
-
-
-def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    assert a.keys() == b.keys()
-    return any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def run_nodes(nodes, store) -> dict:
