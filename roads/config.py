@@ -1,13 +1,16 @@
 """Strict, frozen pydantic models of ``pipelines.yaml``: load, merge overrides, resolve one config per stage, fingerprint.
 
-The file has three sections::
+The file has four sections::
 
-    defaults:   seed, model, and one section per stage (prepare_data, sft, reward_model, offline_dpo, evaluate)
+    defaults:   seed, model, and one section per stage (see STAGE_NAMES)
     tasks:      named tasks (a synthetic family with its sizes, or real preference data by path or hub name)
-    pipelines:  named recipes: which tasks, seeds and stages, plus ``set`` overrides of the defaults
+    arms:       named variants of a stage (its settings with ``set`` on top); each is a node of its own
+    pipelines:  named recipes: which tasks, seeds and stages or arms, plus ``set`` overrides of the defaults
 
-An override is ``KEY=VALUE`` with KEY a dotted path: ``sft.epochs=2``, ``model.preset=small``, ``seed=3``,
-``tasks.gap.alphabet=10``, ``pipeline.seeds=[0,1,2]``. VALUE is parsed as YAML. Every mistake (unknown key, wrong
+A stage's ``data``, ``start``, ``verifier`` (and ivl's ``base``/``target``, gap's ``verifiers``/``policies``)
+settings name the entries its inputs come from (see ``roads.plan.stage_inputs``). An override is ``KEY=VALUE`` with
+KEY a dotted path: ``sft.epochs=2``, ``model.preset=small``, ``seed=3``, ``tasks.gap.alphabet=10``,
+``arms.online_dpo_sft.set={start: sft}``, ``pipeline.seeds=[0,1,2]``. VALUE is parsed as YAML. Every mistake (unknown key, wrong
 type, unknown stage, task or pipeline) raises :class:`ConfigError` with one line naming the file or override and
 the key path.
 """
