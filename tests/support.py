@@ -31,3 +31,23 @@ def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """True when any tensor of two state dicts with the same keys differs."""
     assert a.keys() == b.keys()
     return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def tiny_data(store, n_pairs: int, n_val_pairs: int = 4, n_sft: int = 32):
+    """A prepare_data output of the gap family (seed 0) in ``store``: its ArtifactRef."""
+    from roads.config import PrepareDataConfig, StageSpec, TaskConfig
+    from roads.runner import execute
+
+    cfg = PrepareDataConfig(n_sft=n_sft, n_pairs=n_pairs, n_val_pairs=n_val_pairs, n_eval_prompts=2)
+    spec = StageSpec(stage="prepare_data", params=cfg.model_dump(), seed=0, task=TaskConfig(family="gap"))
+    return execute(spec, {}, store).artifact
+
+
+def tiny_sft(store, data, seed: int = 0):
+    """A one-epoch tiny-preset SFT model on ``data``: its ArtifactRef."""
+    from roads.config import ModelConfig, SftConfig, StageSpec
+    from roads.runner import execute
+
+    spec = StageSpec(stage="sft", params=SftConfig(epochs=1, batch_size=16).model_dump(), seed=seed,
+                     model=ModelConfig())
+    return execute(spec, {"data": data}, store).artifact

@@ -12,14 +12,14 @@ import torch
 
 import roads.stages.genrm as genrm
 from roads.artifacts import read_json, read_jsonl
-from roads.config import GenRmConfig, ModelConfig, PrepareDataConfig, SftConfig, StageSpec, TaskConfig
+from roads.config import GenRmConfig, StageSpec
 from roads.errors import RoadsError
 from roads.generation import encode
 from roads.models import build_tokenizer, load_policy, new_causal_lm
 from roads.runner import execute
 from roads.stages.gap import validate
 from roads.verifiers import Verifier, load_verifier
-from support import Recorder
+from support import Recorder, tiny_data, tiny_sft
 
 N_PAIRS = 6
 
@@ -118,12 +118,8 @@ def test_votes_give_clipped_log_odds(tiny):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    data_cfg = PrepareDataConfig(n_sft=32, n_pairs=N_PAIRS, n_val_pairs=4, n_eval_prompts=2)
-    data = execute(StageSpec(stage="prepare_data", params=data_cfg.model_dump(), seed=0, task=TaskConfig(family="gap")),
-                   {}, store)
-    sft = execute(StageSpec(stage="sft", params=SftConfig(epochs=1, batch_size=16).model_dump(), seed=0,
-                            model=ModelConfig()), {"data": data.artifact}, store)
-    return {"data": data.artifact, "sft": sft.artifact}
+    data = tiny_data(store, N_PAIRS, n_val_pairs=4)
+    return {"data": data, "sft": tiny_sft(store, data)}
 
 
 def spec(**params) -> StageSpec:

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 import roads.stages.ivl as ivl
 from roads.artifacts import read_json
-from roads.config import IvlConfig, ModelConfig, PrepareDataConfig, SftConfig, StageSpec, TaskConfig
+from roads.config import IvlConfig, StageSpec
 from roads.errors import TrainingError
 from roads.generation import encode, sample
 from roads.models import POLICY_FILE, ComposedLM, load_policy
 from roads.runner import execute
-from support import Recorder
+from support import Recorder, tiny_data, tiny_sft
 
 N_PAIRS, BATCH = 16, 8  # 2 steps per epoch
 
@@ -64,13 +64,8 @@ def test_ivl_loss_gradient_flows_to_the_value_logits_only():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    data_cfg = PrepareDataConfig(n_sft=32, n_pairs=N_PAIRS, n_val_pairs=4, n_eval_prompts=2)
-    data = execute(StageSpec(stage="prepare_data", params=data_cfg.model_dump(), seed=0, task=TaskConfig(family="gap")),
-                   {}, store)
-    sft = SftConfig(epochs=1, batch_size=16).model_dump()
-    base = execute(StageSpec(stage="sft", params=sft, seed=0, model=ModelConfig()), {"data": data.artifact}, store)
-    target = execute(StageSpec(stage="sft", params=sft, seed=1, model=ModelConfig()), {"data": data.artifact}, store)
-    return {"data": data.artifact, "base": base.artifact, "target": target.artifact}
+    data = tiny_data(store, N_PAIRS)
+    return {"data": data, "base": tiny_sft(store, data, seed=0), "target": tiny_sft(store, data, seed=1)}
 
 
 def spec(seed: int = 0, **params) -> StageSpec:

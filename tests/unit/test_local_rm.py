@@ -12,14 +12,14 @@ import torch
 
 import roads.stages.local_rm as local_rm
 from roads.artifacts import read_json, read_jsonl
-from roads.config import LocalRmConfig, ModelConfig, PrepareDataConfig, SftConfig, StageSpec, TaskConfig
+from roads.config import LocalRmConfig, StageSpec
 from roads.errors import TrainingError
 from roads.generation import encode, sequence_logps
 from roads.losses import local_bt_loss
 from roads.models import load_policy
 from roads.runner import execute
 from roads.verifiers import completion_ids, load_verifier, summed_logps
-from support import Recorder, differs, weights
+from support import Recorder, differs, weights, tiny_data, tiny_sft
 
 N_PAIRS, FRACTION, BATCH, BETA = 12, 0.5, 4, 0.5  # 6 training pairs: 2 optimiser steps
 
@@ -66,12 +66,8 @@ def test_local_bt_loss_rejects_mismatched_shapes():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    data_cfg = PrepareDataConfig(n_sft=32, n_pairs=N_PAIRS, n_val_pairs=6, n_eval_prompts=2)
-    data = execute(StageSpec(stage="prepare_data", params=data_cfg.model_dump(), seed=0, task=TaskConfig(family="gap")),
-                   {}, store)
-    sft = execute(StageSpec(stage="sft", params=SftConfig(epochs=1, batch_size=16).model_dump(), seed=0,
-                            model=ModelConfig()), {"data": data.artifact}, store)
-    return {"data": data.artifact, "sft": sft.artifact}
+    data = tiny_data(store, N_PAIRS, n_val_pairs=6)
+    return {"data": data, "sft": tiny_sft(store, data)}
 
 
 def spec(seed: int = 0, **params) -> StageSpec:

@@ -13,14 +13,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import roads.stages.q_sft as q_sft
 from roads.artifacts import digest_dir, read_json, read_jsonl
-from roads.config import ModelConfig, PrepareDataConfig, QSftConfig, RewardModelConfig, SftConfig, StageSpec, TaskConfig
+from roads.config import QSftConfig, RewardModelConfig, StageSpec
 from roads.errors import TrainingError
 from roads.generation import encode, sample
 from roads.losses import q_sft_extract_logits, q_sft_loss, q_sft_targets
 from roads.models import POLICY_FILE, ComposedLM, load_policy
 from roads.runner import execute
 from roads.verifiers import completion_ids, load_verifier
-from support import Recorder, differs, weights
+from support import Recorder, differs, weights, tiny_data, tiny_sft
 
 LN2 = math.log(2.0)
 N_PAIRS, BATCH, BETA = 6, 4, 0.5  # 12 responses: 3 optimiser steps
@@ -205,12 +205,8 @@ def test_responses_and_returns():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    data_cfg = PrepareDataConfig(n_sft=32, n_pairs=N_PAIRS, n_val_pairs=4, n_eval_prompts=2)
-    data = execute(StageSpec(stage="prepare_data", params=data_cfg.model_dump(), seed=0, task=TaskConfig(family="gap")),
-                   {}, store)
-    sft = execute(StageSpec(stage="sft", params=SftConfig(epochs=1, batch_size=16).model_dump(), seed=0,
-                            model=ModelConfig()), {"data": data.artifact}, store)
-    return {"data": data.artifact, "sft": sft.artifact}
+    data = tiny_data(store, N_PAIRS, n_val_pairs=4)
+    return {"data": data, "sft": tiny_sft(store, data)}
 
 
 def spec(seed: int = 0, **params) -> StageSpec:
