@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIPELINE ?= default
+SERVICES := .roads-services
 
-.PHONY: run test smoke bench ui clean
+.PHONY: run test services services-stop smoke bench ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +18,20 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/roads run $(PIPELINE)
 
+# the integration tests need PostgreSQL, an MLflow server and a Prefect server: started on loopback for the run (state
+# in $(SERVICES)/), stopped afterwards whatever happens; the exit status is pytest's (or start's, if they do not come up)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	@trap '$(BIN)/python scripts/services.py stop --dir $(SERVICES)' EXIT; trap 'exit 130' INT TERM; \
+	$(BIN)/python scripts/services.py start --dir $(SERVICES) && \
+	(set -a; . ./$(SERVICES)/services.env; set +a; $(BIN)/python -m pytest -q tests)
+
+services: $(STAMP)
+	$(BIN)/python scripts/services.py start --dir $(SERVICES)
+	@echo "use them: set -a; . ./$(SERVICES)/services.env; set +a; then e.g. $(BIN)/python -m pytest -q tests/integration"
+	@echo "stop them: make services-stop"
+
+services-stop:
+	$(PYTHON) scripts/services.py stop --dir $(SERVICES)
 
 smoke: $(STAMP)
 	$(BIN)/roads run smoke

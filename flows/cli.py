@@ -1,4 +1,4 @@
-"""The ``roads`` command: list, show, run, stage, report, ui. Bad input gives one line on stderr and a non-zero exit."""
+"""The ``roads`` command: list, show, run, stage, report, sweep, deploy, ui. Bad input gives one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -26,13 +26,22 @@ def _add_common(p: argparse.ArgumentParser, pipeline_positional: bool = True) ->
     p.add_argument("--file", default=DEFAULT_FILE, help="the study file (default: pipelines.yaml)")
 
 
+def _add_runner(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--runner", choices=("process", "ray"), default=default,
+                   help="process: a local process pool; ray: prefect-ray's task runner (a local Ray cluster unless "
+                        "--ray-address or RAY_ADDRESS names one) (default: " + (default or "the sweep's runner") + ")")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster, e.g. ray://head:10001 (default: $RAY_ADDRESS, else a local cluster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="roads",
         description="What is RL worth in fine-tuning? Runs the study's pipelines as cached Prefect tasks logged to "
         "MLflow. State lives in ./.roads (or $ROADS_HOME).",
         epilog="examples: roads list | roads show smoke | roads run default --set sft.epochs=5 | "
-        "roads stage reward_model --force | roads report hypotheses --hypotheses | roads ui",
+        "roads stage reward_model --force | roads report hypotheses --hypotheses | roads sweep --list | "
+        "roads sweep dpo-beta | roads deploy default --cron '0 3 * * *' | roads ui",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("list", help="name the pipelines with their tasks, seeds and stages")
@@ -42,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline (cached stages are not recomputed) and print the summary table")
     _add_common(p)
     p.add_argument("--workers", type=int, default=None, help="stages run at the same time (default: min(2, cores))")
+    _add_runner(p, default="process")
     p = sub.add_parser("stage", help="run one stage (and what it needs); with --force recompute it — its "
                                      "dependents rerun only if its output changed")
     p.add_argument("name", help="the stage, e.g. sft or reward_model")
@@ -57,6 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--gap", action="store_true", help="print the per-family gap summary (gap_summary.md)")
     p.add_argument("--out", default=None, metavar="DIR", help="also copy the report's files (tables, plots) into DIR")
     p.add_argument("--workers", type=int, default=None, help="stages run at the same time")
+    p = sub.add_parser("sweep", help="run every arm of a sweep (a grid in pipelines.yaml's sweeps:) in parallel; "
+                                     "one MLflow run per arm in experiment sweep/NAME")
+    p.add_argument("name", nargs="?", help="a sweep of the study file (omit with --list)")
+    p.add_argument("--list", action="store_true", help="name the sweeps and the arms each expands to, then stop")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of every arm (before the arm's own values)")
+    p.add_argument("--file", default=DEFAULT_FILE, help="the study file (default: pipelines.yaml)")
+    p.add_argument("--workers", type=int, default=None, help="CPUs of a local Ray cluster, or processes of the pool "
+                                                             "(default: the sweep's workers, else all cores)")
+    _add_runner(p, default=None)
+    p = sub.add_parser("deploy", help="register a Prefect deployment of a pipeline (or --sweep) on a process work "
+                                      "pool, on a schedule or on demand; needs PREFECT_API_URL")
+    p.add_argument("name", help="the pipeline (or, with --sweep, the sweep) to deploy")
+    p.add_argument("--sweep", action="store_true", help="NAME is a sweep")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--cron", default=None, help='a cron schedule, e.g. "0 3 * * *" (03:00 every day, UTC)')
+    when.add_argument("--interval", type=float, default=None, metavar="SECONDS", help="run every SECONDS")
+    p.add_argument("--pool", default="roads-process", help="the work pool (created as type process if missing; "
+                                                           "default: roads-process)")
+    p.add_argument("--deployment-name", default=None, help="the deployment's name (default: NAME)")
+    p.add_argument("--paused", action="store_true", help="register the schedule paused")
+    p.add_argument("--run", action="store_true", help="also trigger one run now (a worker of the pool runs it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting (stored as the deployment's parameters)")
+    p.add_argument("--file", default=DEFAULT_FILE, help="the study file (default: pipelines.yaml)")
+    p.add_argument("--runner", choices=("process", "ray"), default=None, help="the task runner of the runs")
     p = sub.add_parser("ui", help="start the MLflow UI on the local tracking store (127.0.0.1)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
@@ -115,7 +151,8 @@ def _run(args, force_stage=None, only_stage=None, pipeline=None) -> int:
     start = time.time()
     try:
         outcome = run_study(pipeline, args.overrides, args.file, force_stage=force_stage, only_stage=only_stage,
-                            workers=args.workers)
+                            workers=args.workers, runner=getattr(args, "runner", None) or "process",
+                            ray_address=getattr(args, "ray_address", None))
     except StudyFailed as err:
         print_outcome(err.outcome, time.time() - start)
         raise
@@ -175,8 +212,64 @@ def cmd_ui(args) -> int:
         return 0
 
 
+def cmd_sweep(args) -> int:
+    from roads.config import load_study_file
+    from roads.sweep import expand, load_sweep
+
+    if args.list:
+        for name, sweep in load_study_file(args.file).sweeps.items():
+            arms = expand(sweep)
+            print(f"{name}: {sweep.description} (pipeline {sweep.pipeline}, runner {sweep.runner}, {len(arms)} arms)")
+            for arm in arms:
+                print(f"    {arm.name}")
+        return 0
+    if not args.name:
+        raise RoadsError("name a sweep (roads sweep --list shows them)")
+    load_sweep(args.file, args.name, args.overrides)  # a bad arm fails here, before anything is written
+    from flows import env
+
+    env.configure()
+    from flows.study import StudyFailed, markdown_table
+    from flows.sweep import run_sweep, sweep_rows
+
+    start = time.time()
+    try:
+        outcome = run_sweep(args.name, args.overrides, args.file, runner=args.runner, workers=args.workers,
+                            ray_address=args.ray_address)
+    except StudyFailed as err:
+        print(markdown_table(sweep_rows(err.outcome), ["sweep_arm", "task", "policy", "gold_reward_mean", "cached"]))
+        raise
+    nodes = [n for arm in outcome["arms"] for n in arm["nodes"]]
+    hits = sum(n["cache"] == "hit" for n in nodes)
+    print()
+    print(markdown_table(sweep_rows(outcome),
+                         ["sweep_arm", "task", "policy", "seeds", "gold_reward_mean", "win_rate", "cached"]))
+    print(f"\n{len(outcome['arms'])} arms, {outcome['stages']} distinct stages ({len(nodes)} stage runs: "
+          f"{len(nodes) - hits} ran, {hits} hits); {time.time() - start:.1f} s")
+    print(f"MLflow: experiment {outcome['experiment']!r}, one run per arm with params sweep.* (roads ui to compare)")
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from flows import env
+
+    env.configure()
+    from flows.deploy import deploy, run_now
+
+    info = deploy(args.name, sweep=args.sweep, overrides=args.overrides, file=args.file, pool=args.pool,
+                  cron=args.cron, interval=args.interval, deployment_name=args.deployment_name, runner=args.runner,
+                  paused=args.paused)
+    when = info["schedule"] or "on demand"
+    print(f"deployment {info['name']} ({info['id']}) on work pool {info['pool']}, schedule: {when}")
+    if args.run:
+        print(f"flow run {run_now(info['name'])} scheduled now")
+    print(f"a worker runs it: prefect worker start --pool {info['pool']}   "
+          f"(run one now: prefect deployment run '{info['name']}')")
+    return 0
+
+
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "stage": cmd_stage, "report": cmd_report,
-            "ui": cmd_ui}
+            "sweep": cmd_sweep, "deploy": cmd_deploy, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from statistics import fmean
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -20,7 +20,7 @@ from roads.config import Study, load_study
 from roads.errors import RoadsError
 from roads.plan import Node, build_plan, downstream, upstream
 from tasks import stage_task
-from tasks.common import results_dir
+from tasks.common import result_storage
 
 SUMMARY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
 
@@ -122,38 +122,47 @@ def select(nodes: list[Node], stage: str | None) -> list[Node]:
     return [n for n in nodes if n.id in keep]
 
 
-@flow(name="roads-study", validate_parameters=False)
-def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str | None = None,
-               only_stage: str | None = None) -> dict:
-    study = load_study(file, pipeline, overrides)
-    nodes = select(build_plan(study), only_stage)
-    tracker = StudyTracker(
-        pipeline,
-        env.mlflow_artifact_root(),
-        run_name=f"{pipeline}-{flow_run.get_name() or 'run'}",
-        tags={"roads.prefect_flow_run_id": str(flow_run.get_id() or ""), "roads.overrides": " ".join(overrides)},
-        params={"pipeline": pipeline, "overrides": " ".join(overrides) or "-", **study.spec.model_dump(exclude={"set"})},
-    )
-    tracker.client.log_dict(tracker.parent_id, study.resolved(), "resolved_config.json")
-    store = str(env.artifact_store())
-    children = {n.id: tracker.start_child(n) for n in nodes}
+def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, force_stage: str | None = None,
+                 shared: dict[str, Any] | None = None, keys: dict[str, str] | None = None,
+                 resources: Callable[[str], dict] | None = None, label: str = "") -> dict[str, Any]:
+    """Submit every node's stage task (inputs are upstream futures). With ``shared``/``keys`` (a sweep), a node whose
+    key was already submitted by another arm reuses that future; ``resources(stage)`` gives Ray resources."""
     futures: dict[str, Any] = {}
     for node in nodes:
-        options: dict[str, Any] = {"task_run_name": node.id, "result_storage": results_dir()}
+        key = keys[node.id] if keys else None
+        if shared is not None and key in shared:
+            futures[node.id] = shared[key]
+            continue
+        options: dict[str, Any] = {"task_run_name": f"{label}{node.id}", "result_storage": result_storage()}
         if force_stage and node.stage == force_stage:
             options["refresh_cache"] = True
-        futures[node.id] = stage_task(node.stage).with_options(**options).submit(
-            spec=node.spec.model_dump(),
-            inputs={name: futures[dep] for name, dep in node.inputs.items()},
-            ctx={"store": store, "node_id": node.id, "child_run_id": children[node.id]},
-        )
+        submit = stage_task(node.stage).with_options(**options).submit
+        kwargs = {"spec": node.spec.model_dump(), "inputs": {name: futures[dep] for name, dep in node.inputs.items()},
+                  "ctx": {"store": store, "node_id": node.id, "child_run_id": children[node.id]}}
+        wanted = resources(node.stage) if resources else {}
+        if wanted:
+            from prefect_ray.context import remote_options
+
+            with remote_options(**wanted):
+                futures[node.id] = submit(**kwargs)
+        else:
+            futures[node.id] = submit(**kwargs)
+        if shared is not None:
+            shared[key] = futures[node.id]
+    return futures
+
+
+def collect(pipeline: str, nodes: list[Node], futures: dict[str, Any], tracker: StudyTracker,
+            children: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """Wait for every node, finish its MLflow child run and the parent run; return the outcome and the failures
+    (node id -> one line)."""
     results: dict[str, dict] = {}
     report: list[dict] = []
     failed: dict[str, str] = {}
     for node in nodes:
         try:
             result = futures[node.id].result()
-        except Exception as err:  # noqa: BLE001 - reported per node; the flow fails below
+        except Exception as err:  # noqa: BLE001 - reported per node; the caller fails the flow
             broken = [d for d in node.inputs.values() if d in failed]
             message = f"skipped: {broken[0]} failed" if broken else _one_line(err)
             failed[node.id] = message
@@ -176,19 +185,71 @@ def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str 
     tracker.finish("FAILED" if failed else "FINISHED", rows, files, budget_rows=spent,
                    report_folder=outcome["report"], report_files=results.get("report", {}).get("files", []),
                    report_metrics=results.get("report", {}).get("metrics"))
+    return outcome, failed
+
+
+def study_tracker(study: Study, experiment: str, run_name: str, overrides: list[str], runner: str,
+                  tags: dict[str, str] | None = None, params: dict | None = None) -> StudyTracker:
+    """The parent MLflow run of one pipeline run (a sweep arm is one), with the resolved config attached."""
+    tracker = StudyTracker(
+        experiment,
+        env.mlflow_artifact_root(),
+        run_name=run_name,
+        tags={"roads.prefect_flow_run_id": str(flow_run.get_id() or ""), "roads.overrides": " ".join(overrides),
+              "roads.runner": runner, **env.run_environment(), **(tags or {})},
+        params={"pipeline": study.pipeline, "overrides": " ".join(overrides) or "-",
+                **study.spec.model_dump(exclude={"set"}), **(params or {})},
+    )
+    tracker.log_dict(study.resolved(), "resolved_config.json")
+    return tracker
+
+
+@flow(name="roads-study", validate_parameters=False)
+def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str | None = None,
+               only_stage: str | None = None, runner: str = "process") -> dict:
+    study = load_study(file, pipeline, overrides)
+    nodes = select(build_plan(study), only_stage)
+    tracker = study_tracker(study, pipeline, f"{pipeline}-{flow_run.get_name() or 'run'}", overrides, runner)
+    children = {n.id: tracker.start_child(n) for n in nodes}
+    futures = submit_nodes(nodes, children, str(env.artifact_store()), force_stage=force_stage,
+                           resources=(lambda stage: {"num_cpus": 1}) if runner == "ray" else None)
+    outcome, failed = collect(pipeline, nodes, futures, tracker, children)
     if failed:
         first = next(iter(failed.items()))
         raise StudyFailed(f"{len(failed)} of {len(nodes)} stages failed; first: {first[0]}: {first[1]}", outcome)
     return outcome
 
 
-
 def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def task_runner(kind: str = "process", workers: int | None = None, address: str | None = None):
+    """``process``: a local pool of ``workers`` processes, one torch thread each share of the cores. ``ray``:
+    prefect-ray's task runner on the cluster at ``address`` (or $RAY_ADDRESS), else on a local cluster of
+    ``workers`` CPUs that lives as long as the flow; Ray sets each task's threads from its ``num_cpus``."""
+    if kind == "process":
+        workers = workers or default_workers()
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=_worker_init, initargs=(threads,))
+    if kind != "ray":
+        raise RoadsError(f"unknown runner {kind!r}; use process or ray")
+    try:
+        from flows.ray_runner import WarmRayTaskRunner
+    except ImportError:
+        raise RoadsError("the ray runner needs prefect-ray: pip install 'roads[ray]' (or use --runner process)") from None
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    forward = {k: os.environ[k] for k in env.FORWARDED if k in os.environ}
+    init: dict[str, Any] = {"runtime_env": {"env_vars": forward,
+                                            "worker_process_setup_hook": "flows.env.ray_worker_setup"}}
+    if not address:
+        init.update(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False)
+    return WarmRayTaskRunner(address=address, init_kwargs=init)
+
+
 def run_study(pipeline: str, overrides: list[str] | tuple[str, ...] = (), file: str = "pipelines.yaml", *,
-              force_stage: str | None = None, only_stage: str | None = None, workers: int | None = None) -> dict:
+              force_stage: str | None = None, only_stage: str | None = None, workers: int | None = None,
+              runner: str = "process", ray_address: str | None = None) -> dict:
     """Validate the config (nothing is written if it is bad), then run the flow. Returns the outcome dict; raises
     ConfigError for a bad config and StudyFailed when a stage failed."""
     study: Study = load_study(file, pipeline, list(overrides))
@@ -197,8 +258,6 @@ def run_study(pipeline: str, overrides: list[str] | tuple[str, ...] = (), file: 
             raise RoadsError(f"pipeline {pipeline!r} has no stage {stage!r}; its stages: {', '.join(study.spec.stages)}")
     env.configure()
     env.ensure_prefect_api()
-    workers = workers or default_workers()
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    runner = ProcessPoolTaskRunner(max_workers=workers, initializer=_worker_init, initargs=(threads,))
-    return study_flow.with_options(task_runner=runner)(pipeline=pipeline, overrides=list(overrides), file=str(file), force_stage=force_stage,
-                only_stage=only_stage)
+    flow_ = study_flow.with_options(task_runner=task_runner(runner, workers, ray_address))
+    return flow_(pipeline=pipeline, overrides=list(overrides), file=str(file), force_stage=force_stage,
+                 only_stage=only_stage, runner=runner)

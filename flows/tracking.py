@@ -6,10 +6,14 @@ by run id) and finished by the flow afterwards — also for cache hits, so two p
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -19,6 +23,50 @@ from roads.config import flatten
 from roads.plan import Node
 
 MAX_PARAM_LENGTH = 6000
+REDACTED = "***"
+# a name part that holds a secret: HF_TOKEN, db.password, PREFECT_API_KEY, AWS_SECRET_ACCESS_KEY (not max_new_tokens)
+SECRET_NAME = re.compile(r"(?:^|[_.\-])(?:token|password|passwd|pwd|secret|api[_\-]?key|apikey|access[_\-]?key|"
+                         r"credentials?|private[_\-]?key)(?:$|[_.\-])", re.I)
+_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
+_QUERY_SECRET = re.compile(r"(?P<name>[?&;][^=&\s]*(?:token|passw|secret|key|sig|signature|credential)[^=&\s]*=)"
+                           r"(?P<value>[^&\s]+)", re.I)
+
+
+def _secret_values() -> list[str]:
+    """Values of environment variables named like secrets (HF_TOKEN, MLFLOW_TRACKING_PASSWORD, PREFECT_API_KEY,
+    AWS_SECRET_ACCESS_KEY, ...) and passwords inside URIs in the environment: never logged, wherever they appear."""
+    values = set()
+    for name, value in os.environ.items():
+        if SECRET_NAME.search(name) and len(value) >= 4:
+            values.add(value)
+        for match in _USERINFO.finditer(value):
+            values.add(match["password"])
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(value: Any, name: str = "") -> Any:
+    """A value safe to log as a param, tag or config artifact: secret-named keys become ***, passwords in URIs
+    (``scheme://user:PASSWORD@host``) and secret query arguments (``?token=...``) become ***, and so does any
+    occurrence of a secret held in the environment. Dicts and lists are redacted item by item."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, name) for v in value]
+    if name and SECRET_NAME.search(name) and value not in (None, "", False):
+        return REDACTED
+    if not isinstance(value, str):
+        return value
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+    text = _QUERY_SECRET.sub(lambda m: f"{m['name']}{REDACTED}", text)
+    for secret in _secret_values():
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def remote_tracking(uri: str | None = None) -> bool:
+    """A tracking server (http/https/databricks) stores artifacts itself; a database or local store gets ours."""
+    uri = uri if uri is not None else os.environ.get("MLFLOW_TRACKING_URI", "")
+    return urlparse(uri).scheme in ("http", "https", "databricks")
 
 
 @lru_cache(maxsize=1)
@@ -34,14 +82,19 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    location = None if remote_tracking() else (artifact_root / name.replace("/", "-")).resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=(artifact_root / name).resolve().as_uri())
+        return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created by a concurrent run in the meantime
         return client.get_experiment_by_name(name).experiment_id
 
 
 def _params(data: dict) -> list[Param]:
-    return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(data).items()]
+    return [Param(k, str(redact(v, k))[:MAX_PARAM_LENGTH]) for k, v in flatten(data).items()]
+
+
+def _tags(tags: dict[str, str]) -> dict[str, str]:
+    return {k: str(redact(v, k)) for k, v in tags.items()}
 
 
 class StudyTracker:
@@ -51,16 +104,20 @@ class StudyTracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_name,
-            tags={"roads.kind": "study", "roads.pipeline": pipeline, "roads.git_commit": git_commit(), **tags},
+            tags=_tags({"roads.kind": "study", "roads.pipeline": pipeline, "roads.git_commit": git_commit(), **tags}),
         )
         self.parent_id = run.info.run_id
         self.client.log_batch(self.parent_id, params=_params(params), synchronous=True)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        """A JSON artifact of the parent run, redacted."""
+        self.client.log_dict(self.parent_id, redact(data), name)
 
     def start_child(self, node: Node) -> str:
         run = self.client.create_run(
             self.experiment_id,
             run_name=node.id,
-            tags={
+            tags=_tags({
                 "mlflow.parentRunId": self.parent_id,
                 "roads.kind": "stage",
                 "roads.stage": node.stage,
@@ -70,7 +127,7 @@ class StudyTracker:
                 "roads.arm": node.spec.arm or "",
                 "roads.fingerprint": node.spec.fingerprint(),
                 "roads.git_commit": git_commit(),
-            },
+            }),
         )
         params = {"stage": node.stage, **node.spec.model_dump(exclude={"stage", "params"}), **node.spec.params}
         self.client.log_batch(run.info.run_id, params=_params(params), synchronous=True)
@@ -86,15 +143,16 @@ class StudyTracker:
             "roads.produced_by": result.get("produced_by") or "",
             "roads.artifact_path": result["artifact"]["path"],
             "roads.artifact_digest": result["artifact"]["digest"],
+            "roads.worker": result.get("worker", ""),
         }
         now = int(time.time() * 1000)
         logged = set(self.client.get_run(run_id).data.metrics)  # per-step history written by the task itself
         metrics = [Metric(k, float(v), now, 0) for k, v in result["metrics"].items() if k not in logged]
         metrics.append(Metric(f"{node.stage}/wall_seconds", float(result.get("wall_seconds", 0.0)), now, 0))
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _tags(tags).items()], synchronous=True)
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(run_id, metrics=metrics[start:start + 1000], synchronous=True)
-        self.client.log_dict(run_id, node.spec.model_dump(), "config.json")
+        self.client.log_dict(run_id, redact(node.spec.model_dump()), "config.json")
         folder = Path(result["artifact"]["path"])
         for name in result.get("files", []):
             if (folder / name).is_file():
@@ -103,7 +161,7 @@ class StudyTracker:
         return hit
 
     def fail_child(self, run_id: str, message: str) -> None:
-        self.client.set_tag(run_id, "roads.error", message[:5000])
+        self.client.set_tag(run_id, "roads.error", redact(message)[:5000])
         self.client.set_terminated(run_id, "FAILED")
 
     def finish(self, status: str, summary_rows: list[dict], files: dict[str, str], budget_rows: list[dict] = (),

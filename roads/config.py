@@ -1,11 +1,12 @@
 """Strict, frozen pydantic models of ``pipelines.yaml``: load, merge overrides, resolve one config per stage, fingerprint.
 
-The file has four sections::
+The file has five sections::
 
     defaults:   seed, model, and one section per stage (see STAGE_NAMES)
     tasks:      named tasks (a synthetic family with its sizes, or real preference data by path or hub name)
     arms:       named variants of a stage (its settings with ``set`` on top); each is a node of its own
     pipelines:  named recipes: which tasks, seeds and stages or arms, plus ``set`` overrides of the defaults
+    sweeps:     named grids over any override keys (and seeds) of a pipeline, expanded by ``roads.sweep``
 
 A stage's ``data``, ``start``, ``verifier`` (and ivl's ``base``/``target``, gap's ``verifiers``/``policies``)
 settings name the entries its inputs come from (see ``roads.plan.stage_inputs``). An override is ``KEY=VALUE`` with
@@ -98,7 +99,7 @@ class TrainConfig(Strict):
 
 
 class SftConfig(TrainConfig):
-    epochs: float = 3
+    epochs: float = Field(3, gt=0, description="passes over the training data")
     preset: Optional[Literal["tiny", "small", "base"]] = Field(
         None, description="model preset of this SFT (default: model.preset); arms of other sizes serve the scale study")
 
@@ -119,7 +120,7 @@ class NarrowDataConfig(Strict):
 
 
 class RewardModelConfig(TrainConfig):
-    lr: float = 5e-4
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
     data: str = data_field()
     start: str = Field("sft", description="the SFT entry the reward model starts from (an SFT arm of another size "
                                           "gives a reward model of that size)")
@@ -131,12 +132,12 @@ class LocalRmConfig(RewardModelConfig):
     """The local verifier: the SFT language model trained with the Bradley–Terry loss on β·Σ_t log π(y_t|x, y<t),
     its own summed log-probabilities (no value head, no reference)."""
 
-    lr: float = 1e-4
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
     beta: float = Field(1.0, gt=0, description="scale of the summed log-probabilities in the Bradley–Terry loss")
 
 
 class OfflineDpoConfig(TrainConfig):
-    lr: float = 5e-4
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
     data: str = data_field()
     pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs (learning curves)")
     beta: float = Field(0.1, gt=0, description="DPO β (the same β is used online)")
@@ -147,7 +148,7 @@ class SftChosenConfig(TrainConfig):
     """SFT on the chosen responses of the preference pairs, continuing from the SFT policy: the simplest offline
     likelihood baseline (and, from another SFT entry, the 'fine-tuned directly' control of inverse value learning)."""
 
-    epochs: float = 2
+    epochs: float = Field(2, gt=0, description="passes over the training data")
     data: str = data_field()
     start: str = Field("sft", description="the SFT entry it continues from")
 
@@ -158,8 +159,8 @@ class QSftConfig(TrainConfig):
     with the Bellman-target-weighted cross-entropy, a Polyak-averaged target copy), and the extracted policy
     π ∝ π_β·exp(β·p_θ)."""
 
-    lr: float = 1e-4
-    epochs: float = 2
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
+    epochs: float = Field(2, gt=0, description="passes over the training data")
     data: str = data_field()
     start: str = Field("sft", description="the SFT entry that behaviour policy and likelihood model start from")
     behaviour_epochs: float = Field(1, gt=0, description="SFT epochs of the behaviour policy on every response")
@@ -179,8 +180,8 @@ class GenRmConfig(TrainConfig):
     ``genrm``: SFT on the labels; ``star_sft`` / ``star_dpo``: rationales sampled by the model, kept (SFT) or paired
     correct-vs-wrong (DPO) by whether their verdict matches the label. Scored in both orders (antisymmetric)."""
 
-    lr: float = 1e-4
-    epochs: float = 2
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
+    epochs: float = Field(2, gt=0, description="passes over the training data")
     data: str = data_field()
     start: str = Field("sft", description="the SFT entry it starts from")
     method: Literal["genrm", "star_sft", "star_dpo"] = Field("genrm", description="how it is trained")
@@ -199,8 +200,8 @@ class IvlConfig(TrainConfig):
     logits (residual connection), trained with next-token cross-entropy plus an L1 penalty on its logits, then added
     to a *different* base model with the same vocabulary."""
 
-    lr: float = 1e-3
-    epochs: float = 3
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW, linear decay)")
+    epochs: float = Field(3, gt=0, description="passes over the training data")
     data: str = data_field()
     base: str = Field("sft", description="the frozen base (an SFT entry) the value network is trained on")
     target: str = Field("sft", description="the base (an SFT entry) it is added to at inference: a larger preset or "
@@ -229,8 +230,8 @@ class OnlineDpoConfig(OfflineDpoConfig):
 class OnlineRlConfig(TrainConfig):
     """Continuous on-policy RL from the SFT policy with TRL's RLOO or GRPO, KL-penalised towards the SFT reference."""
 
-    lr: float = 5e-5
-    epochs: float = 1
+    lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW, linear decay)")
+    epochs: float = Field(1, gt=0, description="passes over the training data")
     algorithm: Literal["rloo", "grpo"] = Field("rloo", description="TRL trainer")
     verifier: Literal["reward_model", "gold"] = Field("reward_model", description="the reward")
     beta: float = Field(0.1, ge=0, description="KL coefficient towards the reference")
@@ -311,11 +312,50 @@ class PipelineConfig(Strict):
     set: dict[str, Any] = Field({}, description="overrides of defaults, as in --set")
 
 
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
+
+
+class SweepConfig(Strict):
+    """A grid over any ``--set`` keys (and seeds) of one pipeline; each point of the grid is an arm of the sweep."""
+
+    description: str = ""
+    pipeline: str = Field(description="the pipeline every arm runs")
+    grid: dict[str, list[Any]] = Field({}, description="KEY (as in --set) -> the values it takes; arms = the product")
+    seeds: Optional[list[int]] = Field(None, min_length=1, description="each seed an arm of its own (a grid "
+                                       "dimension); default: every arm runs the pipeline's seeds")
+    runner: Literal["ray", "process"] = Field("ray", description="ray: prefect-ray's task runner (a local cluster, "
+                                              "or --ray-address / RAY_ADDRESS); process: a local process pool")
+    workers: Optional[int] = Field(None, gt=0, description="CPUs of a local Ray cluster / processes of the pool "
+                                   "(default: the machine's cores)")
+    resources: dict[str, dict[str, float]] = Field({}, description="Ray resources per stage, or 'default' for "
+                                                   "every stage: num_cpus, num_gpus, memory (bytes)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepConfig":
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key}: give at least one value")
+            if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+                raise ValueError(f"grid.{key}: a value is repeated")
+        if self.seeds and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds: a seed is repeated")
+        for stage, res in self.resources.items():
+            if stage != "default" and stage not in STAGE_NAMES:
+                raise ValueError(f"resources.{stage}: not a stage; use a stage name or 'default'")
+            for key, value in res.items():
+                if key not in RESOURCE_KEYS:
+                    raise ValueError(f"resources.{stage}.{key}: unknown resource; known: {', '.join(RESOURCE_KEYS)}")
+                if value < 0:
+                    raise ValueError(f"resources.{stage}.{key}: must be >= 0")
+        return self
+
+
 class StudyFile(Strict):
     defaults: Defaults = Defaults()
     tasks: dict[str, TaskConfig]
     arms: dict[str, ArmConfig] = {}
     pipelines: dict[str, PipelineConfig]
+    sweeps: dict[str, SweepConfig] = {}
 
 
 STAGE_CONFIGS: dict[str, type[Strict]] = {
@@ -519,6 +559,10 @@ def load_study_file(path: str | Path) -> StudyFile:
     for name in study.pipelines:
         with_set = _with_pipeline_set(copy.deepcopy(raw), study, name, str(path))
         _check_pipeline(with_set, name, with_set.pipelines[name], str(path))
+    for name, sweep in study.sweeps.items():
+        if sweep.pipeline not in study.pipelines:
+            raise ConfigError(f"{path}: sweeps.{name}.pipeline: unknown pipeline {sweep.pipeline!r}; known: "
+                              f"{', '.join(sorted(study.pipelines))}")
     return study
 
 

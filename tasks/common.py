@@ -11,13 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
+from prefect.filesystems import LocalFileSystem
 
 import roads
 from roads.artifacts import ArtifactRef, digest_dir, state_home
@@ -56,6 +60,41 @@ def cache_key(spec: StageSpec, inputs: dict[str, ArtifactRef]) -> str:
 
 def results_dir() -> Path:
     return state_home() / "results"
+
+
+class AtomicLocalFileSystem(LocalFileSystem):
+    """Prefect's local result storage, but a record is written to a temporary file and renamed into place: two
+    studies sharing one store (concurrent sweeps) never read each other's half-written cache records."""
+
+    _block_type_name = "Roads Atomic Local File System"
+
+    def _atomic_write(self, path: str, content: bytes) -> str:
+        target = Path(self._resolve_path(path))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_bytes(content)
+        os.replace(tmp, target)
+        return str(target)
+
+    def write_path(self, path: str, content: bytes, **_: Any) -> str:  # Prefect may pass _sync=True
+        return self._atomic_write(path, content)
+
+    async def awrite_path(self, path: str, content: bytes, **_: Any) -> str:
+        return self._atomic_write(path, content)
+
+
+def result_storage() -> AtomicLocalFileSystem:
+    """Where the stage tasks' cache records live: ``results_dir()``, read when the study starts. Prefect wants a
+    task's storage block saved on its server: it is saved once per folder (and API) under a name from the path."""
+    folder = str(results_dir().resolve())
+    return _saved_storage(folder, os.environ.get("PREFECT_API_URL", ""))
+
+
+@lru_cache(maxsize=8)
+def _saved_storage(folder: str, api: str) -> AtomicLocalFileSystem:
+    block = AtomicLocalFileSystem(basepath=folder)
+    block.save(f"roads-results-{hashlib.sha256(folder.encode()).hexdigest()[:16]}", overwrite=True)
+    return block
 
 
 def _refs(inputs: dict[str, Any]) -> dict[str, ArtifactRef]:
@@ -125,12 +164,14 @@ def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
     doc["cache_key"] = cache_key(parsed, refs)
     doc["produced_by"] = ctx.get("child_run_id")
     doc["wall_seconds"] = round(time.time() - started, 3)
+    doc["started_at"], doc["finished_at"] = started, time.time()
+    doc["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran it (a Ray node …)
     return doc
 
 
 def stage_task(stage: str) -> Callable:
     """The Prefect task of one stage. ``ctx`` (store, node id, MLflow child run) is not part of the cache key. The
-    flow sets ``result_storage`` per run (``results_dir()``) so that $ROADS_HOME is read when the study starts."""
+    flow sets ``result_storage`` per run (``result_storage()``) so that $ROADS_HOME is read when the study starts."""
 
     def body(spec: dict, inputs: dict, ctx: dict) -> dict:
         return run_stage(spec, inputs, ctx)

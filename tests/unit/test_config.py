@@ -488,3 +488,9 @@ def test_the_report_is_wired_to_every_gap_and_evaluate_node():
     report = next(n for n in nodes if n.id == "report")
     expected = {n.id for n in nodes if n.stage in ("gap", "evaluate")}
     assert set(report.inputs.values()) == expected and any(i.endswith("/gap") for i in expected)
+
+
+@pytest.mark.parametrize("override", ["sft.epochs=-1", "offline_dpo.lr=0", "reward_model.lr=-1e-4", "online_rl.epochs=0"])
+def test_a_stage_that_changes_a_default_keeps_its_bounds(override):
+    with pytest.raises(ConfigError, match="greater than 0"):
+        load_study(Path(__file__).resolve().parents[2] / "pipelines.yaml", "smoke", [override])
