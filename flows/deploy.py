@@ -97,9 +97,11 @@ def deploy(name: str, *, sweep: bool = False, overrides: list[str] = (), file: s
     source = target.from_source(source=str(PROJECT), entrypoint=f"flows/deploy.py:{target.fn.__name__}")
     deployment_name = deployment_name or name
     schedule: dict[str, Any] = {"cron": cron} if cron else {"interval": interval} if interval else {}
-    deployment_id = source.deploy(name=deployment_name, work_pool_name=pool, parameters=parameters, build=False,
-                                  push=False, print_next_steps=False, paused=paused or None,
-                                  tags=["roads", "sweep" if sweep else "study"], **schedule)
+    # to_deployment + apply, not Flow.deploy: with this stack (Prefect 3.8.8, fastapi 0.154) deploy()'s check for
+    # online workers is refused by the server (422 on workers/filter: limit/offset None)
+    deployment = source.to_deployment(name=deployment_name, work_pool_name=pool, parameters=parameters,
+                                      paused=paused or None, tags=["roads", "sweep" if sweep else "study"], **schedule)
+    deployment_id = deployment.apply(work_pool_name=pool)
     return {"id": str(deployment_id), "name": f"{target.name}/{deployment_name}", "pool": pool,
             "schedule": schedule or None, "parameters": parameters}
 

@@ -7,8 +7,9 @@ same time in a pool of worker processes. ``run_study`` is the entry point for th
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from statistics import fmean
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -188,6 +189,19 @@ def collect(pipeline: str, nodes: list[Node], futures: dict[str, Any], tracker: 
     return outcome, failed
 
 
+@contextmanager
+def failing_runs(trackers: Iterable[StudyTracker]):
+    """If the flow itself breaks (not a stage: those are recorded per node), mark every MLflow run it left open as
+    FAILED with the reason, then let the error through. ``trackers`` is read when that happens (a dict's values()
+    view sees trackers added later)."""
+    try:
+        yield
+    except BaseException as err:
+        for tracker in trackers:
+            tracker.abort(f"the flow failed: {_one_line(err)}")
+        raise
+
+
 def study_tracker(study: Study, experiment: str, run_name: str, overrides: list[str], runner: str,
                   tags: dict[str, str] | None = None, params: dict | None = None) -> StudyTracker:
     """The parent MLflow run of one pipeline run (a sweep arm is one), with the resolved config attached."""
@@ -210,10 +224,11 @@ def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str 
     study = load_study(file, pipeline, overrides)
     nodes = select(build_plan(study), only_stage)
     tracker = study_tracker(study, pipeline, f"{pipeline}-{flow_run.get_name() or 'run'}", overrides, runner)
-    children = {n.id: tracker.start_child(n) for n in nodes}
-    futures = submit_nodes(nodes, children, str(env.artifact_store()), force_stage=force_stage,
-                           resources=(lambda stage: {"num_cpus": 1}) if runner == "ray" else None)
-    outcome, failed = collect(pipeline, nodes, futures, tracker, children)
+    with failing_runs([tracker]):
+        children = {n.id: tracker.start_child(n) for n in nodes}
+        futures = submit_nodes(nodes, children, str(env.artifact_store()), force_stage=force_stage,
+                               resources=(lambda stage: {"num_cpus": 1}) if runner == "ray" else None)
+        outcome, failed = collect(pipeline, nodes, futures, tracker, children)
     if failed:
         first = next(iter(failed.items()))
         raise StudyFailed(f"{len(failed)} of {len(nodes)} stages failed; first: {first[0]}: {first[1]}", outcome)

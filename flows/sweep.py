@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import env
-from flows.study import StudyFailed, arms_by_task, collect, study_tracker, submit_nodes, task_runner
+from flows.study import StudyFailed, arms_by_task, collect, failing_runs, study_tracker, submit_nodes, task_runner
 from roads.errors import RoadsError
 from roads.sweep import arm_plans, load_sweep, resources_for
 
@@ -29,27 +29,28 @@ def sweep_flow(sweep: str, overrides: list[str], file: str, runner: str = "ray")
     plans = arm_plans(studies)
     run_id = str(flow_run.get_id() or "")
     trackers, children = {}, {}
-    for arm, study, nodes, _ in plans:
-        swept = {f"sweep.{key}": value for key, value in arm.values.items()}
-        trackers[arm.name] = tracker = study_tracker(
-            study, experiment_name(sweep), arm.name, [*overrides, *arm.overrides], runner,
-            tags={"roads.sweep": sweep, "roads.sweep_arm": arm.name, "roads.sweep_flow_run_id": run_id,
-                  **{k: str(v) for k, v in swept.items()}},
-            params={"sweep": sweep, **swept})
-        children[arm.name] = {n.id: tracker.start_child(n) for n in nodes}
-    store = str(env.artifact_store())
-    shared: dict[str, Any] = {}  # plan key -> future: a stage several arms share is submitted once
-    futures = {}
-    for arm, _study, nodes, keys in plans:
-        futures[arm.name] = submit_nodes(
-            nodes, children[arm.name], store, shared=shared, keys=keys, label=f"{arm.name}:",
-            resources=(lambda stage: resources_for(config, stage) or {"num_cpus": 1}) if runner == "ray" else None)
-    arms, failures = [], {}
-    for arm, study, nodes, _ in plans:
-        outcome, failed = collect(study.pipeline, nodes, futures[arm.name], trackers[arm.name], children[arm.name])
-        outcome.update(arm=arm.name, values=arm.values)
-        arms.append(outcome)
-        failures.update({f"{arm.name}: {node}": message for node, message in failed.items()})
+    with failing_runs(trackers.values()):
+        for arm, study, nodes, _ in plans:
+            swept = {f"sweep.{key}": value for key, value in arm.values.items()}
+            trackers[arm.name] = tracker = study_tracker(
+                study, experiment_name(sweep), arm.name, [*overrides, *arm.overrides], runner,
+                tags={"roads.sweep": sweep, "roads.sweep_arm": arm.name, "roads.sweep_flow_run_id": run_id,
+                      **{k: str(v) for k, v in swept.items()}},
+                params={"sweep": sweep, **swept})
+            children[arm.name] = {n.id: tracker.start_child(n) for n in nodes}
+        store = str(env.artifact_store())
+        shared: dict[str, Any] = {}  # plan key -> future: a stage several arms share is submitted once
+        futures = {}
+        for arm, _study, nodes, keys in plans:
+            futures[arm.name] = submit_nodes(
+                nodes, children[arm.name], store, shared=shared, keys=keys, label=f"{arm.name}:",
+                resources=(lambda stage: resources_for(config, stage) or {"num_cpus": 1}) if runner == "ray" else None)
+        arms, failures = [], {}
+        for arm, study, nodes, _ in plans:
+            outcome, failed = collect(study.pipeline, nodes, futures[arm.name], trackers[arm.name], children[arm.name])
+            outcome.update(arm=arm.name, values=arm.values)
+            arms.append(outcome)
+            failures.update({f"{arm.name}: {node}": message for node, message in failed.items()})
     result = {"sweep": sweep, "experiment": experiment_name(sweep), "arms": arms,
               "stages": len(shared), "nodes": sum(len(a["nodes"]) for a in arms)}
     if failures:

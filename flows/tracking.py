@@ -107,6 +107,7 @@ class StudyTracker:
             tags=_tags({"roads.kind": "study", "roads.pipeline": pipeline, "roads.git_commit": git_commit(), **tags}),
         )
         self.parent_id = run.info.run_id
+        self.open: set[str] = {self.parent_id}  # runs not yet terminated: abort() fails them
         self.client.log_batch(self.parent_id, params=_params(params), synchronous=True)
 
     def log_dict(self, data: dict, name: str) -> None:
@@ -130,6 +131,7 @@ class StudyTracker:
             }),
         )
         params = {"stage": node.stage, **node.spec.model_dump(exclude={"stage", "params"}), **node.spec.params}
+        self.open.add(run.info.run_id)
         self.client.log_batch(run.info.run_id, params=_params(params), synchronous=True)
         return run.info.run_id
 
@@ -157,12 +159,25 @@ class StudyTracker:
         for name in result.get("files", []):
             if (folder / name).is_file():
                 self.client.log_artifact(run_id, str(folder / name))
-        self.client.set_terminated(run_id, "FINISHED")
+        self._terminate(run_id, "FINISHED")
         return hit
 
     def fail_child(self, run_id: str, message: str) -> None:
         self.client.set_tag(run_id, "roads.error", redact(message)[:5000])
-        self.client.set_terminated(run_id, "FAILED")
+        self._terminate(run_id, "FAILED")
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+        self.open.discard(run_id)
+
+    def abort(self, message: str) -> None:
+        """The flow itself failed (not a stage): every run still open is marked FAILED with the reason, so nothing
+        is left RUNNING in the UI."""
+        for run_id in list(self.open):
+            try:
+                self.fail_child(run_id, message)
+            except MlflowException:  # the server went away too: nothing more can be recorded
+                self.open.discard(run_id)
 
     def finish(self, status: str, summary_rows: list[dict], files: dict[str, str], budget_rows: list[dict] = (),
                report_folder: str | None = None, report_files: list[str] = (),
@@ -185,4 +200,4 @@ class StudyTracker:
             self.client.log_batch(self.parent_id, metrics=metrics[start:start + 1000], synchronous=True)
         for name, text in files.items():
             self.client.log_text(self.parent_id, text, name)
-        self.client.set_terminated(self.parent_id, status)
+        self._terminate(self.parent_id, status)
