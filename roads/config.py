@@ -2,7 +2,7 @@
 
 The file has five sections::
 
-    defaults:   seed, model, and one section per stage (see STAGE_NAMES)
+    defaults:   seed, model, launch (multi-process training), and one section per stage (see STAGE_NAMES)
     tasks:      named tasks (a synthetic family with its sizes, or real preference data by path or hub name)
     arms:       named variants of a stage (its settings with ``set`` on top); each is a node of its own
     pipelines:  named recipes: which tasks, seeds and stages or arms, plus ``set`` overrides of the defaults
@@ -36,6 +36,10 @@ DATA_STAGES = ("prepare_data", "narrow_data")  # what a stage's `data` may name
 # global, local, generative, DPO implicit reward
 VERIFIER_STAGES = ("reward_model", "local_rm", "genrm", "offline_dpo", "online_dpo")
 BASIC_STAGES = ("prepare_data", "sft", "reward_model", "offline_dpo", "evaluate")
+# the stages whose training is one TRL/transformers Trainer, so the whole stage can run under `accelerate launch`
+# (see roads.launch); the others train with roads.training.train_loop (local_rm, q_sft, ivl), generate between
+# trainings (online_dpo, genrm), or do not train, and always run in one process
+LAUNCH_STAGES = ("sft", "sft_chosen", "reward_model", "offline_dpo", "online_rl")
 
 
 def no_fingerprint(default: Any, description: str) -> Any:
@@ -276,9 +280,47 @@ class EvaluateConfig(Strict):
     table_rows: int = no_fingerprint(50, "rows of the sample table logged as an artifact")
 
 
+class LaunchConfig(Strict):
+    """Multi-process training of the Trainer-based stages (LAUNCH_STAGES) through ``accelerate launch`` on one
+    machine. ``batch_size`` stays the *global* batch: each of the ``num_processes`` processes takes
+    ``batch_size / num_processes`` examples per optimiser step, so results are comparable with one process."""
+
+    backend: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none", description="none: train in the stage's own process; ddp: DistributedDataParallel; fsdp: FSDP2 "
+                            "(FullyShardedDataParallel); deepspeed: DeepSpeed ZeRO (needs `pip install deepspeed` "
+                            "where it runs)")
+    num_processes: int = Field(1, ge=1, description="processes, one per GPU (ddp needs at least 2)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate's mixed precision")
+    deepspeed_stage: Literal[2, 3] = Field(2, description="deepspeed: ZeRO stage (2: optimizer states and "
+                                                          "gradients sharded; 3: parameters too)")
+    fsdp_auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = Field(
+        "TRANSFORMER_BASED_WRAP", description="fsdp: accelerate's fsdp_auto_wrap_policy (TRANSFORMER_BASED_WRAP "
+                                              "shards each decoder layer, from the model's _no_split_modules)")
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="fsdp: accelerate's fsdp_reshard_after_forward (true = FULL_SHARD: free the gathered "
+                          "parameters after forward; false = SHARD_GRAD_OP: keep them until backward)")
+    cpu: bool = Field(False, description="run the processes on CPU over gloo (tests, CPU clusters); ddp only")
+
+    def problem(self) -> Optional[str]:
+        """What is wrong with this combination of fields, or None. Checked when a study is loaded (after all
+        overrides: ``--set launch.backend=ddp --set launch.num_processes=2`` passes through an invalid state)."""
+        if self.backend == "none" and self.num_processes > 1:
+            return (f"num_processes: {self.num_processes} processes need a backend (ddp, fsdp or deepspeed); backend "
+                    "is 'none'")
+        if self.backend == "ddp" and self.num_processes < 2:
+            return "num_processes: ddp needs at least 2 processes (fsdp and deepspeed may use 1)"
+        if self.cpu and self.backend in ("fsdp", "deepspeed"):
+            return (f"cpu: accelerate runs {self.backend} on GPUs only (with cpu it falls back to plain data "
+                    "parallel); use backend ddp with cpu: true")
+        if self.cpu and self.mixed_precision == "fp16":
+            return "mixed_precision: fp16 needs GPUs; use bf16 or no with cpu: true"
+        return None
+
+
 class Defaults(Strict):
     seed: int = Field(0, description="the study seed; each pipeline's `seeds` replaces it")
     model: ModelConfig = ModelConfig()
+    launch: LaunchConfig = LaunchConfig()
     prepare_data: PrepareDataConfig = PrepareDataConfig()
     narrow_data: NarrowDataConfig = NarrowDataConfig()
     sft: SftConfig = SftConfig()
@@ -388,6 +430,7 @@ class StageSpec(Strict):
     model: Optional[ModelConfig] = None  # stages that build or load a policy from scratch
     task: Optional[TaskConfig] = None  # prepare_data only; later stages see the data through its artifact
     arm: Optional[str] = None  # evaluate: which policy stage or arm is scored
+    launch: Optional[LaunchConfig] = None  # LAUNCH_STAGES under accelerate launch; None: in-process (not fingerprinted)
 
     def config(self) -> Strict:
         """The typed stage config (``SftConfig`` …)."""
@@ -438,6 +481,7 @@ class Study(Strict):
             model=self.defaults.model if stage == "sft" else None,
             task=self.tasks[task_name] if stage == "prepare_data" else None,
             arm=arm,
+            launch=self.defaults.launch if stage in LAUNCH_STAGES and self.defaults.launch.backend != "none" else None,
         )
 
     def resolved(self) -> dict:
@@ -468,6 +512,8 @@ def fingerprint(spec: StageSpec) -> str:
     """sha256 of the canonical JSON of every field that changes results (seed included, logging excluded)."""
     data = _result_fields(spec)
     data["params"] = _result_fields(spec.config())
+    if data.get("launch") is None:  # in-process: the key is left out, so fingerprints from before `launch` hold
+        data.pop("launch", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -556,6 +602,8 @@ def load_study_file(path: str | Path) -> StudyFile:
     except ValidationError as err:
         raise ConfigError(_format_error(err, str(path))) from None
     _check_arms(study, str(path))
+    if study.defaults.launch.problem():
+        raise ConfigError(f"{path}: defaults.launch.{study.defaults.launch.problem()}")
     for name in study.pipelines:
         with_set = _with_pipeline_set(copy.deepcopy(raw), study, name, str(path))
         _check_pipeline(with_set, name, with_set.pipelines[name], str(path))
@@ -610,6 +658,39 @@ def _check_pipeline(study: StudyFile, name: str, pipe: PipelineConfig, where: st
     problem = check_stage_closure(pipe.stages, study.arms, study.defaults)
     if problem:
         raise ConfigError(f"{where}: pipelines.{name}.stages: {problem}")
+    problem = _launch_problem(study, pipe)
+    if problem:
+        raise ConfigError(f"{where}: pipelines.{name}: {problem}")
+
+
+def global_batch(stage: str, params: dict[str, Any]) -> int:
+    """Examples (completions, for online_rl) per optimiser step: ``batch_size``, which online_rl rounds up to whole
+    prompt groups of ``num_generations``."""
+    batch = params["batch_size"]
+    if stage == "online_rl":
+        group = params["num_generations"]
+        batch = -(-batch // group) * group
+    return batch
+
+
+def _launch_problem(study: StudyFile, pipe: PipelineConfig) -> str | None:
+    """The launch section's own problem, then: every launched stage's global batch must split evenly over the
+    processes."""
+    launch = study.defaults.launch
+    if launch.problem():
+        return f"launch.{launch.problem()}"
+    if launch.backend == "none":
+        return None
+    for entry in pipe.stages:
+        stage = study.arms[entry].stage if entry in study.arms else entry
+        if stage not in LAUNCH_STAGES:
+            continue
+        batch = global_batch(stage, resolve_params(entry, study.arms, study.defaults)[1])
+        if batch % launch.num_processes:
+            key = f"{stage}.batch_size" if entry == stage else f"arms.{entry} ({stage}) batch_size"
+            return (f"{key} {batch} is not a multiple of launch.num_processes ({launch.num_processes}): the global "
+                    "batch is split evenly over the processes; change one of them")
+    return None
 
 
 def _validate(raw: dict, where: str) -> StudyFile:

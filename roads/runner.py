@@ -1,5 +1,6 @@
 """Run one stage into the artifact store: a temporary folder that becomes ``<store>/<stage>/<digest>`` only when
-the stage finished, so a failure or a kill leaves nothing that looks complete."""
+the stage finished, so a failure or a kill leaves nothing that looks complete. A stage whose spec has ``launch``
+set runs on several processes through ``accelerate launch`` (roads.launch) instead of in this process."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ def execute(spec: StageSpec, inputs: dict[str, ArtifactRef], store: str | Path,
     quiet_libraries()
     tmp = new_temp_dir(store, spec.stage)
     try:
-        result = stage_module(spec.stage).run(spec, inputs, tmp, tracker)
+        if spec.launch is not None:
+            from roads.launch import launch
+
+            result = launch(spec, inputs, tmp, getattr(tracker, "run_id", None), tracker)
+        else:
+            result = stage_module(spec.stage).run(spec, inputs, tmp, tracker)
         result.artifact = commit_dir(tmp, store, spec.stage)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,13 +4,15 @@ to the tracker and fails the stage on a NaN or infinite loss, and a weights chec
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from roads.config import TrainConfig
-from roads.errors import TrainingError
+from roads.errors import ConfigError, TrainingError
 
 
 class Tracker(Protocol):
@@ -29,14 +31,34 @@ class NullTracker:
         pass
 
 
+def world_size() -> int:
+    """Data-parallel processes of this run: ``WORLD_SIZE``, which ``accelerate launch`` (torchrun) sets in every
+    process it starts (roads.launch); 1 in the stage's own process."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def per_device_batch(global_batch: int, key: str = "batch_size") -> int:
+    """The per-process share of a global batch: ``batch_size`` in the config is the global batch (examples per
+    optimiser step, whatever the number of processes), so launched and in-process runs take the same steps on the
+    same examples. The config check (``launch.num_processes``) guarantees it divides evenly."""
+    n = world_size()
+    if global_batch % n:
+        raise ConfigError(f"{key} {global_batch} is not a multiple of the {n} launched processes; change "
+                          "launch.num_processes or the batch size")
+    return global_batch // n
+
+
 def trainer_args(cfg: TrainConfig, seed: int, output_dir: str, **extra: Any) -> dict[str, Any]:
-    """Keyword arguments for any TRL config (SFTConfig, RewardConfig, DPOConfig, …)."""
+    """Keyword arguments for any TRL config (SFTConfig, RewardConfig, DPOConfig, …). Under ``accelerate launch``
+    each process takes ``batch_size / WORLD_SIZE`` examples per step (the global batch stays ``batch_size``) and
+    mixed precision comes from accelerate (``ACCELERATE_MIXED_PRECISION``, read by transformers when bf16 and
+    fp16 are off)."""
     return dict(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.lr,
         lr_scheduler_type="linear",
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=per_device_batch(cfg.batch_size),
         max_length=cfg.max_length,
         logging_steps=cfg.logging_steps,
         seed=seed,
@@ -98,12 +120,30 @@ def check_finite(model: torch.nn.Module, stage: str) -> None:
 
 def save_trained(stage: str, model: torch.nn.Module, tokenizer, trainer, out_dir) -> dict[str, float]:
     """After training: check the weights are finite, save model and tokenizer to ``out_dir``, return the final
-    training metrics."""
-    check_finite(model, stage)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    training metrics. Under FSDP or DeepSpeed the parameters are sharded over the processes: every process calls
+    ``trainer.save_model`` (it gathers the full weights, a collective) and the main process writes them."""
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        trainer.save_model(str(out_dir))
+        if trainer.args.should_save:
+            Path(out_dir, "training_args.bin").unlink(missing_ok=True)  # pickled args with temp paths: not content
+            check_finite_saved(out_dir, stage)
+    else:
+        check_finite(model, stage)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
     write_trained(out_dir, len(trainer.train_dataset), stage)
     return final_train_metrics(stage, trainer.state.log_history)
+
+
+def check_finite_saved(out_dir, stage: str) -> None:
+    """``check_finite`` on the weights a sharded run saved (the in-memory parameters are shards)."""
+    from safetensors.torch import load_file
+
+    for file in sorted(Path(out_dir).glob("*.safetensors")):
+        for name, tensor in load_file(str(file)).items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise TrainingError(f"{stage}: weight {name} is not finite after training; lower {stage}.lr — "
+                                    "nothing was cached")
 
 
 def write_trained(out_dir, train_examples: int, stage: str | None = None) -> None:
@@ -142,7 +182,8 @@ def train_loop(stage: str, cfg: TrainConfig, seed: int, model: torch.nn.Module, 
     Polyak update). A non-finite loss or gradient raises TrainingError naming ``<stage>.lr``. Every
     ``cfg.logging_steps`` steps (and at the last) the window means of the loss and extras are logged as
     ``<stage>/<name>``. The process's global RNG is left as it was. Returns the last window's means,
-    ``<stage>/train_loss`` (the mean over all steps) and ``<stage>/steps``."""
+    ``<stage>/train_loss`` (the mean over all steps) and ``<stage>/steps``. It runs in one process: its stages are
+    not launchable (``roads.config.LAUNCH_STAGES``; they ignore ``launch``)."""
     per_epoch = math.ceil(n / cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * per_epoch))
     params = list(parameters if parameters is not None else model.parameters())

@@ -17,6 +17,7 @@ How it is wired:
   applies the task's r*(x, y) and is logged as ``rewards/gold/mean``.
 * **Batch size**: ``batch_size`` counts completions per optimiser step. TRL needs the generation batch to hold whole
   prompt groups, so it is rounded *up* to a multiple of ``num_generations`` (8 with 4 generations → 2 prompts × 4).
+  Under ``accelerate launch`` that is the global batch, split evenly over the processes.
 * **Determinism**: TRL seeds the global torch generator from the seed (``set_seed`` in ``Trainer``) and samples with it;
   its prompt sampler is seeded too, so the same inputs and seed give the same weights.
 
@@ -40,7 +41,7 @@ from roads.data import gold_reward_fn, task_of
 from roads.errors import ConfigError, DataError
 from roads.generation import reward_scores
 from roads.models import load_policy, load_reward_model
-from roads.training import NullTracker, StageCallback, Tracker, save_trained, train, trainer_args
+from roads.training import NullTracker, StageCallback, Tracker, per_device_batch, save_trained, train, trainer_args
 
 VERSION = 1
 STAGE = "online_rl"
@@ -112,7 +113,8 @@ def rl_config(cfg: OnlineRlConfig, seed: int, output_dir: str):
     the group size and the sampling settings."""
     args = trainer_args(cfg, seed, output_dir)
     args.pop("max_length")
-    args["per_device_train_batch_size"] = group_batch_size(cfg.batch_size, cfg.num_generations)
+    args["per_device_train_batch_size"] = per_device_batch(group_batch_size(cfg.batch_size, cfg.num_generations),
+                                                           f"{STAGE}.batch_size (in whole prompt groups)")
     args.update(beta=cfg.beta, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
                 temperature=cfg.temperature)
     return (RLOOConfig if cfg.algorithm == "rloo" else GRPOConfig)(**args)

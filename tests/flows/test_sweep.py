@@ -11,6 +11,7 @@ from flows.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
+LONGER = ["offline_dpo.epochs=6"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first(home):
-    return run_sweep("sweep-smoke", file=str(ROOT / "pipelines.yaml"), runner="ray", workers=2)
+    # DPO a little longer than a Prefect task's own overhead, so that stages which can overlap do (2 busy cores)
+    return run_sweep("sweep-smoke", LONGER, file=str(ROOT / "pipelines.yaml"), runner="ray", workers=2)
 
 
 def _by_node(arm: dict) -> dict[str, str]:
@@ -82,7 +84,7 @@ def test_one_mlflow_run_per_arm_with_the_swept_values_as_params_and_tags(first):
 
 
 def test_a_rerun_through_the_cli_is_all_hits(first, capsys):
-    assert main(["sweep", "sweep-smoke", "--runner", "ray", "--workers", "2"]) == 0
+    assert main(["sweep", "sweep-smoke", "--runner", "ray", "--workers", "2", "--set", LONGER[0]]) == 0
     out = capsys.readouterr().out
     assert "0 ran, 10 hits" in out
     assert "| offline_dpo.beta=0.5 | gap | offline_dpo |" in out
