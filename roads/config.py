@@ -228,7 +228,10 @@ class OnlineDpoConfig(OfflineDpoConfig):
     prompt_multiplier: int = Field(1, ge=1, description="online prompts = this × the training prompts (H3)")
     max_new_tokens: int = Field(16, gt=0, description="generation limit")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    engine: Literal["roads", "vllm"] = Field("roads", description="who samples the k completions: roads' own "
+                                             "seeded sampler, or vLLM (a GPU with vllm installed)")
     generation_batch_size: int = no_fingerprint(256, "sequences per generation batch")
+    vllm_gpu_memory_utilization: float = no_fingerprint(0.5, "engine vllm: the share of GPU memory vLLM may take")
 
 
 class OnlineRlConfig(TrainConfig):
@@ -243,6 +246,9 @@ class OnlineRlConfig(TrainConfig):
     max_new_tokens: int = Field(16, gt=0, description="generation limit")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     n_prompts: Optional[int] = Field(None, gt=0, description="training prompts (default: all)")
+    use_vllm: bool = Field(False, description="generate with vLLM colocated with training (TRL's vllm_mode "
+                                              "colocate; a GPU with vllm installed)")
+    vllm_gpu_memory_utilization: float = no_fingerprint(0.3, "use_vllm: the share of GPU memory vLLM may take")
 
 
 class GapConfig(Strict):

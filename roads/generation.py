@@ -1,11 +1,14 @@
-"""Batched sampling with a KV cache and an explicit random generator (so samples depend only on the seed), and
-sequence log-probabilities and reward-model scores for (prompt, completion) batches."""
+"""Batched sampling with a KV cache and an explicit random generator (so samples depend only on the seed), the same
+through vLLM on a GPU when it is installed, and sequence log-probabilities and reward-model scores for
+(prompt, completion) batches."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from roads.errors import RoadsError
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,41 @@ def sample(model, tokenizer, prompts: list[str], *, n: int, max_new_tokens: int,
             group.append(Completion(tokenizer.decode(seq, skip_special_tokens=True), tuple(seq), finished))
         out.append(group)
     return out
+
+
+def vllm_problem() -> str | None:
+    """None when vLLM can generate here; otherwise why not, and how to fix it."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed: pip install vllm on a CUDA machine (docker/Dockerfile.cuda: WITH_VLLM=1)"
+    if not torch.cuda.is_available():
+        return "vLLM needs a CUDA GPU and torch sees none (check CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+def sample_vllm(model_dir: str, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float, seed: int,
+                gpu_memory_utilization: float = 0.5) -> list[list[Completion]]:
+    """``sample`` through vLLM's engine: ``n`` completions per prompt of the policy saved in ``model_dir``, the same
+    tokens in, the same Completion records out. Seeded per request, but vLLM is not bitwise reproducible across
+    versions and GPUs (its version is recorded on the run)."""
+    problem = vllm_problem()
+    if problem:
+        raise RoadsError(f"engine vllm: {problem}; or use the default engine")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    llm = LLM(model=str(model_dir), seed=seed, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True)
+    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in encode(tokenizer, prompts)], params, use_tqdm=False)
+    eos = tokenizer.eos_token_id
+    groups = [[Completion(text=tokenizer.decode([t for t in c.token_ids if t != eos], skip_special_tokens=True),
+                          ids=tuple(c.token_ids), finished=c.finish_reason == "stop") for c in out.outputs]
+              for out in outputs]
+    del llm
+    torch.cuda.empty_cache()
+    return groups
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, wr
 from roads.config import OnlineDpoConfig, StageSpec
 from roads.data import gold_reward_fn, task_of
 from roads.errors import RoadsError, TrainingError
-from roads.generation import sample
+from roads.generation import sample, sample_vllm
 from roads.models import load_policy
 from roads.stages.offline_dpo import train_dpo
 from roads.training import NullTracker, Tracker, first_fraction
@@ -78,11 +78,17 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(cfg.rounds):
-            model, tokenizer = load_policy(policy_path)
-            tracker.progress(f"round {round_index + 1}/{cfg.rounds}: sampling {len(prompts)} x {cfg.k}")
-            groups = sample(model, tokenizer, prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, seed=spec.seed * 1000 + round_index,
-                            batch_size=cfg.generation_batch_size)
+            tracker.progress(f"round {round_index + 1}/{cfg.rounds}: sampling {len(prompts)} x {cfg.k}"
+                             f"{' with vLLM' if cfg.engine == 'vllm' else ''}")
+            if cfg.engine == "vllm":
+                groups = sample_vllm(policy_path, prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                                     temperature=cfg.temperature, seed=spec.seed * 1000 + round_index,
+                                     gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+            else:
+                model, tokenizer = load_policy(policy_path)
+                groups = sample(model, tokenizer, prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, seed=spec.seed * 1000 + round_index,
+                                batch_size=cfg.generation_batch_size)
             tokens_generated += sum(len(c.ids) for group in groups for c in group)
             texts = [[c.text for c in group] for group in groups]
             flat_scores = verify([p for p, g in zip(prompts, texts) for _ in g], [c for g in texts for c in g])

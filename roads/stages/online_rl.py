@@ -38,8 +38,8 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
 from roads.config import OnlineRlConfig, StageSpec, TaskConfig
 from roads.data import gold_reward_fn, task_of
-from roads.errors import ConfigError, DataError
-from roads.generation import reward_scores
+from roads.errors import ConfigError, DataError, RoadsError
+from roads.generation import reward_scores, vllm_problem
 from roads.models import load_policy, load_reward_model
 from roads.training import NullTracker, StageCallback, Tracker, per_device_batch, save_trained, train, trainer_args
 
@@ -117,6 +117,11 @@ def rl_config(cfg: OnlineRlConfig, seed: int, output_dir: str):
                                                            f"{STAGE}.batch_size (in whole prompt groups)")
     args.update(beta=cfg.beta, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
                 temperature=cfg.temperature)
+    if cfg.use_vllm:
+        problem = vllm_problem()
+        if problem:
+            raise RoadsError(f"{STAGE}.use_vllm: {problem}; or set {STAGE}.use_vllm=false")
+        args.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     return (RLOOConfig if cfg.algorithm == "rloo" else GRPOConfig)(**args)
 
 
