@@ -199,6 +199,12 @@ def cmd_ui(args) -> int:
     from flows import env
 
     home = env.configure()
+    from flows.tracking import redact, remote_tracking
+
+    if remote_tracking():
+        print(f"the runs are on the tracking server {redact(os.environ['MLFLOW_TRACKING_URI'])}: open it in a browser "
+              "(its UI is served there)")
+        return 0
     command = ["mlflow", "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"], "--host", args.host,
                "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {home}); Ctrl-C stops it", flush=True)

@@ -92,8 +92,18 @@ def result_storage() -> AtomicLocalFileSystem:
 
 @lru_cache(maxsize=8)
 def _saved_storage(folder: str, api: str) -> AtomicLocalFileSystem:
+    from prefect.exceptions import ObjectAlreadyExists
+
     block = AtomicLocalFileSystem(basepath=folder)
-    block.save(f"roads-results-{hashlib.sha256(folder.encode()).hexdigest()[:16]}", overwrite=True)
+    name = f"roads-results-{hashlib.sha256(folder.encode()).hexdigest()[:16]}"
+    for attempt in range(5):
+        try:
+            block.save(name, overwrite=True)
+            return block
+        except ObjectAlreadyExists:  # another study registered the block type or document at the same moment
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     return block
 
 

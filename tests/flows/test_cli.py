@@ -69,3 +69,10 @@ def test_make_targets_call_the_cli():
     dry = subprocess.run(["make", "-n", "-W", "pyproject.toml", "run", "test"], cwd=ROOT, capture_output=True,
                          text=True).stdout
     assert ".venv/bin/roads run default" in dry and "pytest" in dry
+
+
+def test_ui_with_a_tracking_server_points_at_it(project, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:pw-123@mlflow.example.org")
+    assert main(["ui"]) == 0
+    out = capsys.readouterr().out
+    assert "tracking server https://user:***@mlflow.example.org" in out and "pw-123" not in out
