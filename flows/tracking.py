@@ -44,21 +44,24 @@ def _secret_values() -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
-def redact(value: Any, name: str = "") -> Any:
+def redact(value: Any, name: str = "", secrets: list[str] | None = None) -> Any:
     """A value safe to log as a param, tag or config artifact: secret-named keys become ***, passwords in URIs
     (``scheme://user:PASSWORD@host``) and secret query arguments (``?token=...``) become ***, and so does any
-    occurrence of a secret held in the environment. Dicts and lists are redacted item by item."""
+    occurrence of a secret held in the environment. Dicts and lists are redacted item by item. ``secrets``: the
+    environment's secrets when the caller already read them (one scan for a whole batch)."""
+    if secrets is None:
+        secrets = _secret_values()
     if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
+        return {k: redact(v, str(k), secrets) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [redact(v, name) for v in value]
+        return [redact(v, name, secrets) for v in value]
     if name and SECRET_NAME.search(name) and value not in (None, "", False):
         return REDACTED
     if not isinstance(value, str):
         return value
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
     text = _QUERY_SECRET.sub(lambda m: f"{m['name']}{REDACTED}", text)
-    for secret in _secret_values():
+    for secret in secrets:
         text = text.replace(secret, REDACTED)
     return text
 
@@ -90,11 +93,13 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
 
 
 def _params(data: dict) -> list[Param]:
-    return [Param(k, str(redact(v, k))[:MAX_PARAM_LENGTH]) for k, v in flatten(data).items()]
+    secrets = _secret_values()
+    return [Param(k, str(redact(v, k, secrets))[:MAX_PARAM_LENGTH]) for k, v in flatten(data).items()]
 
 
 def _tags(tags: dict[str, str]) -> dict[str, str]:
-    return {k: str(redact(v, k)) for k, v in tags.items()}
+    secrets = _secret_values()
+    return {k: str(redact(v, k, secrets)) for k, v in tags.items()}
 
 
 class StudyTracker:
