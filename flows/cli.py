@@ -1,4 +1,4 @@
-"""The ``roads`` command: list, show, run, stage, report, sweep, deploy, ui. Bad input gives one line on stderr and a non-zero exit."""
+"""The ``roads`` command: list, show, run, stage, report, sweep, deploy, server, ui. Bad input gives one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ def _add_common(p: argparse.ArgumentParser, pipeline_positional: bool = True) ->
     p.add_argument("--file", default=DEFAULT_FILE, help="the study file (default: pipelines.yaml)")
 
 
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print every Prefect and per-step line (they always go to $ROADS_HOME/logs/)")
+    p.add_argument("--progress", choices=("auto", "live", "lines", "none"), default="auto",
+                   help="live: a progress bar redrawn in place; lines: a line per finished stage; auto: live in a "
+                        "terminal, else lines (default: auto)")
+
+
 def _add_runner(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--runner", choices=("process", "ray"), default=default,
                    help="process: a local process pool; ray: prefect-ray's task runner (a local Ray cluster unless "
@@ -41,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MLflow. State lives in ./.roads (or $ROADS_HOME).",
         epilog="examples: roads list | roads show smoke | roads run default --set sft.epochs=5 | "
         "roads stage reward_model --force | roads report hypotheses --hypotheses | roads sweep --list | "
-        "roads sweep dpo-beta | roads deploy default --cron '0 3 * * *' | roads ui",
+        "roads sweep dpo-beta | roads deploy default --cron '0 3 * * *' | roads server | roads ui",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("list", help="name the pipelines with their tasks, seeds and stages")
@@ -52,13 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--workers", type=int, default=None, help="stages run at the same time (default: min(2, cores))")
     _add_runner(p, default="process")
+    _add_output(p)
     p = sub.add_parser("stage", help="run one stage (and what it needs); with --force recompute it — its "
                                      "dependents rerun only if its output changed")
     p.add_argument("name", help="the stage, e.g. sft or reward_model")
-    p.add_argument("--pipeline", default="default", help="the pipeline whose config is used (default: default)")
+    p.add_argument("--pipeline", default=None, help="the pipeline whose config is used (default: default, said so)")
     p.add_argument("--force", action="store_true", help="recompute the stage even if it is cached")
     p.add_argument("--workers", type=int, default=None, help="stages run at the same time")
     _add_common(p, pipeline_positional=False)
+    _add_output(p)
     p = sub.add_parser("report", help="run a pipeline (cached stages are hits) and print its report: the study table, "
                                       "or the hypotheses table, or the gap summary; --out copies every report file")
     _add_common(p)
@@ -67,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--gap", action="store_true", help="print the per-family gap summary (gap_summary.md)")
     p.add_argument("--out", default=None, metavar="DIR", help="also copy the report's files (tables, plots) into DIR")
     p.add_argument("--workers", type=int, default=None, help="stages run at the same time")
+    _add_output(p)
     p = sub.add_parser("sweep", help="run every arm of a sweep (a grid in pipelines.yaml's sweeps:) in parallel; "
                                      "one MLflow run per arm in experiment sweep/NAME")
     p.add_argument("name", nargs="?", help="a sweep of the study file (omit with --list)")
@@ -93,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting (stored as the deployment's parameters)")
     p.add_argument("--file", default=DEFAULT_FILE, help="the study file (default: pipelines.yaml)")
     p.add_argument("--runner", choices=("process", "ray"), default=None, help="the task runner of the runs")
+    p = sub.add_parser("server", help="the persistent local Prefect server every run reuses (started on first use): "
+                                      "status (and the Prefect UI's address), start, stop")
+    p.add_argument("action", nargs="?", choices=("status", "start", "stop"), default="status")
     p = sub.add_parser("ui", help="start the MLflow UI on the local tracking store (127.0.0.1)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
@@ -137,7 +151,19 @@ def print_outcome(outcome: dict, elapsed: float) -> None:
     if outcome.get("budget") and any(row["tokens_generated"] for row in outcome["budget"]):
         print("\nbudget per arm (every stage it stands on; mean over seeds):")
         print(markdown_table(outcome["budget"], list(BUDGET_COLUMNS)))
-    print(f"\nMLflow: experiment {outcome['pipeline']!r}, parent run {outcome['parent_run_id']} (roads ui to browse)")
+    again = " (every stage cached: the run that recorded this outcome before)" if outcome.get("recorded_before") else ""
+    print(f"\nMLflow: experiment {outcome['pipeline']!r}, parent run {outcome['parent_run_id']}{again}; `roads ui`, then "
+          f"http://127.0.0.1:5000/#/experiments/{outcome['experiment_id']}?workflowType=machine_learning")
+
+
+def output_mode(args) -> str | None:
+    """The progress view, and the console's log level (-v: every line; else warnings, the rest in the log file)."""
+    if getattr(args, "verbose", False):
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "0"
+    mode = getattr(args, "progress", "auto")
+    if mode == "auto":
+        mode = "live" if sys.stderr.isatty() and not getattr(args, "verbose", False) else "lines"
+    return None if mode == "none" else mode
 
 
 def _run(args, force_stage=None, only_stage=None, pipeline=None) -> int:
@@ -145,6 +171,7 @@ def _run(args, force_stage=None, only_stage=None, pipeline=None) -> int:
     load_study(args.file, pipeline, args.overrides)  # a bad config fails here, before anything is written
     from flows import env
 
+    mode = output_mode(args)
     env.configure()
     from flows.study import StudyFailed, run_study
 
@@ -152,12 +179,29 @@ def _run(args, force_stage=None, only_stage=None, pipeline=None) -> int:
     try:
         outcome = run_study(pipeline, args.overrides, args.file, force_stage=force_stage, only_stage=only_stage,
                             workers=args.workers, runner=getattr(args, "runner", None) or "process",
-                            ray_address=getattr(args, "ray_address", None))
+                            ray_address=getattr(args, "ray_address", None), progress=mode)
     except StudyFailed as err:
         print_outcome(err.outcome, time.time() - start)
         raise
     print_outcome(outcome, time.time() - start)
+    if force_stage:
+        print_forced(outcome, force_stage)
     return 0
+
+
+def print_forced(outcome: dict, stage: str) -> None:
+    """After ``roads stage NAME --force``: did the recomputed output change, and which dependents reran."""
+    rows = {n["node"]: n for n in outcome["nodes"]}
+    forced = [n for n in outcome["nodes"] if n.get("stage") == stage]
+    print()
+    for row in forced:
+        before, after = row.get("digest_before"), row.get("digest")
+        same = "unchanged (the same bytes)" if before and before == after else (
+            "changed" if before else "new (nothing was cached before)")
+        print(f"{row['node']}: recomputed in {row['seconds'] or 0:.1f} s; output {same}")
+    reran = [n for n, r in rows.items() if r["cache"] == "miss" and r.get("stage") != stage]
+    kept = [n for n, r in rows.items() if r["cache"] == "hit" and r.get("stage") != stage]
+    print(f"dependents that reran: {', '.join(reran) if reran else 'none'}; {len(kept)} other stages were cache hits")
 
 
 def cmd_run(args) -> int:
@@ -165,6 +209,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    if args.pipeline is None:
+        args.pipeline = "default"
+        print(f"pipeline: default (the config of `roads show default`; --pipeline NAME picks another)", flush=True)
     return _run(args, force_stage=args.name if args.force else None, only_stage=args.name, pipeline=args.pipeline)
 
 
@@ -175,9 +222,10 @@ def cmd_report(args) -> int:
     from flows import env
 
     env.configure()
+    mode = output_mode(args)
     from flows.study import run_study
 
-    outcome = run_study(args.pipeline, args.overrides, args.file, workers=args.workers)
+    outcome = run_study(args.pipeline, args.overrides, args.file, workers=args.workers, progress=mode)
     folder = Path(outcome["report"])
     name = "hypotheses.md" if args.hypotheses else "gap_summary.md" if args.gap else "report.md"
     if not (folder / name).is_file():
@@ -195,6 +243,26 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_server(args) -> int:
+    from flows import env
+
+    env.configure()
+    if os.environ.get("PREFECT_API_URL"):
+        print(f"PREFECT_API_URL is set ({os.environ['PREFECT_API_URL']}): runs report there, not to a local server")
+        return 0
+    if args.action == "stop":
+        info = env.stop_server()
+        print(f"stopped the Prefect server at {info['ui_url']} (pid {info['pid']})" if info else "no server was running")
+        return 0
+    info = env.start_server() if args.action == "start" else env.server_status()
+    if info is None:
+        print("no local Prefect server is running; the next `roads run` starts one (or: roads server start)")
+        return 0
+    print(f"Prefect server: {info['api_url']} (pid {info['pid']}, log {info['log']})\n"
+          f"Prefect UI (flow runs, task runs, logs): {info['ui_url']}\nstop it: roads server stop")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from flows import env
 
@@ -207,7 +275,10 @@ def cmd_ui(args) -> int:
         return 0
     command = ["mlflow", "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"], "--host", args.host,
                "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {home}); Ctrl-C stops it", flush=True)
+    # MLflow 3.17's UI opens in its GenAI mode unless the URL asks for the classic one (the experiment's
+    # mlflow.experimentKind tag is ignored while its workflow switch is shown)
+    print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning (store {home}); "
+          "Ctrl-C stops it", flush=True)
     bin_dir = os.path.dirname(sys.executable)
     exe = os.path.join(bin_dir, "mlflow")
     command[0] = exe if os.path.exists(exe) else "mlflow"
@@ -275,7 +346,7 @@ def cmd_deploy(args) -> int:
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "stage": cmd_stage, "report": cmd_report,
-            "sweep": cmd_sweep, "deploy": cmd_deploy, "ui": cmd_ui}
+            "sweep": cmd_sweep, "deploy": cmd_deploy, "server": cmd_server, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

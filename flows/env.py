@@ -4,10 +4,19 @@ Prefect API for worker processes. Every variable is only a default: a user's own
 from __future__ import annotations
 
 import atexit
+import json
+import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from functools import lru_cache
 from pathlib import Path
 
 from roads.artifacts import state_home
+from roads.errors import RoadsError
 
 
 def configure() -> Path:
@@ -25,10 +34,41 @@ def configure() -> Path:
         "TRL_EXPERIMENTAL_SILENCE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # the console shows warnings and the progress view; every INFO line still reaches the Prefect API, the log
+        # file (log_file()) and MLflow. `roads run -v` sets it to 0 (everything).
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return home
+
+
+@lru_cache(maxsize=1)
+def log_file() -> str:
+    """This study process's log file, ``$ROADS_HOME/logs/<time>-<pid>.log``: every Prefect and roads line of the flow
+    and of its worker processes (the per-step lines the console leaves out)."""
+    folder = state_home() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+
+
+def log_to_file(path: str | None) -> None:
+    """Add a handler writing INFO and above to ``path`` on the root logger (after Prefect configured logging, which
+    replaces the root's handlers)."""
+    if not path:
+        return
+    import prefect  # noqa: F401 - configures logging first
+
+    root = logging.getLogger()
+    if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
+        return
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(process)d | %(levelname)-7s | %(name)s - %(message)s"))
+    root.addHandler(handler)
+    for name in ("prefect", "roads"):
+        if logging.getLogger(name).level in (logging.NOTSET,) or logging.getLogger(name).level > logging.INFO:
+            logging.getLogger(name).setLevel(logging.INFO)
 
 
 # what a stage task on another machine (a Ray worker) needs to reach the same store, tracking server and Prefect API
@@ -75,8 +115,10 @@ def mlflow_artifact_root() -> Path:
 
 
 def ensure_prefect_api() -> None:
-    """Worker processes must report to the same Prefect API as the flow. With no server configured, start one local
-    temporary server (as Prefect itself would) and export its URL; it stops when this process exits."""
+    """Worker processes must report to the same Prefect API as the flow. With no server configured
+    (PREFECT_API_URL, or a test harness), use roads' persistent local server for this state folder — started on first
+    use and reused by every later run (``roads server`` shows, starts and stops it) — or, with
+    ROADS_PREFECT_SERVER=temporary, a temporary server that stops when this process exits (as Prefect itself would)."""
     if os.environ.get("PREFECT_API_URL"):
         return
     from prefect.settings import get_current_settings
@@ -85,9 +127,95 @@ def ensure_prefect_api() -> None:
     if url:
         os.environ["PREFECT_API_URL"] = str(url)
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    if os.environ.get("ROADS_PREFECT_SERVER", "persistent") == "temporary":
+        from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
-    os.environ["PREFECT_API_URL"] = server.api_url
-    atexit.register(server.stop)  # registered before Prefect's log workers, so they flush first (LIFO)
+        server = SubprocessASGIServer()
+        server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+        os.environ["PREFECT_API_URL"] = server.api_url
+        atexit.register(server.stop)  # registered before Prefect's log workers, so they flush first (LIFO)
+        return
+    os.environ["PREFECT_API_URL"] = start_server()["api_url"]
+
+
+# --- the persistent local Prefect server --------------------------------------------------------------------------
+def server_file() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or state_home() / "prefect") / "roads-server.json"
+
+
+def _healthy(api_url: str, timeout: float = 1.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def server_status() -> dict | None:
+    """The persistent server of this state folder ({api_url, ui_url, pid, log}) when it answers, else None."""
+    try:
+        info = json.loads(server_file().read_text())
+    except (OSError, ValueError):
+        return None
+    return info if _healthy(info.get("api_url", "")) else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(timeout: float | None = None) -> dict:
+    """The running persistent server, or a new one: ``prefect server start`` on 127.0.0.1 in its own session (it
+    outlives this command), its database in PREFECT_HOME, its output in ``$ROADS_HOME/logs/prefect-server.log``."""
+    info = server_status()
+    if info:
+        return info
+    configure()
+    port = _free_port()
+    log = state_home() / "logs" / "prefect-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+               "--no-scheduler", "--no-late-runs", "--analytics-off"]
+    environ = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ,
+                                start_new_session=True)
+    info = {"api_url": f"http://127.0.0.1:{port}/api", "ui_url": f"http://127.0.0.1:{port}", "pid": proc.pid,
+            "log": str(log)}
+    deadline = time.time() + (timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+    while not _healthy(info["api_url"], 0.5):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RoadsError(f"the local Prefect server did not start (see {log}); or set PREFECT_API_URL to a "
+                             "running server, or ROADS_PREFECT_SERVER=temporary")
+        time.sleep(0.2)
+    server_file().parent.mkdir(parents=True, exist_ok=True)
+    server_file().write_text(json.dumps(info))
+    return info
+
+
+def stop_server() -> dict | None:
+    """Stop the persistent server of this state folder; returns what was stopped (None: none was running)."""
+    try:
+        info = json.loads(server_file().read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.killpg(info["pid"], signal.SIGTERM)
+        for _ in range(50):
+            try:  # our own child (started by this process): reap it, or it stays a zombie that "exists"
+                if os.waitpid(info["pid"], os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                os.kill(info["pid"], 0)
+            time.sleep(0.1)
+        else:
+            os.killpg(info["pid"], signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    server_file().unlink(missing_ok=True)
+    return info

@@ -1,135 +1,64 @@
 """The study flow: a pipeline from pipelines.yaml as a DAG of cached stage tasks, each with an MLflow child run.
 
-Independent nodes (different tasks and seeds, the reward model beside offline DPO, the evaluations) run at the
-same time in a pool of worker processes. ``run_study`` is the entry point for the CLI, tests and benchmarks.
+``run_study`` (the entry point for the CLI, tests and benchmarks) first decides, without Prefect, which stages are
+cache hits (``tasks/keys.py``): a fully cached study is recorded at once — no server, no worker, no flow — and is
+as fast as the imports allow. Otherwise only the stages that are not known hits are submitted: independent nodes
+(different tasks and seeds, the reward model beside offline DPO, the evaluations) run at the same time in a pool of
+worker processes, and a known hit reaches its dependents as its cached result.
+
+MLflow: a parent run per study run, named for what it is (pipeline, overrides or forced stage, time), with the
+settings that differ from the study file's defaults as params; a child run per stage that was computed (a hit
+points at the run that produced it in the node table, ``nodes.md``). A fully cached rerun that was recorded before
+reuses that record instead of cloning it. Each run starts by closing the runs a killed study left RUNNING and by
+removing its temporary folders.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
-from statistics import fmean
+from functools import lru_cache
 from typing import Any, Callable, Iterable
 
-from prefect import flow
-from prefect.runtime import flow_run
-from prefect.task_runners import ProcessPoolTaskRunner
-
 from flows import env
-from flows.tracking import StudyTracker
+from flows.cleanup import remove_orphan_temp_dirs
+from flows.outcome import (BUDGET_COLUMNS, SUMMARY_METRICS, StudyFailed, arms_by_task, budget, markdown_table,  # noqa: F401
+                           node_row, one_line, outcome_of, select, summarize)
+from flows.progress import StudyProgress
+from flows.tracking import StudyTracker, close_orphans, outcome_digest, recorded_run, study_params
 from roads.config import Study, load_study
 from roads.errors import RoadsError
-from roads.plan import Node, build_plan, downstream, upstream
-from tasks import stage_task
-from tasks.common import result_storage
-
-SUMMARY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
+from roads.plan import Node, build_plan
+from tasks.keys import cached_results
 
 
-class StudyFailed(RoadsError):
-    """Some stage failed; the outcome (what ran, what was cached, what failed) is attached."""
+def _worker_init(threads: int, log_file: str | None = None) -> None:
+    import warnings
 
-    def __init__(self, message: str, outcome: dict):
-        super().__init__(message)
-        self.outcome = outcome
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}" if not isinstance(err, RoadsError) else text[0]
-
-
-def summarize(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
-    """One row per evaluated (task, seed, arm)."""
-    rows = []
-    for node in nodes:
-        if node.stage == "evaluate" and node.id in results:
-            metrics = results[node.id]["metrics"]
-            row = {"task": node.spec.task_name, "seed": node.spec.seed, "arm": node.spec.arm}
-            row.update({k: metrics.get(f"evaluate/{k}") for k in SUMMARY_METRICS})
-            rows.append(row)
-    return rows
-
-
-def arms_by_task(rows: list[dict], metrics: tuple[str, ...] = ("gold_reward_mean", "win_rate")) -> list[dict]:
-    """Mean over seeds of each metric, one row per (task, arm), in first-seen order."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["task"], row["arm"]), []).append(row)
-    out = []
-    for (task, arm), group in groups.items():
-        entry: dict[str, Any] = {"task": task, "arm": arm, "seeds": len(group)}
-        for m in metrics:
-            values = [r[m] for r in group if r.get(m) is not None]
-            entry[m] = fmean(values) if values else None
-        out.append(entry)
-    return out
-
-
-BUDGET_COLUMNS = ("task", "arm", "seeds", "tokens_trained", "tokens_generated", "wall_seconds")
-
-
-def budget(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
-    """What each evaluated arm cost, counting every stage it stands on (the reward model for online arms, the
-    offline-DPO policy for online DPO from DPO, …): tokens trained on, tokens generated, and the wall time of the
-    runs that produced the results (a cache hit costs what it cost when it ran). Mean over seeds."""
-    by_id = {n.id: n for n in nodes}
-    per_arm: dict[tuple[str, str], list[dict]] = {}
-    for node in nodes:
-        if node.stage != "evaluate" or node.id not in results:
-            continue
-        todo, seen = [node.inputs["policy"]], set()
-        while todo:
-            current = todo.pop()
-            if current not in seen:
-                seen.add(current)
-                todo.extend(by_id[current].inputs.values())
-        cost = {"tokens_trained": 0.0, "tokens_generated": 0.0, "wall_seconds": 0.0}
-        for dep in seen:
-            result = results.get(dep, {})
-            for key, value in result.get("metrics", {}).items():
-                if key.endswith("/num_tokens"):
-                    cost["tokens_trained"] += value
-                elif key.endswith("/tokens_generated"):
-                    cost["tokens_generated"] += value
-            cost["wall_seconds"] += float(result.get("wall_seconds", 0.0))
-        per_arm.setdefault((node.spec.task_name, node.spec.arm), []).append(cost)
-    return [{"task": task, "arm": arm, "seeds": len(costs),
-             "tokens_trained": int(fmean(c["tokens_trained"] for c in costs)),
-             "tokens_generated": int(fmean(c["tokens_generated"] for c in costs)),
-             "wall_seconds": round(fmean(c["wall_seconds"] for c in costs), 1)} for (task, arm), costs in per_arm.items()]
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v: Any) -> str:
-        return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def select(nodes: list[Node], stage: str | None) -> list[Node]:
-    """``stage`` None: every node. Otherwise that stage's nodes, what they need and what depends on them."""
-    if stage is None:
-        return nodes
-    keep = downstream(nodes, stage) | upstream(nodes, stage)
-    return [n for n in nodes if n.id in keep]
+    env.log_to_file(log_file)
+    # transformers' deprecation notices (one per trainer per worker) are not the user's to act on
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, force_stage: str | None = None,
                  shared: dict[str, Any] | None = None, keys: dict[str, str] | None = None,
-                 resources: Callable[[str], dict] | None = None, label: str = "") -> dict[str, Any]:
-    """Submit every node's stage task (inputs are upstream futures). With ``shared``/``keys`` (a sweep), a node whose
-    key was already submitted by another arm reuses that future; ``resources(stage)`` gives Ray resources."""
+                 resources: Callable[[str], dict] | None = None, label: str = "",
+                 known: dict[str, dict] | None = None, progress_dir: str | None = None) -> dict[str, Any]:
+    """Submit every node's stage task (inputs are upstream futures, or the cached results in ``known``, which are not
+    submitted). With ``shared``/``keys`` (a sweep), a node whose key was already submitted by another arm reuses that
+    future; ``resources(stage)`` gives Ray resources."""
+    from tasks import stage_task
+    from tasks.common import result_storage
+
+    known = known or {}
     futures: dict[str, Any] = {}
     for node in nodes:
+        if node.id in known:
+            continue
         key = keys[node.id] if keys else None
         if shared is not None and key in shared:
             futures[node.id] = shared[key]
@@ -138,8 +67,10 @@ def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, for
         if force_stage and node.stage == force_stage:
             options["refresh_cache"] = True
         submit = stage_task(node.stage).with_options(**options).submit
-        kwargs = {"spec": node.spec.model_dump(), "inputs": {name: futures[dep] for name, dep in node.inputs.items()},
-                  "ctx": {"store": store, "node_id": node.id, "child_run_id": children[node.id]}}
+        inputs = {name: known[dep] if dep in known else futures[dep] for name, dep in node.inputs.items()}
+        kwargs = {"spec": node.spec.model_dump(), "inputs": inputs,
+                  "ctx": {"store": store, "node_id": node.id, "child_run_id": children[node.id],
+                          "progress_dir": progress_dir}}
         wanted = resources(node.stage) if resources else {}
         if wanted:
             from prefect_ray.context import remote_options
@@ -154,39 +85,36 @@ def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, for
 
 
 def collect(pipeline: str, nodes: list[Node], futures: dict[str, Any], tracker: StudyTracker,
-            children: dict[str, str]) -> tuple[dict, dict[str, str]]:
+            children: dict[str, str], known: dict[str, dict] | None = None,
+            progress: StudyProgress | None = None) -> tuple[dict, dict[str, str]]:
     """Wait for every node, finish its MLflow child run and the parent run; return the outcome and the failures
-    (node id -> one line)."""
+    (node id -> one line). Nodes in ``known`` are cache hits decided before the flow (no task, no child run)."""
+    known = known or {}
     results: dict[str, dict] = {}
     report: list[dict] = []
     failed: dict[str, str] = {}
     for node in nodes:
+        if node.id in known:
+            results[node.id] = known[node.id]
+            report.append(node_row(node, "hit", known[node.id]))
+            continue
         try:
             result = futures[node.id].result()
         except Exception as err:  # noqa: BLE001 - reported per node; the caller fails the flow
             broken = [d for d in node.inputs.values() if d in failed]
-            message = f"skipped: {broken[0]} failed" if broken else _one_line(err)
+            message = f"skipped: {broken[0]} failed" if broken else one_line(err)
             failed[node.id] = message
             tracker.fail_child(children[node.id], message)
-            report.append({"node": node.id, "cache": "failed", "seconds": None, "error": message})
+            report.append(node_row(node, "failed", error=message))
+            if progress:
+                progress.finished(node.id, "failed")
             continue
         hit = tracker.finish_child(children[node.id], node, result)
         results[node.id] = result
-        report.append({"node": node.id, "cache": "hit" if hit else "miss",
-                       "seconds": None if hit else result.get("wall_seconds"), "error": ""})
-    rows = summarize(nodes, results)
-    spent = budget(nodes, results)
-    outcome = {"pipeline": pipeline, "parent_run_id": tracker.parent_id, "experiment_id": tracker.experiment_id,
-               "nodes": report, "summary": rows, "budget": spent,
-               "report": results["report"]["artifact"]["path"] if "report" in results else None,
-               "report_files": results.get("report", {}).get("files", [])}
-    table = markdown_table(arms_by_task(rows), ["task", "arm", "seeds", "gold_reward_mean", "win_rate"])
-    files = {"summary.md": table + "\n", "nodes.md": markdown_table(report, ["node", "cache", "seconds", "error"]) + "\n",
-             "budget.md": markdown_table(spent, list(BUDGET_COLUMNS)) + "\n"}
-    tracker.finish("FAILED" if failed else "FINISHED", rows, files, budget_rows=spent,
-                   report_folder=outcome["report"], report_files=results.get("report", {}).get("files", []),
-                   report_metrics=results.get("report", {}).get("metrics"))
-    return outcome, failed
+        report.append(node_row(node, "hit" if hit else "miss", result))
+        if progress:
+            progress.finished(node.id, "hit" if hit else "miss", result.get("wall_seconds"))
+    return outcome_of(pipeline, nodes, results, report, tracker), failed
 
 
 @contextmanager
@@ -198,41 +126,80 @@ def failing_runs(trackers: Iterable[StudyTracker]):
         yield
     except BaseException as err:
         for tracker in trackers:
-            tracker.abort(f"the flow failed: {_one_line(err)}")
+            tracker.abort(f"the flow failed: {one_line(err)}")
         raise
 
 
 def study_tracker(study: Study, experiment: str, run_name: str, overrides: list[str], runner: str,
-                  tags: dict[str, str] | None = None, params: dict | None = None) -> StudyTracker:
+                  tags: dict[str, str] | None = None, params: dict | None = None,
+                  flow_run_id: str = "") -> StudyTracker:
     """The parent MLflow run of one pipeline run (a sweep arm is one), with the resolved config attached."""
+    if not flow_run_id:
+        from prefect.runtime import flow_run
+
+        flow_run_id = str(flow_run.get_id() or "")
     tracker = StudyTracker(
         experiment,
         env.mlflow_artifact_root(),
         run_name=run_name,
-        tags={"roads.prefect_flow_run_id": str(flow_run.get_id() or ""), "roads.overrides": " ".join(overrides),
+        tags={"roads.prefect_flow_run_id": flow_run_id, "roads.overrides": " ".join(overrides),
               "roads.runner": runner, **env.run_environment(), **(tags or {})},
-        params={"pipeline": study.pipeline, "overrides": " ".join(overrides) or "-",
-                **study.spec.model_dump(exclude={"set"}), **(params or {})},
+        params={**study_params(study, overrides), **(params or {})},
     )
     tracker.log_dict(study.resolved(), "resolved_config.json")
     return tracker
 
 
-@flow(name="roads-study", validate_parameters=False)
-def study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str | None = None,
-               only_stage: str | None = None, runner: str = "process") -> dict:
+def run_name(pipeline: str, overrides: list[str] | tuple[str, ...] = (), force_stage: str | None = None,
+             only_stage: str | None = None, cached: bool = False) -> str:
+    """``smoke sft.epochs=2 · 12-01 19:40:03``, ``default --force reward_model · …``, ``smoke (cached) · …``."""
+    parts = [pipeline, *overrides]
+    if force_stage:
+        parts.append(f"--force {force_stage}")
+    elif only_stage:
+        parts.append(f"stage {only_stage}")
+    if cached:
+        parts.append("(cached)")
+    return f"{' '.join(parts)[:200]} · {time.strftime('%m-%d %H:%M:%S')}"
+
+
+def forced(nodes: list[Node], force_stage: str | None) -> set[str]:
+    return {n.id for n in nodes if force_stage and n.stage == force_stage}
+
+
+def _study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str | None = None,
+                only_stage: str | None = None, runner: str = "process", name: str | None = None,
+                progress: Any = None) -> dict:
     study = load_study(file, pipeline, overrides)
     nodes = select(build_plan(study), only_stage)
-    tracker = study_tracker(study, pipeline, f"{pipeline}-{flow_run.get_name() or 'run'}", overrides, runner)
+    force = forced(nodes, force_stage)
+    known = cached_results(nodes, force)
+    before = {n: r["artifact"]["digest"] for n, r in cached_results(nodes).items() if n in force} if force else {}
+    tracker = study_tracker(study, pipeline, name or run_name(pipeline, overrides, force_stage, only_stage),
+                            overrides, runner)
     with failing_runs([tracker]):
-        children = {n.id: tracker.start_child(n) for n in nodes}
-        futures = submit_nodes(nodes, children, str(env.artifact_store()), force_stage=force_stage,
-                               resources=(lambda stage: {"num_cpus": 1}) if runner == "ray" else None)
-        outcome, failed = collect(pipeline, nodes, futures, tracker, children)
+        todo = [n for n in nodes if n.id not in known]
+        children = {n.id: tracker.start_child(n) for n in todo}
+        with StudyProgress.of(progress, nodes, known, env.state_home()) as bar:
+            futures = submit_nodes(nodes, children, str(env.artifact_store()), force_stage=force_stage, known=known,
+                                   resources=(lambda stage: {"num_cpus": 1}) if runner == "ray" else None,
+                                   progress_dir=bar.folder)
+            outcome, failed = collect(pipeline, nodes, futures, tracker, children, known=known, progress=bar)
+    for row in outcome["nodes"]:
+        if row["node"] in before:
+            row["digest_before"] = before[row["node"]]
     if failed:
         first = next(iter(failed.items()))
         raise StudyFailed(f"{len(failed)} of {len(nodes)} stages failed; first: {first[0]}: {first[1]}", outcome)
     return outcome
+
+
+@lru_cache(maxsize=1)
+def study_flow():
+    """The Prefect flow ``roads-study`` (built on first use: importing Prefect costs seconds a cached study skips)."""
+    from prefect import flow
+
+    return flow(name="roads-study", validate_parameters=False)(_study_flow)
 
 
 def default_workers() -> int:
@@ -240,13 +207,21 @@ def default_workers() -> int:
 
 
 def task_runner(kind: str = "process", workers: int | None = None, address: str | None = None):
-    """``process``: a local pool of ``workers`` processes, one torch thread each share of the cores. ``ray``:
+    """``process``: a local pool of ``workers`` processes, one torch thread each share of the cores (one worker:
+    this process, every core). ``ray``:
     prefect-ray's task runner on the cluster at ``address`` (or $RAY_ADDRESS), else on a local cluster of
     ``workers`` CPUs that lives as long as the flow; Ray sets each task's threads from its ``num_cpus``."""
     if kind == "process":
         workers = workers or default_workers()
+        if workers == 1:  # one stage at a time: in this process (no worker to spawn, no second import of torch/TRL)
+            from prefect.task_runners import ThreadPoolTaskRunner
+
+            _worker_init(os.cpu_count() or 1)
+            return ThreadPoolTaskRunner(max_workers=1)
+        from prefect.task_runners import ProcessPoolTaskRunner
+
         threads = max(1, (os.cpu_count() or 1) // workers)
-        return ProcessPoolTaskRunner(max_workers=workers, initializer=_worker_init, initargs=(threads,))
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=_worker_init, initargs=(threads, env.log_file()))
     if kind != "ray":
         raise RoadsError(f"unknown runner {kind!r}; use process or ray")
     try:
@@ -262,17 +237,63 @@ def task_runner(kind: str = "process", workers: int | None = None, address: str 
     return WarmRayTaskRunner(address=address, init_kwargs=init)
 
 
+def housekeeping() -> dict[str, int]:
+    """What a killed study left behind on this store: its RUNNING MLflow runs become KILLED and its temporary
+    artifact folders are removed (only those whose writing process is gone)."""
+    from mlflow.tracking import MlflowClient
+
+    removed = remove_orphan_temp_dirs(env.artifact_store())
+    closed = close_orphans(MlflowClient())
+    return {"temp_folders_removed": len(removed), "runs_closed": len(closed)}
+
+
+def cached_study(study: Study, nodes: list[Node], overrides: list[str] | tuple[str, ...], runner: str = "process",
+                 force_stage: str | None = None) -> dict | None:
+    """The outcome of a study every node of which is a cache hit, recorded without Prefect; None when some node must
+    run. Recorded once: when a finished run of the experiment already holds this outcome (same results, same
+    params), it is reused rather than cloned, else one parent run holds the summary (no child runs: each node's row
+    in ``nodes.md`` names the run that produced it)."""
+    known = cached_results(nodes, forced(nodes, force_stage))
+    if len(known) < len(nodes):
+        return None
+    report = [node_row(n, "hit", known[n.id]) for n in nodes]
+    params = study_params(study, overrides)
+    from mlflow.tracking import MlflowClient
+
+    existing = recorded_run(MlflowClient(), study.pipeline, outcome_digest(known, params))
+    if existing:
+        rows = summarize(nodes, known)
+        return {"pipeline": study.pipeline, "parent_run_id": existing, "recorded_before": True, "nodes": report,
+                "summary": rows, "budget": budget(nodes, known),
+                "report": known["report"]["artifact"]["path"] if "report" in known else None,
+                "report_files": known.get("report", {}).get("files", []),
+                "experiment_id": MlflowClient().get_experiment_by_name(study.pipeline).experiment_id}
+    tracker = study_tracker(study, study.pipeline, run_name(study.pipeline, overrides, cached=True), list(overrides),
+                            runner, tags={"roads.cache": "all hit"}, flow_run_id="none (fully cached)")
+    with failing_runs([tracker]):
+        return outcome_of(study.pipeline, nodes, known, report, tracker)
+
+
 def run_study(pipeline: str, overrides: list[str] | tuple[str, ...] = (), file: str = "pipelines.yaml", *,
               force_stage: str | None = None, only_stage: str | None = None, workers: int | None = None,
-              runner: str = "process", ray_address: str | None = None) -> dict:
-    """Validate the config (nothing is written if it is bad), then run the flow. Returns the outcome dict; raises
-    ConfigError for a bad config and StudyFailed when a stage failed."""
+              runner: str = "process", ray_address: str | None = None, progress: Any = None) -> dict:
+    """Validate the config (nothing is written if it is bad), clean up after killed runs, record a fully cached study
+    at once, else run the flow. Returns the outcome dict; raises ConfigError for a bad config and StudyFailed when a
+    stage failed. ``progress``: "live" (a progress bar), "lines" (a line per finished stage) or None (quiet)."""
     study: Study = load_study(file, pipeline, list(overrides))
     for stage in (force_stage, only_stage):
         if stage and stage not in study.spec.stages:
             raise RoadsError(f"pipeline {pipeline!r} has no stage {stage!r}; its stages: {', '.join(study.spec.stages)}")
     env.configure()
+    housekeeping()
+    nodes = select(build_plan(study), only_stage)
+    outcome = cached_study(study, nodes, overrides, runner, force_stage)
+    if outcome is not None:
+        return outcome
     env.ensure_prefect_api()
-    flow_ = study_flow.with_options(task_runner=task_runner(runner, workers, ray_address))
+    env.log_to_file(env.log_file())
+    name = run_name(pipeline, overrides, force_stage, only_stage)
+    flow_ = study_flow().with_options(task_runner=task_runner(runner, workers, ray_address),
+                                      flow_run_name=name.replace("{", "(").replace("}", ")"))
     return flow_(pipeline=pipeline, overrides=list(overrides), file=str(file), force_stage=force_stage,
-                 only_stage=only_stage, runner=runner)
+                 only_stage=only_stage, runner=runner, name=name, progress=progress)

@@ -14,7 +14,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import env
-from flows.study import StudyFailed, arms_by_task, collect, failing_runs, study_tracker, submit_nodes, task_runner
+from flows.study import (StudyFailed, arms_by_task, collect, failing_runs, housekeeping, study_tracker, submit_nodes,
+                         task_runner)
 from roads.errors import RoadsError
 from roads.sweep import arm_plans, load_sweep, resources_for
 
@@ -67,6 +68,7 @@ def run_sweep(sweep: str, overrides: list[str] | tuple[str, ...] = (), file: str
     if runner not in ("ray", "process"):
         raise RoadsError(f"unknown runner {runner!r}; use ray or process")
     env.configure()
+    housekeeping()
     env.ensure_prefect_api()
     flow_ = sweep_flow.with_options(task_runner=task_runner(runner, workers or config.workers, ray_address))
     return flow_(sweep=sweep, overrides=list(overrides), file=str(file), runner=runner)

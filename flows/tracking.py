@@ -6,9 +6,14 @@ by run id) and finished by the flow afterwards — also for cache hits, so two p
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import json
 import os
 import re
+import socket
 import subprocess
+import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +24,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from roads.config import flatten
+from flows.cleanup import owner, owner_alive
+from roads.config import Study, flatten, load_study_file
 from roads.plan import Node
 
 MAX_PARAM_LENGTH = 6000
@@ -45,7 +51,7 @@ def _secret_values() -> list[str]:
 
 
 def redact(value: Any, name: str = "", secrets: list[str] | None = None) -> Any:
-    """A value safe to log as a param, tag or config artifact: secret-named keys become ***, passwords in URIs
+    """A value safe to log as a param, tag or config artifact: text under secret-named keys becomes ***, passwords in URIs
     (``scheme://user:PASSWORD@host``) and secret query arguments (``?token=...``) become ***, and so does any
     occurrence of a secret held in the environment. Dicts and lists are redacted item by item. ``secrets``: the
     environment's secrets when the caller already read them (one scan for a whole batch)."""
@@ -55,8 +61,8 @@ def redact(value: Any, name: str = "", secrets: list[str] | None = None) -> Any:
         return {k: redact(v, str(k), secrets) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v, name, secrets) for v in value]
-    if name and SECRET_NAME.search(name) and value not in (None, "", False):
-        return REDACTED
+    if name and SECRET_NAME.search(name) and isinstance(value, str) and value:
+        return REDACTED  # a credential is text: a number under a secret-like name (a task's ``secret`` seed) stays
     if not isinstance(value, str):
         return value
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
@@ -64,6 +70,30 @@ def redact(value: Any, name: str = "", secrets: list[str] | None = None) -> Any:
     for secret in secrets:
         text = text.replace(secret, REDACTED)
     return text
+
+
+def close_orphans(client: MlflowClient) -> list[str]:
+    """Mark KILLED every RUNNING run whose owning process (tag ``roads.owner``) is gone — a study killed with
+    SIGKILL, or a machine that went down — with the reason in ``roads.error``. Returns the run ids."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    closed = []
+    for start in range(0, len(experiments), 100):
+        runs = client.search_runs(experiments[start:start + 100], "attributes.status = 'RUNNING'", max_results=5000)
+        for run in runs:
+            tag = run.data.tags.get("roads.owner")
+            if tag and not owner_alive(tag):
+                client.set_tag(run.info.run_id, "roads.error", f"its process ({tag}) ended before the run did "
+                               "(killed?); marked KILLED by the next run on this store")
+                client.set_terminated(run.info.run_id, "KILLED")
+                closed.append(run.info.run_id)
+    return closed
+
+
+def user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
 
 
 def remote_tracking(uri: str | None = None) -> bool:
@@ -81,13 +111,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
 def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND not in exp.tags:  # made before roads set the kind
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return exp.experiment_id
     location = None if remote_tracking() else (artifact_root / name.replace("/", "-")).resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
+    try:  # a classic ML experiment: the UI opens on its runs, not on the GenAI traces overview
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
     except MlflowException:  # created by a concurrent run in the meantime
         return client.get_experiment_by_name(name).experiment_id
 
@@ -102,18 +137,65 @@ def _tags(tags: dict[str, str]) -> dict[str, str]:
     return {k: str(redact(v, k, secrets)) for k, v in tags.items()}
 
 
+def outcome_digest(results: dict[str, dict], params: dict) -> str:
+    """What a study run computed (every node's cache key and output digest) and how it was asked (its params): two
+    runs with the same digest record the same thing, so a fully cached rerun reuses the run that recorded it."""
+    nodes = sorted((node, r.get("cache_key", ""), r["artifact"]["digest"]) for node, r in results.items())
+    blob = json.dumps({"nodes": nodes, "params": flatten(params)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def recorded_run(client: MlflowClient, experiment: str, digest: str) -> str | None:
+    """The FINISHED study run of ``experiment`` (a name) that recorded ``digest``, if there is one."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.`roads.outcome_digest` = '{digest}' and "
+                              "attributes.status = 'FINISHED'", max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def standard_tags() -> dict[str, str]:
+    """MLflow's own source, git and user tags (the UI's Source and User columns) and this process as the owner."""
+    return {"mlflow.source.type": "LOCAL", "mlflow.source.name": " ".join(["roads", *sys.argv[1:]])[:500]
+            if Path(sys.argv[0]).name == "roads" else Path(sys.argv[0]).name,
+            "mlflow.source.git.commit": git_commit(), "mlflow.user": user(), "roads.owner": owner()}
+
+
+def study_params(study: Study, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A study run's params: what it is (pipeline, tasks, seeds, stages, overrides) and every resolved setting that
+    differs from the study file's defaults, flattened (``sft.epochs``, ``tasks.gap.alphabet``,
+    ``arms.online_dpo_sft.set.start``) — the axes the MLflow compare view plots studies against."""
+    base = load_study_file(study.path)
+
+    def settings(defaults, tasks, arms) -> dict[str, Any]:
+        return flatten({**defaults.model_dump(), "tasks": {t: tasks[t].model_dump() for t in study.spec.tasks if t in tasks},
+                        "arms": {a: arms[a].model_dump() for a in study.spec.stages if a in arms}})
+
+    was, now = settings(base.defaults, base.tasks, base.arms), settings(study.defaults, study.tasks, study.arms)
+    missing = object()
+    return {"pipeline": study.pipeline, "pipeline.tasks": ",".join(study.spec.tasks),
+            "pipeline.seeds": ",".join(map(str, study.spec.seeds)), "pipeline.stages": ",".join(study.spec.stages),
+            "overrides": " ".join(overrides) or "-",
+            **{key: value for key, value in now.items() if was.get(key, missing) != value}}
+
+
 class StudyTracker:
     def __init__(self, pipeline: str, artifact_root: Path, run_name: str, tags: dict[str, str], params: dict):
         self.client = MlflowClient()
         self.experiment_id = experiment_id(self.client, pipeline, artifact_root)
+        self.params = params
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_name,
-            tags=_tags({"roads.kind": "study", "roads.pipeline": pipeline, "roads.git_commit": git_commit(), **tags}),
+            tags=_tags({"roads.kind": "study", "roads.pipeline": pipeline, "roads.git_commit": git_commit(),
+                        **standard_tags(), **tags}),
         )
         self.parent_id = run.info.run_id
         self.open: set[str] = {self.parent_id}  # runs not yet terminated: abort() fails them
-        self.client.log_batch(self.parent_id, params=_params(params), synchronous=True)
+        batch = _params(params)
+        for start in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.parent_id, params=batch[start:start + 100], synchronous=True)
 
     def log_dict(self, data: dict, name: str) -> None:
         """A JSON artifact of the parent run, redacted."""
@@ -133,6 +215,7 @@ class StudyTracker:
                 "roads.arm": node.spec.arm or "",
                 "roads.fingerprint": node.spec.fingerprint(),
                 "roads.git_commit": git_commit(),
+                **standard_tags(),
             }),
         )
         params = {"stage": node.stage, **node.spec.model_dump(exclude={"stage", "params"}), **node.spec.params}
@@ -186,10 +269,12 @@ class StudyTracker:
 
     def finish(self, status: str, summary_rows: list[dict], files: dict[str, str], budget_rows: list[dict] = (),
                report_folder: str | None = None, report_files: list[str] = (),
-               report_metrics: dict[str, float] | None = None) -> None:
+               report_metrics: dict[str, float] | None = None, results: dict[str, dict] | None = None) -> None:
         """The parent run's summary metrics, budget per arm, the report's metrics (study table, gap summary,
-        hypotheses) and files, text files; then its status."""
+        hypotheses) and files, text files, the digest of what it computed (``outcome_digest``); then its status."""
         now = int(time.time() * 1000)
+        if results is not None and status == "FINISHED":
+            self.client.set_tag(self.parent_id, "roads.outcome_digest", outcome_digest(results, self.params))
         metrics = [Metric(k, float(v), now, 0) for k, v in (report_metrics or {}).items()]
         for row in summary_rows:
             for key in ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean"):

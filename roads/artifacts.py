@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,8 +68,13 @@ def digest_dir(path: str | Path) -> str:
     return h.hexdigest()
 
 
+TEMP_PREFIX = ".tmp-"
+
+
 def new_temp_dir(store: str | Path, stage: str) -> Path:
-    tmp = Path(store) / stage / f".tmp-{uuid.uuid4().hex}"
+    """``<store>/<stage>/.tmp-<host>.<pid>.<uuid>``: the writer is in the name, so a later run can tell a folder
+    whose writer was killed (removed by ``flows/cleanup.py``) from one still being written."""
+    tmp = Path(store) / stage / f"{TEMP_PREFIX}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
     return tmp
 

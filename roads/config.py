@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -146,6 +147,9 @@ class OfflineDpoConfig(TrainConfig):
     pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs (learning curves)")
     beta: float = Field(0.1, gt=0, description="DPO β (the same β is used online)")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="TRL DPO loss")
+    precompute_ref: bool = Field(True, description="compute the reference's log-probs once before training (TRL's "
+                                 "precompute_ref_log_probs), shared by DPO runs on the same pairs and reference; "
+                                 "false: once per step, as TRL does by default")
 
 
 class SftChosenConfig(TrainConfig):
@@ -585,12 +589,21 @@ def _apply(raw: dict, pipeline: str, key: str, value: Any, where: str) -> None:
     target[path[-1]] = value
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 10x faster on pipelines.yaml
+
+
 def read_study_file(path: str | Path) -> dict:
+    """The file as a dict (a fresh copy each call: callers apply overrides to it). Parsed once per content."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; pass --file PATH or run from the project folder")
+    return copy.deepcopy(_parse_study_file(str(path), path.read_bytes()))
+
+
+@lru_cache(maxsize=8)
+def _parse_study_file(path: str, content: bytes) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(content, Loader=_LOADER)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

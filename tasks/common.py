@@ -1,9 +1,10 @@
 """What every stage task shares: the cache key, the stale-record check, and the tracker that writes per-step metrics
 to the stage's MLflow child run and progress lines to the Prefect log.
 
-Cache key = stage name + stage VERSION + config fingerprint + input digests + a digest of the roads library's
-source (Prefect's TASK_SOURCE would hash only the thin task body). Results are small JSON documents naming the
-content-addressed output folder; a record whose folder is gone is deleted before Prefect looks, so it reruns.
+The cache key and the records are in ``tasks/keys.py`` (Prefect-free): stage name + VERSION + config fingerprint +
+input digests + a digest of the library code the stage reaches (Prefect's TASK_SOURCE would hash only the thin task
+body). Results are small JSON documents naming the content-addressed output folder; a record whose folder is gone is
+deleted before Prefect looks, so it reruns.
 """
 
 from __future__ import annotations
@@ -23,43 +24,10 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.filesystems import LocalFileSystem
 
-import roads
-from roads.artifacts import ArtifactRef, digest_dir, state_home
+from roads.artifacts import ArtifactRef
 from roads.config import StageSpec
-from roads.stages import stage_module
-
-
-@lru_cache(maxsize=1)
-def library_digest() -> str:
-    """sha256 of every .py file of the roads package (path and bytes), so any library change invalidates caches."""
-    root = Path(roads.__file__).parent
-    h = hashlib.sha256()
-    for file in sorted(root.rglob("*.py")):
-        h.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def _pretrained_digest(spec: StageSpec) -> list[str]:
-    """A pretrained model in a local folder is an input like any other: its contents, not its path, count."""
-    if spec.model and spec.model.pretrained and Path(spec.model.pretrained).is_dir():
-        return [f"pretrained={digest_dir(spec.model.pretrained)}"]
-    return []
-
-
-def cache_key(spec: StageSpec, inputs: dict[str, ArtifactRef]) -> str:
-    parts = [
-        spec.stage,
-        str(stage_module(spec.stage).VERSION),
-        spec.fingerprint(),
-        *(f"{name}={inputs[name].digest}" for name in sorted(inputs)),
-        *_pretrained_digest(spec),
-        library_digest(),
-    ]
-    return f"{spec.stage}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
-
-
-def results_dir() -> Path:
-    return state_home() / "results"
+from tasks.keys import cache_key, read_record, results_dir
+from tasks.steps import clear_step, write_step
 
 
 class AtomicLocalFileSystem(LocalFileSystem):
@@ -114,17 +82,8 @@ class StageCachePolicy(CachePolicy):
     """Key from the stage spec and its inputs' digests; a cached record whose artifact folder is gone is dropped."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
-        spec = StageSpec(**inputs["spec"])
-        key = cache_key(spec, _refs(inputs["inputs"]))
-        record = results_dir() / key
-        if record.exists():
-            try:
-                result = json.loads(record.read_text())["result"]  # Prefect stores the JSON result as a string
-                path = json.loads(result)["artifact"]["path"] if isinstance(result, str) else result["artifact"]["path"]
-            except (ValueError, KeyError, TypeError):
-                path = None
-            if not path or not Path(path).is_dir():
-                record.unlink(missing_ok=True)  # the folder was removed: rerun rather than return a dangling path
+        key = cache_key(StageSpec(**inputs["spec"]), _refs(inputs["inputs"]))
+        read_record(key)  # drops a record whose folder was removed: rerun rather than return a dangling path
         return key
 
 
@@ -132,8 +91,8 @@ class MlflowTracker:
     """Per-step metrics into the stage's child run (by explicit run id: the active run is thread-local), progress
     lines into the Prefect task log."""
 
-    def __init__(self, run_id: str | None, label: str):
-        self.run_id, self.label = run_id, label
+    def __init__(self, run_id: str | None, label: str, progress_dir: str | None = None):
+        self.run_id, self.label, self.progress_dir = run_id, label, progress_dir
         self._client = None
         if run_id:
             from mlflow.tracking import MlflowClient
@@ -158,6 +117,7 @@ class MlflowTracker:
         except MissingContextError:  # called as task.fn(...) outside a flow
             logger = logging.getLogger("roads")
         logger.info(f"[{self.label}] {message}")
+        write_step(self.progress_dir, self.label, message)
 
 
 def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
@@ -166,9 +126,13 @@ def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
 
     parsed = StageSpec(**spec)
     refs = _refs(inputs)
-    tracker = MlflowTracker(ctx.get("child_run_id"), ctx.get("node_id", parsed.stage))
+    tracker = MlflowTracker(ctx.get("child_run_id"), ctx.get("node_id", parsed.stage), ctx.get("progress_dir"))
     started = time.time()
-    result = execute(parsed, refs, ctx["store"], tracker)
+    tracker.progress("started")
+    try:
+        result = execute(parsed, refs, ctx["store"], tracker)
+    finally:
+        clear_step(ctx.get("progress_dir"), tracker.label)
     doc = result.to_json()
     doc["cache_key"] = cache_key(parsed, refs)
     doc["produced_by"] = ctx.get("child_run_id")

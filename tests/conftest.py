@@ -20,6 +20,8 @@ for key, value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TRL_EXPERIMENTAL_SILENCE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # a `roads` command a test starts gets a temporary Prefect server that ends with it (not the persistent one)
+    "ROADS_PREFECT_SERVER": "temporary",
     "ROADS_HOME": str(_STATE / "home"),
     "PREFECT_HOME": str(_STATE / "prefect"),
     "MLFLOW_TRACKING_URI": f"sqlite:///{_STATE / 'mlflow.db'}",

@@ -43,6 +43,53 @@ def test_run_then_stage_force_via_the_cli(project, capsys):
     assert "gap/seed0/reward_model" not in states  # not needed by, and not depending on, offline_dpo
 
 
+def test_stage_force_says_whether_the_output_changed_and_which_dependents_reran(project, capsys):
+    assert main(["run", "sweep-smoke"]) == 0
+    capsys.readouterr()
+    assert main(["stage", "sft", "--force", "--pipeline", "sweep-smoke", "--progress", "lines"]) == 0
+    out = capsys.readouterr().out
+    assert "gap/seed0/sft: recomputed in" in out and "output unchanged (the same bytes)" in out
+    assert "dependents that reran: none" in out
+    assert main(["stage", "sft", "--force", "--pipeline", "sweep-smoke", "--set", "sft.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "output new (nothing was cached before)" in out  # other settings: no earlier result to compare with
+    assert "dependents that reran: gap/seed0/offline_dpo, gap/seed0/evaluate[sft], gap/seed0/evaluate[offline_dpo]" in out
+
+
+def test_stage_without_pipeline_says_which_it_uses(project, capsys):
+    with pytest.raises(SystemExit):
+        main(["stage", "--help"])
+    assert "--pipeline" in capsys.readouterr().out
+
+
+def test_the_persistent_prefect_server_starts_once_is_reused_and_stops(project):
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("PREFECT_API_URL", "ROADS_PREFECT_SERVER")}
+    env.update(ROADS_HOME=str(project / "home"), PREFECT_HOME=str(project / "prefect"))
+
+    def roads(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    assert "no local Prefect server is running" in roads("server")
+    try:
+        started = roads("server", "start")
+        ui = next(line.split(": ", 1)[1] for line in started.splitlines() if line.startswith("Prefect UI"))
+        assert urllib.request.urlopen(ui, timeout=10).status == 200  # the Prefect UI, with the flow runs
+        api = started.split("Prefect server: ", 1)[1].split(" ", 1)[0]
+        probe = ("import os; from flows import env; env.configure(); env.ensure_prefect_api(); "
+                 "print(os.environ['PREFECT_API_URL'])")
+        used = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+        assert used == api  # a later run reuses it rather than starting its own
+        assert api in roads("server", "status")
+    finally:
+        stopped = roads("server", "stop")
+    assert "stopped the Prefect server" in stopped
+    assert "no local Prefect server is running" in roads("server")
+
+
 def test_ui_serves_the_tracking_store_on_loopback(project):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -86,14 +86,47 @@ def test_mlflow_has_parent_children_step_metrics_and_artifacts(first):
     assert rows and {"prompt", "completion", "gold_reward", "reference_gold_reward", "logp", "ref_logp"} <= set(rows[0])
 
 
-def test_second_run_is_all_hits_and_says_so_in_mlflow(first, second):
+def test_second_run_is_all_hits_and_reuses_the_record_of_the_first(first, second):
+    """A fully cached rerun is decided before Prefect starts, and recorded once: the first run's parent already holds
+    this outcome (same results, same params), so no run is added."""
     assert set(cache_states(second).values()) == {"hit"}
+    assert second["recorded_before"] and second["parent_run_id"] == first["parent_run_id"]
     client = MlflowClient()
+    before = client.search_runs([first["experiment_id"]], max_results=1000)
+    assert len(client.search_runs([first["experiment_id"]], max_results=1000)) == len(before)
+    again = run_study("smoke")
+    assert again["parent_run_id"] == first["parent_run_id"]
+    assert len(client.search_runs([first["experiment_id"]], max_results=1000)) == len(before)
     first_ids = {r.data.tags["roads.node"]: r.info.run_id for r in children(client, first["parent_run_id"], first["experiment_id"])}
-    for run in children(client, second["parent_run_id"], second["experiment_id"]):
-        assert run.data.tags["roads.cache"] == "hit"
-        assert run.data.tags["roads.produced_by"] == first_ids[run.data.tags["roads.node"]]
+    assert {n["node"]: n["produced_by"] for n in second["nodes"]} == first_ids  # every hit names its producer
     assert [r["gold_reward_mean"] for r in second["summary"]] == [r["gold_reward_mean"] for r in first["summary"]]
+
+
+def test_a_cached_run_with_other_params_is_one_parent_without_children(second):
+    """Same results asked differently (a setting no stage's result depends on): one new parent run, named as cached,
+    with the summary and the node table, and no child runs."""
+    outcome = run_study("smoke", ["sft.logging_steps=3"])
+    assert set(cache_states(outcome).values()) == {"hit"} and not outcome.get("recorded_before")
+    client = MlflowClient()
+    parent = client.get_run(outcome["parent_run_id"])
+    assert parent.info.status == "FINISHED" and "(cached)" in parent.info.run_name
+    assert parent.data.params["sft.logging_steps"] == "3" and parent.data.tags["roads.cache"] == "all hit"
+    assert children(client, outcome["parent_run_id"], outcome["experiment_id"]) == []
+    assert {"nodes.md", "summary.md", "resolved_config.json"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+
+
+def test_parent_runs_are_named_and_carry_comparable_params_and_standard_tags(first):
+    client = MlflowClient()
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.info.run_name.startswith("smoke · ")
+    params = parent.data.params
+    assert params["pipeline"] == "smoke" and params["pipeline.tasks"] == "gap,short"
+    assert params["model.preset"] == "tiny" and params["prepare_data.n_sft"] == "128"  # set by the smoke pipeline
+    assert "sft.lr" not in params  # the file's default: not an axis
+    tags = parent.data.tags
+    assert tags["mlflow.source.git.commit"] and tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+    exp = client.get_experiment(first["experiment_id"])
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
 
 
 def test_changing_one_parameter_reruns_that_stage_and_downstream_only(second):
@@ -107,12 +140,16 @@ def test_forced_stage_recomputes_and_dependents_hit_when_output_is_unchanged(sec
     states = cache_states(outcome)
     assert {n for n, s in states.items() if s == "miss"} == {"gap/seed0/sft", "short/seed0/sft"}
     assert states["gap/seed0/offline_dpo"] == "hit" and states["gap/seed0/prepare_data"] == "hit"
+    rows = {n["node"]: n for n in outcome["nodes"]}
+    assert rows["gap/seed0/sft"]["digest_before"] == rows["gap/seed0/sft"]["digest"]  # deterministic: the same bytes
+    name = MlflowClient().get_run(outcome["parent_run_id"]).info.run_name
+    assert name.startswith("smoke --force sft · ")
 
 
-def test_a_hit_whose_folder_is_gone_reruns(second, home):
+def test_a_hit_whose_folder_is_gone_reruns(first, second, home):
     node = next(n for n in second["nodes"] if n["node"] == "gap/seed0/reward_model")
     client = MlflowClient()
-    run = next(r for r in children(client, second["parent_run_id"], second["experiment_id"])
+    run = next(r for r in children(client, first["parent_run_id"], first["experiment_id"])
                if r.data.tags["roads.node"] == node["node"])
     shutil.rmtree(run.data.tags["roads.artifact_path"])
     states = cache_states(run_study("smoke"))
@@ -133,31 +170,44 @@ def test_nan_loss_fails_the_stage_and_caches_nothing(home, first):
     assert not list((home / "artifacts" / "sft").glob(".tmp-*"))  # no half-written folder left
 
 
-def test_sigkill_mid_run_then_rerun_recomputes_only_unfinished_and_matches(first, tmp_path, monkeypatch):
+def test_sigkill_mid_run_then_rerun_recomputes_only_unfinished_and_cleans_up(first, tmp_path, monkeypatch):
+    """kill -9 in the middle of a stage leaves RUNNING MLflow runs and a temporary artifact folder; the next run on the
+    store marks those runs KILLED, removes the folder, recomputes only what was not finished, and matches."""
     env = {**os.environ, "ROADS_HOME": str(tmp_path / "home")}
     results = tmp_path / "home" / "results"
+    store = tmp_path / "home" / "artifacts"
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "smoke"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if results.is_dir() and any(p.name.startswith("sft-") for p in results.iterdir()):
+    while time.time() < deadline and proc.poll() is None:  # a finished SFT and another stage half-written
+        if (results.is_dir() and any(p.name.startswith("sft-") for p in results.iterdir())
+                and any(p.name.startswith(".tmp-") for p in store.glob("*/.tmp-*"))):
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {p.name for p in results.iterdir()}
     assert 0 < len(finished) < 12
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("smoke").experiment_id
+    running = client.search_runs([experiment], "attributes.status = 'RUNNING'", max_results=1000)
+    assert running, "the kill left no RUNNING run: nothing to check"
     monkeypatch.setenv("ROADS_HOME", env["ROADS_HOME"])
     rerun = run_study("smoke")
-    client = MlflowClient()
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'", max_results=1000)
+    for run in running:
+        assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert not list(store.glob("*/.tmp-*")), "a temporary folder of the killed run survived the rerun"
     runs = children(client, rerun["parent_run_id"], rerun["experiment_id"])
-    keys = {r.data.tags["roads.node"]: r.data.tags for r in runs}
-    for node, tags in keys.items():  # a stage whose result was recorded before the kill is not recomputed
-        assert tags["roads.cache"] == ("hit" if tags["roads.cache_key"] in finished else "miss"), node
+    states = cache_states(rerun)
+    for run in runs:  # child runs exist for computed stages only; none of them had a record before the kill
+        assert run.data.tags["roads.cache"] == "miss" and run.data.tags["roads.cache_key"] not in finished
+    assert {r.data.tags["roads.node"] for r in runs} == {n for n, s in states.items() if s == "miss"}
+    assert "hit" in states.values()
     first_runs = {r.data.tags["roads.node"]: r.data.tags for r in children(client, first["parent_run_id"], first["experiment_id"])}
-    for node, tags in keys.items():  # same seed, same results as the uninterrupted run
-        assert tags["roads.artifact_digest"] == first_runs[node]["roads.artifact_digest"], node
+    for row in rerun["nodes"]:  # same seed, same results as the uninterrupted run
+        assert row["digest"] == first_runs[row["node"]]["roads.artifact_digest"], row["node"]
 
 
 def test_every_arm_of_the_study_smoke_pipeline_runs_and_reports(home):

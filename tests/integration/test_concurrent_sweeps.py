@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from roads.artifacts import digest_dir
 from roads.sweep import arm_plans, load_sweep
-from tasks.common import library_digest
+from roads.config import STAGE_NAMES
+from tasks.keys import code_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 ROADS = ROOT / ".venv" / "bin" / "roads"
@@ -95,8 +96,8 @@ def _study_runs(client: MlflowClient, sweep: str, since_ms: int, until_ms: int |
 
 
 def _library() -> str:
-    """The roads source digest in every cache key, now (not the cached value of this process)."""
-    return library_digest.__wrapped__()
+    """The code digests in the cache keys, now (not the cached values of this process)."""
+    return "".join(code_digest.__wrapped__(stage) for stage in STAGE_NAMES)
 
 
 def _children(client: MlflowClient, run) -> list:

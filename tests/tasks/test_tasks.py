@@ -1,5 +1,5 @@
-"""Tests for the task layer (tasks/): the cache key, the library digest, the stale-record check of
-StageCachePolicy, and the task bodies run directly with ``.fn`` (Prefect imported, no Prefect server)."""
+"""Tests for the task layer (tasks/): the cache key, the stale-record check of StageCachePolicy, and the task bodies
+run directly with ``.fn`` (Prefect imported, no Prefect server). The code digest in the key: tests/tasks/test_keys.py."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import roads.stages.sft
-import tasks.common
+import tasks.keys
 from roads.artifacts import ArtifactRef, digest_dir
 from roads.config import load_study
 from roads.plan import build_plan
-from tasks.common import StageCachePolicy, cache_key, library_digest
+from tasks.common import StageCachePolicy
+from tasks.keys import cache_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = ROOT / "pipelines.yaml"
@@ -73,12 +73,13 @@ def test_cache_key_changes_with_input_digest(base_key):
 
 
 def test_cache_key_changes_with_stage_version(base_key, monkeypatch):
-    monkeypatch.setattr(roads.stages.sft, "VERSION", roads.stages.sft.VERSION + 1)
+    assert tasks.keys.stage_version("sft") == str(__import__("roads.stages.sft").stages.sft.VERSION)
+    monkeypatch.setattr(tasks.keys, "stage_version", lambda stage: "99")
     assert cache_key(sft_spec(), {"data": DATA}) != base_key
 
 
-def test_cache_key_changes_with_library_source(base_key, monkeypatch):
-    monkeypatch.setattr(tasks.common, "library_digest", lambda: "other")
+def test_cache_key_changes_with_the_stage_code(base_key, monkeypatch):
+    monkeypatch.setattr(tasks.keys, "code_digest", lambda stage: "other")
     assert cache_key(sft_spec(), {"data": DATA}) != base_key
 
 
@@ -125,17 +126,6 @@ def test_cache_key_changes_when_pretrained_contents_change(tmp_path):
     before = cache_key(spec, {"data": DATA})
     (pre / "model.safetensors").write_bytes(b"weights v2, retrained")
     assert cache_key(spec, {"data": DATA}) != before
-
-
-# --------------------------------------------------------------------------- library_digest
-
-
-def test_library_digest_is_a_stable_sha256():
-    first = library_digest()
-    assert re.fullmatch(r"[0-9a-f]{64}", first)
-    assert library_digest() == first
-    library_digest.cache_clear()
-    assert library_digest() == first  # recomputed from the files: the same
 
 
 # --------------------------------------------------------------------------- StageCachePolicy

@@ -1,0 +1,136 @@
+"""What a study run comes to, without Prefect: the rows of the summary table, the budget per arm, the node table,
+and the outcome dict that ``roads run`` prints — shared by the flow and by a fully cached rerun, which is decided
+and recorded before Prefect is imported (see ``flows/study.py::run_study``)."""
+
+from __future__ import annotations
+
+from statistics import fmean
+from typing import Any
+
+from roads.errors import RoadsError
+from roads.plan import Node, downstream, upstream
+
+SUMMARY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
+
+
+class StudyFailed(RoadsError):
+    """Some stage failed; the outcome (what ran, what was cached, what failed) is attached."""
+
+    def __init__(self, message: str, outcome: dict):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}" if not isinstance(err, RoadsError) else text[0]
+
+
+def summarize(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
+    """One row per evaluated (task, seed, arm)."""
+    rows = []
+    for node in nodes:
+        if node.stage == "evaluate" and node.id in results:
+            metrics = results[node.id]["metrics"]
+            row = {"task": node.spec.task_name, "seed": node.spec.seed, "arm": node.spec.arm}
+            row.update({k: metrics.get(f"evaluate/{k}") for k in SUMMARY_METRICS})
+            rows.append(row)
+    return rows
+
+
+def arms_by_task(rows: list[dict], metrics: tuple[str, ...] = ("gold_reward_mean", "win_rate")) -> list[dict]:
+    """Mean over seeds of each metric, one row per (task, arm), in first-seen order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["arm"]), []).append(row)
+    out = []
+    for (task, arm), group in groups.items():
+        entry: dict[str, Any] = {"task": task, "arm": arm, "seeds": len(group)}
+        for m in metrics:
+            values = [r[m] for r in group if r.get(m) is not None]
+            entry[m] = fmean(values) if values else None
+        out.append(entry)
+    return out
+
+
+BUDGET_COLUMNS = ("task", "arm", "seeds", "tokens_trained", "tokens_generated", "wall_seconds")
+
+
+def budget(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
+    """What each evaluated arm cost, counting every stage it stands on (the reward model for online arms, the
+    offline-DPO policy for online DPO from DPO, …): tokens trained on, tokens generated, and the wall time of the
+    runs that produced the results (a cache hit costs what it cost when it ran). Mean over seeds."""
+    by_id = {n.id: n for n in nodes}
+    per_arm: dict[tuple[str, str], list[dict]] = {}
+    for node in nodes:
+        if node.stage != "evaluate" or node.id not in results:
+            continue
+        todo, seen = [node.inputs["policy"]], set()
+        while todo:
+            current = todo.pop()
+            if current not in seen:
+                seen.add(current)
+                todo.extend(by_id[current].inputs.values())
+        cost = {"tokens_trained": 0.0, "tokens_generated": 0.0, "wall_seconds": 0.0}
+        for dep in seen:
+            result = results.get(dep, {})
+            for key, value in result.get("metrics", {}).items():
+                if key.endswith("/num_tokens"):
+                    cost["tokens_trained"] += value
+                elif key.endswith("/tokens_generated"):
+                    cost["tokens_generated"] += value
+            cost["wall_seconds"] += float(result.get("wall_seconds", 0.0))
+        per_arm.setdefault((node.spec.task_name, node.spec.arm), []).append(cost)
+    return [{"task": task, "arm": arm, "seeds": len(costs),
+             "tokens_trained": int(fmean(c["tokens_trained"] for c in costs)),
+             "tokens_generated": int(fmean(c["tokens_generated"] for c in costs)),
+             "wall_seconds": round(fmean(c["wall_seconds"] for c in costs), 1)} for (task, arm), costs in per_arm.items()]
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def select(nodes: list[Node], stage: str | None) -> list[Node]:
+    """``stage`` None: every node. Otherwise that stage's nodes, what they need and what depends on them."""
+    if stage is None:
+        return nodes
+    keep = downstream(nodes, stage) | upstream(nodes, stage)
+    return [n for n in nodes if n.id in keep]
+
+
+
+
+def outcome_of(pipeline: str, nodes: list[Node], results: dict[str, dict], report: list[dict], tracker) -> dict:
+    """The outcome dict, and the parent run's summary, budget, report metrics and tables (``tracker.finish``)."""
+    rows = summarize(nodes, results)
+    spent = budget(nodes, results)
+    failed = any(row["cache"] == "failed" for row in report)
+    outcome = {"pipeline": pipeline, "parent_run_id": tracker.parent_id, "experiment_id": tracker.experiment_id,
+               "nodes": report, "summary": rows, "budget": spent,
+               "report": results["report"]["artifact"]["path"] if "report" in results else None,
+               "report_files": results.get("report", {}).get("files", [])}
+    table = markdown_table(arms_by_task(rows), ["task", "arm", "seeds", "gold_reward_mean", "win_rate"])
+    files = {"summary.md": table + "\n", "nodes.md": markdown_table(report, NODE_COLUMNS) + "\n",
+             "budget.md": markdown_table(spent, list(BUDGET_COLUMNS)) + "\n"}
+    tracker.finish("FAILED" if failed else "FINISHED", rows, files, budget_rows=spent,
+                   report_folder=outcome["report"], report_files=outcome["report_files"],
+                   report_metrics=results.get("report", {}).get("metrics"), results=results)
+    return outcome
+
+
+NODE_COLUMNS = ["node", "cache", "seconds", "produced_by", "error"]
+
+
+def node_row(node: Node, cache: str, result: dict | None = None, error: str = "") -> dict:
+    """A row of the node table: hit / miss / failed, the seconds it took (misses), the MLflow run that computed it."""
+    result = result or {}
+    return {"node": node.id, "stage": node.stage, "cache": cache,
+            "seconds": result.get("wall_seconds") if cache == "miss" else None,
+            "produced_by": result.get("produced_by") or "", "error": error,
+            "digest": result.get("artifact", {}).get("digest", "")}
