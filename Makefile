@@ -36,8 +36,10 @@ services-stop:
 smoke: $(STAMP)
 	$(BIN)/roads run smoke
 
+# rerun costs (needs the default study cached: make run first), then orchestration overhead on `basic`, one worker
 bench: $(STAMP)
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/rerun.py --pipeline $(PIPELINE)
+	$(BIN)/python bench/overhead.py --pipeline basic --workers 1
 
 ui: $(STAMP)
 	$(BIN)/roads ui

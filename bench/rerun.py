@@ -3,7 +3,8 @@
 (a) a fully cached `roads run PIPELINE` (the no-op rerun) against `roads show PIPELINE` and against the floor — the
     imports and store opening a no-op rerun cannot avoid (roads' config, MLflow's client on the tracking store);
 (b) `roads stage STAGE --force --pipeline PIPELINE` against the stage's own compute (the sum of the recomputed
-    nodes' wall seconds as the tasks measured them, with one worker so they run one after another).
+    nodes' wall seconds as the tasks measured them, with one worker so they run one after another) and against the
+    import floor of any process that trains (Prefect, MLflow, torch, transformers, TRL).
 
 The store must hold a finished run of the pipeline (`make run` for default); if it does not, it is run first.
 Run on an idle machine (`ps` first): the numbers are wall clock.
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ROADS = str(Path(sys.executable).parent / "roads")
 FLOOR = ("from roads.config import load_study; from mlflow.tracking import MlflowClient; "
          "load_study('pipelines.yaml', {pipeline!r}); MlflowClient().search_experiments(max_results=1)")
+# what any process that trains a stage imports before it can start (roads run's workers, roads stage --workers 1)
+STAGE_FLOOR = "import prefect, mlflow.tracking, torch, transformers, trl, datasets; from trl import DPOTrainer, RewardTrainer"
 
 
 def timed(command: list[str], env: dict) -> tuple[float, str]:
@@ -65,6 +68,7 @@ def main() -> None:
     show = best([ROADS, "show", args.pipeline], env, args.repeat)
     floor = best([sys.executable, "-c", FLOOR.format(pipeline=args.pipeline)], env, args.repeat)
     noop = best([ROADS, "run", args.pipeline, "--progress", "none"], env, args.repeat)
+    stage_floor = best([sys.executable, "-c", STAGE_FLOOR], env, args.repeat)
 
     # (b) one stage forced, one worker: its nodes one after another, so their summed seconds are its own compute
     stage = [ROADS, "stage", args.stage, "--force", "--pipeline", args.pipeline, "--workers", "1", "--progress", "none"]
@@ -84,7 +88,9 @@ def main() -> None:
     print(f"  no-op rerun: roads run {args.pipeline:<16} {noop:7.2f} s   ratio to show {noop / show:.2f}, "
           f"to the floor {noop / floor:.2f}")
     print(f"  roads stage {args.stage} --force (1 worker) {walls[i]:7.2f} s   its own compute {own[i]:.2f} s, "
-          f"overhead {walls[i] - own[i]:.2f} s (median overhead {statistics.median(w - o for w, o in zip(walls, own)):.2f} s)")
+          f"overhead {walls[i] - own[i]:.2f} s (median {statistics.median(w - o for w, o in zip(walls, own)):.2f} s)")
+    print(f"  import floor of a training process        {stage_floor:7.2f} s   overhead beyond it "
+          f"{walls[i] - own[i] - stage_floor:.2f} s")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ def configure() -> Path:
         # the console shows warnings and the progress view; every INFO line still reaches the Prefect API, the log
         # file (log_file()) and MLflow. `roads run -v` sets it to 0 (everything).
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+        # TRL's and datasets' own progress bars (reference log-probs, map) would tear the progress view
+        "TQDM_DISABLE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
@@ -121,12 +124,11 @@ def ensure_prefect_api() -> None:
     ROADS_PREFECT_SERVER=temporary, a temporary server that stops when this process exits (as Prefect itself would)."""
     if os.environ.get("PREFECT_API_URL"):
         return
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url  # e.g. set by prefect_test_harness
-    if url:
-        os.environ["PREFECT_API_URL"] = str(url)
-        return
+    if "prefect.settings" in sys.modules:
+        url = sys.modules["prefect.settings"].get_current_settings().api.url  # e.g. set by prefect_test_harness
+        if url:
+            os.environ["PREFECT_API_URL"] = str(url)
+            return
     if os.environ.get("ROADS_PREFECT_SERVER", "persistent") == "temporary":
         from prefect.server.api.server import SubprocessASGIServer
 
@@ -134,8 +136,10 @@ def ensure_prefect_api() -> None:
         server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
         os.environ["PREFECT_API_URL"] = server.api_url
         atexit.register(server.stop)  # registered before Prefect's log workers, so they flush first (LIFO)
-        return
-    os.environ["PREFECT_API_URL"] = start_server()["api_url"]
+    else:
+        os.environ["PREFECT_API_URL"] = start_server()["api_url"]
+    if "prefect.context" in sys.modules:  # Prefect read its settings when imported: make it see this server
+        sys.modules["prefect.context"].refresh_global_settings_context()  # (else it starts one of its own)
 
 
 # --- the persistent local Prefect server --------------------------------------------------------------------------
@@ -175,6 +179,8 @@ def start_server(timeout: float | None = None) -> dict:
     if info:
         return info
     configure()
+    print(f"starting a local Prefect server for {state_home()} (once: later runs reuse it; `roads server stop` ends "
+          "it) ...", file=sys.stderr, flush=True)
     port = _free_port()
     log = state_home() / "logs" / "prefect-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)

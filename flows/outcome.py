@@ -8,7 +8,7 @@ from statistics import fmean
 from typing import Any
 
 from roads.errors import RoadsError
-from roads.plan import Node, downstream, upstream
+from roads.plan import Node, downstream
 
 SUMMARY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
 
@@ -97,10 +97,18 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def select(nodes: list[Node], stage: str | None) -> list[Node]:
-    """``stage`` None: every node. Otherwise that stage's nodes, what they need and what depends on them."""
+    """``stage`` None: every node. Otherwise that stage's nodes, what depends on them, and everything those need
+    (online DPO from offline DPO depends on the reward model and needs offline DPO too)."""
     if stage is None:
         return nodes
-    keep = downstream(nodes, stage) | upstream(nodes, stage)
+    by_id = {n.id: n for n in nodes}
+    keep: set[str] = set()
+    todo = list(downstream(nodes, stage))
+    while todo:
+        node_id = todo.pop()
+        if node_id not in keep:
+            keep.add(node_id)
+            todo.extend(by_id[node_id].inputs.values())
     return [n for n in nodes if n.id in keep]
 
 

@@ -28,9 +28,10 @@ from flows.outcome import (BUDGET_COLUMNS, SUMMARY_METRICS, StudyFailed, arms_by
 from flows.progress import StudyProgress
 from flows.tracking import StudyTracker, close_orphans, outcome_digest, recorded_run, study_params
 from roads.config import Study, load_study
-from roads.errors import RoadsError
+from roads.errors import ConfigError, RoadsError
 from roads.plan import Node, build_plan
-from tasks.keys import cached_results
+from roads.artifacts import ArtifactRef
+from tasks.keys import cache_key, cached_results, read_record
 
 
 def _worker_init(threads: int, log_file: str | None = None) -> None:
@@ -44,33 +45,25 @@ def _worker_init(threads: int, log_file: str | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, force_stage: str | None = None,
-                 shared: dict[str, Any] | None = None, keys: dict[str, str] | None = None,
-                 resources: Callable[[str], dict] | None = None, label: str = "",
-                 known: dict[str, dict] | None = None, progress_dir: str | None = None) -> dict[str, Any]:
-    """Submit every node's stage task (inputs are upstream futures, or the cached results in ``known``, which are not
-    submitted). With ``shared``/``keys`` (a sweep), a node whose key was already submitted by another arm reuses that
-    future; ``resources(stage)`` gives Ray resources."""
+def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, shared: dict[str, Any] | None = None,
+                 keys: dict[str, str] | None = None, resources: Callable[[str], dict] | None = None,
+                 label: str = "") -> dict[str, Any]:
+    """A sweep's way (the study flow uses ``schedule``): submit every node's stage task at once, inputs as upstream
+    futures. With ``shared``/``keys``, a node whose key was already submitted by another arm reuses that future;
+    ``resources(stage)`` gives Ray resources."""
     from tasks import stage_task
     from tasks.common import result_storage
 
-    known = known or {}
     futures: dict[str, Any] = {}
     for node in nodes:
-        if node.id in known:
-            continue
         key = keys[node.id] if keys else None
         if shared is not None and key in shared:
             futures[node.id] = shared[key]
             continue
-        options: dict[str, Any] = {"task_run_name": f"{label}{node.id}", "result_storage": result_storage()}
-        if force_stage and node.stage == force_stage:
-            options["refresh_cache"] = True
-        submit = stage_task(node.stage).with_options(**options).submit
-        inputs = {name: known[dep] if dep in known else futures[dep] for name, dep in node.inputs.items()}
-        kwargs = {"spec": node.spec.model_dump(), "inputs": inputs,
-                  "ctx": {"store": store, "node_id": node.id, "child_run_id": children[node.id],
-                          "progress_dir": progress_dir}}
+        submit = stage_task(node.stage).with_options(task_run_name=f"{label}{node.id}",
+                                                     result_storage=result_storage()).submit
+        kwargs = {"spec": node.spec.model_dump(), "inputs": {name: futures[dep] for name, dep in node.inputs.items()},
+                  "ctx": {"store": store, "node_id": node.id, "child_run_id": children[node.id]}}
         wanted = resources(node.stage) if resources else {}
         if wanted:
             from prefect_ray.context import remote_options
@@ -85,35 +78,24 @@ def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, for
 
 
 def collect(pipeline: str, nodes: list[Node], futures: dict[str, Any], tracker: StudyTracker,
-            children: dict[str, str], known: dict[str, dict] | None = None,
-            progress: StudyProgress | None = None) -> tuple[dict, dict[str, str]]:
-    """Wait for every node, finish its MLflow child run and the parent run; return the outcome and the failures
-    (node id -> one line). Nodes in ``known`` are cache hits decided before the flow (no task, no child run)."""
-    known = known or {}
+            children: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """Wait for every node of a sweep arm, finish its MLflow child run and the parent run; return the outcome and the
+    failures (node id -> one line)."""
     results: dict[str, dict] = {}
     report: list[dict] = []
     failed: dict[str, str] = {}
     for node in nodes:
-        if node.id in known:
-            results[node.id] = known[node.id]
-            report.append(node_row(node, "hit", known[node.id]))
-            continue
         try:
             result = futures[node.id].result()
         except Exception as err:  # noqa: BLE001 - reported per node; the caller fails the flow
             broken = [d for d in node.inputs.values() if d in failed]
-            message = f"skipped: {broken[0]} failed" if broken else one_line(err)
-            failed[node.id] = message
-            tracker.fail_child(children[node.id], message)
-            report.append(node_row(node, "failed", error=message))
-            if progress:
-                progress.finished(node.id, "failed")
+            failed[node.id] = f"skipped: {broken[0]} failed" if broken else one_line(err)
+            tracker.fail_child(children[node.id], failed[node.id])
+            report.append(node_row(node, "failed", error=failed[node.id]))
             continue
         hit = tracker.finish_child(children[node.id], node, result)
         results[node.id] = result
         report.append(node_row(node, "hit" if hit else "miss", result))
-        if progress:
-            progress.finished(node.id, "hit" if hit else "miss", result.get("wall_seconds"))
     return outcome_of(pipeline, nodes, results, report, tracker), failed
 
 
@@ -167,6 +149,79 @@ def forced(nodes: list[Node], force_stage: str | None) -> set[str]:
     return {n.id for n in nodes if force_stage and n.stage == force_stage}
 
 
+def schedule(pipeline: str, nodes: list[Node], known: dict[str, dict], force: set[str], tracker: StudyTracker,
+             store: str, progress: StudyProgress, resources: Callable[[str], dict] | None = None) -> tuple[dict, dict]:
+    """Run the nodes not in ``known`` as their inputs finish: a node whose inputs are all done is looked up in the
+    cache first — a hit (its input digests unchanged, e.g. after a forced stage reproduced its output) needs no task
+    and no MLflow run — else submitted as a stage task with its own child run. Returns the outcome and the failures.
+    Independent nodes run at the same time, as many as the task runner has workers."""
+    import queue
+
+    from tasks import stage_task
+    from tasks.common import result_storage
+
+    results: dict[str, dict] = dict(known)
+    rows: dict[str, dict] = {n.id: node_row(n, "hit", known[n.id]) for n in nodes if n.id in known}
+    failed: dict[str, str] = {}
+    children: dict[str, str] = {}
+    running: dict[str, Any] = {}
+    done: queue.Queue = queue.Queue()
+    waiting = [n for n in nodes if n.id not in known]
+    while waiting or running:
+        for node in list(waiting):
+            broken = [d for d in node.inputs.values() if d in failed]
+            if broken:
+                waiting.remove(node)
+                failed[node.id] = f"skipped: {broken[0]} failed"
+                rows[node.id] = node_row(node, "failed", error=failed[node.id])
+                progress.finished(node.id, "failed")
+                continue
+            if not all(d in results for d in node.inputs.values()):
+                continue
+            waiting.remove(node)
+            if node.id not in force:
+                refs = {name: ArtifactRef.from_json(results[d]["artifact"]) for name, d in node.inputs.items()}
+                hit = read_record(cache_key(node.spec, refs))
+                if hit is not None:
+                    results[node.id], rows[node.id] = hit, node_row(node, "hit", hit)
+                    progress.finished(node.id, "hit")
+                    continue
+            children[node.id] = tracker.start_child(node)
+            options: dict[str, Any] = {"task_run_name": node.id, "result_storage": result_storage()}
+            if node.id in force:
+                options["refresh_cache"] = True
+            kwargs = {"spec": node.spec.model_dump(), "inputs": {k: results[d] for k, d in node.inputs.items()},
+                      "ctx": {"store": store, "node_id": node.id, "child_run_id": children[node.id],
+                              "progress_dir": progress.folder}}
+            submit = stage_task(node.stage).with_options(**options).submit
+            if resources and resources(node.stage):
+                from prefect_ray.context import remote_options
+
+                with remote_options(**resources(node.stage)):
+                    future = submit(**kwargs)
+            else:
+                future = submit(**kwargs)
+            running[node.id] = future
+            future.add_done_callback(lambda _, node_id=node.id: done.put(node_id))
+        if not running:
+            break
+        node_id = done.get()
+        node = next(n for n in nodes if n.id == node_id)
+        try:
+            result = running.pop(node_id).result()
+        except Exception as err:  # noqa: BLE001 - reported per node; the caller fails the flow
+            failed[node_id] = one_line(err)
+            tracker.fail_child(children[node_id], failed[node_id])
+            rows[node_id] = node_row(node, "failed", error=failed[node_id])
+            progress.finished(node_id, "failed")
+            continue
+        hit = tracker.finish_child(children[node_id], node, result)
+        results[node_id], rows[node_id] = result, node_row(node, "hit" if hit else "miss", result)
+        progress.finished(node_id, "hit" if hit else "miss", result.get("wall_seconds"))
+    report = [rows[n.id] for n in nodes if n.id in rows]
+    return outcome_of(pipeline, nodes, {k: v for k, v in results.items() if k not in failed}, report, tracker), failed
+
+
 def _study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str | None = None,
                 only_stage: str | None = None, runner: str = "process", name: str | None = None,
                 progress: Any = None) -> dict:
@@ -178,13 +233,9 @@ def _study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str
     tracker = study_tracker(study, pipeline, name or run_name(pipeline, overrides, force_stage, only_stage),
                             overrides, runner)
     with failing_runs([tracker]):
-        todo = [n for n in nodes if n.id not in known]
-        children = {n.id: tracker.start_child(n) for n in todo}
         with StudyProgress.of(progress, nodes, known, env.state_home()) as bar:
-            futures = submit_nodes(nodes, children, str(env.artifact_store()), force_stage=force_stage, known=known,
-                                   resources=(lambda stage: {"num_cpus": 1}) if runner == "ray" else None,
-                                   progress_dir=bar.folder)
-            outcome, failed = collect(pipeline, nodes, futures, tracker, children, known=known, progress=bar)
+            outcome, failed = schedule(pipeline, nodes, known, force, tracker, str(env.artifact_store()), bar,
+                                       resources=(lambda stage: {"num_cpus": 1}) if runner == "ray" else None)
     for row in outcome["nodes"]:
         if row["node"] in before:
             row["digest_before"] = before[row["node"]]
@@ -283,7 +334,7 @@ def run_study(pipeline: str, overrides: list[str] | tuple[str, ...] = (), file: 
     study: Study = load_study(file, pipeline, list(overrides))
     for stage in (force_stage, only_stage):
         if stage and stage not in study.spec.stages:
-            raise RoadsError(f"pipeline {pipeline!r} has no stage {stage!r}; its stages: {', '.join(study.spec.stages)}")
+            raise ConfigError(f"pipeline {pipeline!r} has no stage {stage!r}; its stages: {', '.join(study.spec.stages)}")
     env.configure()
     housekeeping()
     nodes = select(build_plan(study), only_stage)

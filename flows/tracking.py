@@ -236,12 +236,16 @@ class StudyTracker:
             "roads.worker": result.get("worker", ""),
         }
         now = int(time.time() * 1000)
-        logged = set(self.client.get_run(run_id).data.metrics)  # per-step history written by the task itself
-        metrics = [Metric(k, float(v), now, 0) for k, v in result["metrics"].items() if k not in logged]
+        logged = set() if hit else set(result.get("logged_metrics", []))  # per-step history the task wrote itself
+        if not hit and node.spec.launch is not None:  # the launched ranks logged too, in processes of their own
+            logged |= set(self.client.get_run(run_id).data.metrics)
+        metrics = [Metric(k.replace("@", "_"), float(v), now, 0) for k, v in result["metrics"].items()
+                   if k.replace("@", "_") not in logged]
         metrics.append(Metric(f"{node.stage}/wall_seconds", float(result.get("wall_seconds", 0.0)), now, 0))
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _tags(tags).items()], synchronous=True)
-        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=metrics[start:start + 1000], synchronous=True)
+        run_tags = [RunTag(k, v) for k, v in _tags(tags).items()]
+        for start in range(0, len(metrics), 900):  # MLflow takes at most 1000 entities per batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 900], tags=run_tags if start == 0 else [],
+                                  synchronous=True)
         self.client.log_dict(run_id, redact(node.spec.model_dump()), "config.json")
         folder = Path(result["artifact"]["path"])
         for name in result.get("files", []):

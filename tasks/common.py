@@ -93,6 +93,7 @@ class MlflowTracker:
 
     def __init__(self, run_id: str | None, label: str, progress_dir: str | None = None):
         self.run_id, self.label, self.progress_dir = run_id, label, progress_dir
+        self.logged: set[str] = set()  # metric keys with a per-step history in the run (the flow skips them)
         self._client = None
         if run_id:
             from mlflow.tracking import MlflowClient
@@ -107,6 +108,7 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         batch = [Metric(key=k.replace("@", "_"), value=float(v), timestamp=now, step=step or 0) for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self.logged.update(m.key for m in batch)
 
     def progress(self, message: str) -> None:
         from prefect import get_run_logger
@@ -136,6 +138,7 @@ def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
     doc = result.to_json()
     doc["cache_key"] = cache_key(parsed, refs)
     doc["produced_by"] = ctx.get("child_run_id")
+    doc["logged_metrics"] = sorted(tracker.logged)
     doc["wall_seconds"] = round(time.time() - started, 3)
     doc["started_at"], doc["finished_at"] = started, time.time()
     doc["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran it (a Ray node …)

@@ -164,7 +164,7 @@ def results_dir() -> Path:
 
 def read_record(key: str) -> dict[str, Any] | None:
     """The stage result cached under ``key``, or None when there is none, it is unreadable, or its artifact folder is
-    gone (then the record is removed, so Prefect reruns the stage rather than return a dangling path)."""
+    gone (then the record is removed, so Prefect reruns the stage rather than return a dangling path or garbage)."""
     record = results_dir() / key
     try:
         doc = json.loads(record.read_text())["result"]  # Prefect stores the JSON result as a string
@@ -172,7 +172,10 @@ def read_record(key: str) -> dict[str, Any] | None:
         path = result["artifact"]["path"]
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except OSError:
+        return None
+    except (ValueError, KeyError, TypeError):  # not a record (records are written atomically): rerun the stage
+        record.unlink(missing_ok=True)
         return None
     if not Path(path).is_dir():
         record.unlink(missing_ok=True)

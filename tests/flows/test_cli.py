@@ -57,9 +57,9 @@ def test_stage_force_says_whether_the_output_changed_and_which_dependents_reran(
 
 
 def test_stage_without_pipeline_says_which_it_uses(project, capsys):
-    with pytest.raises(SystemExit):
-        main(["stage", "--help"])
-    assert "--pipeline" in capsys.readouterr().out
+    assert main(["stage", "no_such_stage"]) == 2  # fails before anything runs, after naming the pipeline it used
+    captured = capsys.readouterr()
+    assert "pipeline: default" in captured.out and "pipeline 'default' has no stage 'no_such_stage'" in captured.err
 
 
 def test_the_persistent_prefect_server_starts_once_is_reused_and_stops(project):

@@ -126,7 +126,9 @@ def test_parent_runs_are_named_and_carry_comparable_params_and_standard_tags(fir
     tags = parent.data.tags
     assert tags["mlflow.source.git.commit"] and tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
     exp = client.get_experiment(first["experiment_id"])
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # a classic ML experiment
+    config = json.load(open(client.download_artifacts(parent.info.run_id, "resolved_config.json")))
+    assert config["tasks"]["gap"]["secret"] == 1234  # a seed named secret is not redacted: reproducible from MLflow
 
 
 def test_changing_one_parameter_reruns_that_stage_and_downstream_only(second):

@@ -35,3 +35,11 @@ def test_a_secret_held_in_the_environment_is_redacted_wherever_it_appears(monkey
     assert "hf_SuperSecretValue42" not in str(tags) and "pg-pass-9" not in str(tags)
     nested = redact({"a": ["x hf_SuperSecretValue42 y", {"b": "pg-pass-9"}], "n": 3})
     assert nested == {"a": ["x *** y", {"b": "***"}], "n": 3}
+
+
+def test_a_secret_named_config_field_that_is_no_credential_survives():
+    """The hidden family's ``secret`` is a seed, not a credential: a study must be reproducible from MLflow."""
+    params = {p.key: p.value for p in _params({"tasks": {"hidden": {"family": "hidden", "secret": 1234}},
+                                               "hub": {"token": "hf_x"}})}
+    assert params["tasks.hidden.secret"] == "1234" and params["hub.token"] == REDACTED
+    assert redact({"secret": 99, "password": "p"}) == {"secret": 99, "password": REDACTED}
