@@ -132,7 +132,7 @@ def cmd_show(args) -> int:
 
 
 def print_outcome(outcome: dict, elapsed: float) -> None:
-    from flows.study import BUDGET_COLUMNS, arms_by_task, markdown_table
+    from flows.outcome import BUDGET_COLUMNS, arms_by_task, markdown_table
 
     hits = sum(n["cache"] == "hit" for n in outcome["nodes"])
     misses = sum(n["cache"] == "miss" for n in outcome["nodes"])
@@ -211,7 +211,7 @@ def cmd_run(args) -> int:
 def cmd_stage(args) -> int:
     if args.pipeline is None:
         args.pipeline = "default"
-        print(f"pipeline: default (the config of `roads show default`; --pipeline NAME picks another)", flush=True)
+        print("pipeline: default (the config of `roads show default`; --pipeline NAME picks another)", flush=True)
     return _run(args, force_stage=args.name if args.force else None, only_stage=args.name, pipeline=args.pipeline)
 
 
@@ -306,7 +306,7 @@ def cmd_sweep(args) -> int:
     from flows import env
 
     env.configure()
-    from flows.study import StudyFailed, markdown_table
+    from flows.outcome import StudyFailed, markdown_table
     from flows.sweep import run_sweep, sweep_rows
 
     start = time.time()

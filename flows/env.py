@@ -60,7 +60,7 @@ def log_to_file(path: str | None) -> None:
     replaces the root's handlers)."""
     if not path:
         return
-    import prefect  # noqa: F401 - configures logging first
+    import prefect  # noqa: F401 # pyflakes: ignore - configures logging first
 
     root = logging.getLogger()
     if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
@@ -157,13 +157,18 @@ def _healthy(api_url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def server_status() -> dict | None:
-    """The persistent server of this state folder ({api_url, ui_url, pid, log}) when it answers, else None."""
+def _server_record() -> dict | None:
+    """What ``start_server`` wrote ({api_url, ui_url, pid, log}), if anything."""
     try:
-        info = json.loads(server_file().read_text())
+        return json.loads(server_file().read_text())
     except (OSError, ValueError):
         return None
-    return info if _healthy(info.get("api_url", "")) else None
+
+
+def server_status() -> dict | None:
+    """The persistent server of this state folder when it answers, else None."""
+    info = _server_record()
+    return info if info and _healthy(info.get("api_url", "")) else None
 
 
 def _free_port() -> int:
@@ -206,9 +211,8 @@ def start_server(timeout: float | None = None) -> dict:
 
 def stop_server() -> dict | None:
     """Stop the persistent server of this state folder; returns what was stopped (None: none was running)."""
-    try:
-        info = json.loads(server_file().read_text())
-    except (OSError, ValueError):
+    info = _server_record()
+    if info is None:
         return None
     try:
         os.killpg(info["pid"], signal.SIGTERM)

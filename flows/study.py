@@ -23,8 +23,7 @@ from typing import Any, Callable, Iterable
 
 from flows import env
 from flows.cleanup import remove_orphan_temp_dirs
-from flows.outcome import (BUDGET_COLUMNS, SUMMARY_METRICS, StudyFailed, arms_by_task, budget, markdown_table,  # noqa: F401
-                           node_row, one_line, outcome_of, select, summarize)
+from flows.outcome import StudyFailed, budget, node_row, one_line, outcome_of, select, summarize
 from flows.progress import StudyProgress
 from flows.tracking import StudyTracker, close_orphans, outcome_digest, recorded_run, study_params
 from roads.config import Study, load_study

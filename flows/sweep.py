@@ -14,8 +14,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import env
-from flows.study import (StudyFailed, arms_by_task, collect, failing_runs, housekeeping, study_tracker, submit_nodes,
-                         task_runner)
+from flows.outcome import StudyFailed, arms_by_task
+from flows.study import collect, failing_runs, housekeeping, study_tracker, submit_nodes, task_runner
 from roads.errors import RoadsError
 from roads.sweep import arm_plans, load_sweep, resources_for
 

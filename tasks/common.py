@@ -10,7 +10,6 @@ deleted before Prefect looks, so it reruns.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import socket

@@ -4,7 +4,6 @@ a temporary copy of the project after editing one module."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
