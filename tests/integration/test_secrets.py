@@ -62,7 +62,7 @@ def test_no_secret_reaches_params_tags_or_artifacts(servers, tmp_path):
     # the places they would have been, redacted
     assert tags["roads.tracking_uri"] == db_uri.replace(db_password, "***")
     assert tags["roads.prefect_api_url"] == servers["prefect"].replace("://", "://roads-user:***@")
-    assert dict(params)["description"] == "smoke with hub token ***"
+    assert dict(params)["overrides"] == "pipeline.description=smoke with hub token ***"
     artifacts = [p for uri in artifact_uris for p in Path(urlparse(uri).path).rglob("*") if p.is_file()]
     assert any(p.name == "resolved_config.json" for p in artifacts) and any(p.name == "config.json" for p in artifacts)
     for path in artifacts:
