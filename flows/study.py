@@ -166,42 +166,51 @@ def schedule(pipeline: str, nodes: list[Node], known: dict[str, dict], force: se
     running: dict[str, Any] = {}
     done: queue.Queue = queue.Queue()
     waiting = [n for n in nodes if n.id not in known]
-    while waiting or running:
-        for node in list(waiting):
-            broken = [d for d in node.inputs.values() if d in failed]
-            if broken:
-                waiting.remove(node)
-                failed[node.id] = f"skipped: {broken[0]} failed"
-                rows[node.id] = node_row(node, "failed", error=failed[node.id])
-                progress.finished(node.id, "failed")
-                continue
-            if not all(d in results for d in node.inputs.values()):
-                continue
-            waiting.remove(node)
-            if node.id not in force:
-                refs = {name: ArtifactRef.from_json(results[d]["artifact"]) for name, d in node.inputs.items()}
-                hit = read_record(cache_key(node.spec, refs))
-                if hit is not None:
-                    results[node.id], rows[node.id] = hit, node_row(node, "hit", hit)
-                    progress.finished(node.id, "hit")
+    finished: list[tuple[Node, dict]] = []  # computed, their MLflow child runs not yet finished
+    while waiting or running or finished:
+        try:
+            for node in list(waiting):
+                broken = [d for d in node.inputs.values() if d in failed]
+                if broken:
+                    waiting.remove(node)
+                    failed[node.id] = f"skipped: {broken[0]} failed"
+                    rows[node.id] = node_row(node, "failed", error=failed[node.id])
+                    progress.finished(node.id, "failed")
                     continue
-            children[node.id] = tracker.start_child(node)
-            options: dict[str, Any] = {"task_run_name": node.id, "result_storage": result_storage()}
-            if node.id in force:
-                options["refresh_cache"] = True
-            kwargs = {"spec": node.spec.model_dump(), "inputs": {k: results[d] for k, d in node.inputs.items()},
-                      "ctx": {"store": store, "node_id": node.id, "child_run_id": children[node.id],
-                              "progress_dir": progress.folder}}
-            submit = stage_task(node.stage).with_options(**options).submit
-            if resources and resources(node.stage):
-                from prefect_ray.context import remote_options
+                if not all(d in results for d in node.inputs.values()):
+                    continue
+                waiting.remove(node)
+                if node.id not in force:
+                    refs = {name: ArtifactRef.from_json(results[d]["artifact"]) for name, d in node.inputs.items()}
+                    hit = read_record(cache_key(node.spec, refs))
+                    if hit is not None:
+                        results[node.id], rows[node.id] = hit, node_row(node, "hit", hit)
+                        progress.finished(node.id, "hit")
+                        continue
+                children[node.id] = tracker.start_child(node)
+                options: dict[str, Any] = {"task_run_name": node.id, "result_storage": result_storage()}
+                if node.id in force:
+                    options["refresh_cache"] = True
+                kwargs = {"spec": node.spec.model_dump(), "inputs": {k: results[d] for k, d in node.inputs.items()},
+                          "ctx": {"store": store, "node_id": node.id, "child_run_id": children[node.id],
+                                  "progress_dir": progress.folder}}
+                submit = stage_task(node.stage).with_options(**options).submit
+                if resources and resources(node.stage):
+                    from prefect_ray.context import remote_options
 
-                with remote_options(**resources(node.stage)):
+                    with remote_options(**resources(node.stage)):
+                        future = submit(**kwargs)
+                else:
                     future = submit(**kwargs)
-            else:
-                future = submit(**kwargs)
-            running[node.id] = future
-            future.add_done_callback(lambda _, node_id=node.id: done.put(node_id))
+                running[node.id] = future
+                future.add_done_callback(lambda _, node_id=node.id: done.put(node_id))
+        finally:
+            # the MLflow side of what finished, after its dependents were submitted: the workers do not wait for it
+            for node, result in finished:
+                hit = tracker.finish_child(children[node.id], node, result)
+                rows[node.id] = node_row(node, "hit" if hit else "miss", result)
+                progress.finished(node.id, "hit" if hit else "miss", result.get("wall_seconds"))
+            finished.clear()
         if not running:
             break
         node_id = done.get()
@@ -214,9 +223,8 @@ def schedule(pipeline: str, nodes: list[Node], known: dict[str, dict], force: se
             rows[node_id] = node_row(node, "failed", error=failed[node_id])
             progress.finished(node_id, "failed")
             continue
-        hit = tracker.finish_child(children[node_id], node, result)
-        results[node_id], rows[node_id] = result, node_row(node, "hit" if hit else "miss", result)
-        progress.finished(node_id, "hit" if hit else "miss", result.get("wall_seconds"))
+        results[node_id] = result
+        finished.append((node, result))
     report = [rows[n.id] for n in nodes if n.id in rows]
     return outcome_of(pipeline, nodes, {k: v for k, v in results.items() if k not in failed}, report, tracker), failed
 
