@@ -25,7 +25,7 @@ from flows import env
 from flows.cleanup import remove_orphan_temp_dirs
 from flows.outcome import StudyFailed, budget, node_row, one_line, outcome_of, select, summarize
 from flows.progress import StudyProgress
-from flows.tracking import StudyTracker, close_orphans, outcome_digest, recorded_run, study_params
+from flows.tracking import StudyTracker, close_orphans, outcome_digest, recorded_run, redact, study_params
 from roads.config import Study, load_study
 from roads.errors import ConfigError, RoadsError
 from roads.plan import Node, build_plan
@@ -134,7 +134,8 @@ def study_tracker(study: Study, experiment: str, run_name: str, overrides: list[
 def run_name(pipeline: str, overrides: list[str] | tuple[str, ...] = (), force_stage: str | None = None,
              only_stage: str | None = None, cached: bool = False) -> str:
     """``smoke sft.epochs=2 · 12-01 19:40:03``, ``default --force reward_model · …``, ``smoke (cached) · …``."""
-    parts = [pipeline, *overrides]
+    # an override may carry a secret (a token in a description): MLflow and Prefect show the name as it is
+    parts = [pipeline, *(f"{k}={redact(v, k)}" if eq else o for o in overrides for k, eq, v in [o.partition("=")])]
     if force_stage:
         parts.append(f"--force {force_stage}")
     elif only_stage:

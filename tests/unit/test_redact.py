@@ -43,3 +43,12 @@ def test_a_secret_named_config_field_that_is_no_credential_survives():
                                                "hub": {"token": "hf_x"}})}
     assert params["tasks.hidden.secret"] == "1234" and params["hub.token"] == REDACTED
     assert redact({"secret": 99, "password": "p"}) == {"secret": 99, "password": REDACTED}
+
+
+def test_the_study_run_name_shows_overrides_without_their_secrets(monkeypatch):
+    from flows.study import run_name
+
+    monkeypatch.setenv("HF_TOKEN", "hf_SecretInAName_42")
+    name = run_name("smoke", ["pipeline.description=with hf_SecretInAName_42", "db.password=pw123", "sft.epochs=2"])
+    assert "hf_SecretInAName_42" not in name and "pw123" not in name
+    assert name.startswith(f"smoke pipeline.description=with {REDACTED} db.password={REDACTED} sft.epochs=2 · ")
