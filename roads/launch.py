@@ -3,13 +3,15 @@
 The stage's own process (a Prefect task, or a test) stays a plain process: it writes an accelerate config for
 ``spec.launch`` and a job file into a scratch folder, then runs::
 
-    python -m accelerate.commands.launch --config_file accelerate.yaml --num_processes N -m tasks.launched job.json
+    python -m accelerate.commands.launch --config_file accelerate.yaml --num_processes N -m roads.launched job.json
 
 and streams the children's output, line by line, into the stage's progress log. Every rank runs the stage's
-``run(spec, inputs, out, tracker)`` (``tasks/launched.py``: no Prefect there); rank 0 writes into the stage's real
-temporary output folder and its result (metrics, files) as JSON, which :func:`launch` returns as the StageResult;
-the other ranks write into scratch folders that are deleted. Rank 0 logs per-step metrics into the stage's MLflow
-child run: its id travels as ``MLFLOW_RUN_ID`` and the store as ``MLFLOW_TRACKING_URI`` in the environment.
+``run(spec, inputs, out, tracker)`` (``roads/launched.py``); rank 0 writes into the stage's real temporary output
+folder and its result (metrics, files) as JSON, which :func:`launch` returns as the StageResult; the other ranks
+write into scratch folders that are deleted. Rank 0 logs per-step metrics through what the caller chose: the job
+carries ``rank_metrics``, the import path (``"package.module:name"``) of a callable that rank 0 calls with
+``run_id`` to get an object with ``log_metrics(metrics, step)`` (the task layer's logs into the stage's MLflow child
+run; the store comes from the environment). The library names neither the caller's packages nor a tracking system.
 ``launch.json`` in the output records backend, world size and each rank's device.
 
 ``batch_size`` stays the *global* batch: each process takes ``batch_size / num_processes`` examples per step
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pkgutil
 import signal
 import subprocess
 import sys
@@ -38,13 +41,13 @@ from typing import Any
 
 import yaml
 
-from roads import errors
+from roads import errors, launched
 from roads.artifacts import ArtifactRef, StageResult, read_json, write_json
 from roads.config import LaunchConfig, StageSpec
 from roads.errors import ConfigError, RoadsError
+from roads.launched import LAUNCH_FILE
 from roads.training import NullTracker, Tracker
 
-LAUNCH_FILE = "launch.json"  # in the stage's output: backend, world size, each rank's device
 TAIL_LINES = 20  # lines of the children's output a failure message carries
 
 DISTRIBUTED_TYPE = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}
@@ -119,17 +122,15 @@ def check_runnable(spec: StageSpec) -> None:
 
 
 def project_root() -> Path:
-    """The folder holding the ``roads`` and ``tasks`` packages (the project, or site-packages when installed)."""
+    """The folder holding the ``roads`` package (the project, or site-packages when installed): the ranks import
+    ``roads.launched`` and the caller's ``rank_metrics`` from it, as this process does."""
     return Path(__file__).resolve().parents[1]
 
 
-def child_env(launch: LaunchConfig, tracker_run_id: str | None) -> dict[str, str]:
+def child_env(launch: LaunchConfig) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(project_root()), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the progress log as they are printed
-    env.pop("MLFLOW_RUN_ID", None)
-    if tracker_run_id:
-        env["MLFLOW_RUN_ID"] = tracker_run_id  # rank 0 logs per-step metrics into the stage's child run
     if launch.cpu:
         env["ACCELERATE_USE_CPU"] = "true"  # the ranks come up as MULTI_CPU over gloo
     return env
@@ -137,7 +138,7 @@ def child_env(launch: LaunchConfig, tracker_run_id: str | None) -> dict[str, str
 
 def launch_command(config_file: Path, num_processes: int, job_file: Path) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-            "--num_processes", str(num_processes), "-m", "tasks.launched", str(job_file)]
+            "--num_processes", str(num_processes), "-m", launched.__name__, str(job_file)]
 
 
 def _stream(command: list[str], env: dict[str, str], tracker: Tracker) -> tuple[int, list[str]]:
@@ -175,7 +176,7 @@ def _terminate(proc: subprocess.Popen) -> None:
 
 
 def _failure(spec: StageSpec, job_dir: Path, code: int, tail: list[str]) -> RoadsError:
-    """The error a rank raised (its type and message, written by tasks.launched), or the launcher's last lines."""
+    """The error a rank raised (its type and message, written by roads.launched), or the launcher's last lines."""
     reports = sorted(job_dir.glob("error-rank*.json"), key=lambda p: int(p.stem.split("rank")[-1]))
     if reports:
         doc = read_json(reports[0])
@@ -188,13 +189,17 @@ def _failure(spec: StageSpec, job_dir: Path, code: int, tail: list[str]) -> Road
                       f"with code {code}; nothing was cached. Last lines:\n" + "\n".join(tail))
 
 
-def launch(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: str | Path, tracker_run_id: str | None = None,
-           tracker: Tracker = NullTracker()) -> StageResult:
-    """Run ``spec`` (whose ``launch`` is set) on ``launch.num_processes`` processes; rank 0 writes ``out_dir``.
+def launch(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: str | Path, tracker: Tracker = NullTracker(),
+           *, rank_metrics: str | None = None, run_id: str | None = None) -> StageResult:
+    """Run ``spec`` (whose ``launch`` is set) on ``launch.num_processes`` processes; rank 0 writes ``out_dir``,
+    its progress lines go to ``tracker.progress`` and its per-step metrics to ``rank_metrics`` (an import path,
+    ``"package.module:name"``, of a callable taking ``run_id``; None: they are dropped; see the module docstring).
     Returns rank 0's StageResult (without artifact: the runner commits ``out_dir``)."""
     if spec.launch is None or spec.launch.backend == "none":
         raise ValueError(f"{spec.stage}: spec.launch is not set; run the stage in-process")
     check_runnable(spec)
+    if rank_metrics:
+        pkgutil.resolve_name(rank_metrics)  # a wrong path fails here, before any process starts
     launch_cfg = spec.launch
     with tempfile.TemporaryDirectory(prefix=f"roads-launch-{spec.stage}-") as scratch:
         job_dir = Path(scratch)
@@ -206,11 +211,13 @@ def launch(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: str | Path,
             "out_dir": str(Path(out_dir).resolve()),
             "result": str(job_dir / "result.json"),
             "errors": str(job_dir),
+            "rank_metrics": rank_metrics,
+            "run_id": run_id,
         })
         tracker.progress(f"accelerate launch: {launch_cfg.backend} on {launch_cfg.num_processes} "
                          f"{'CPU processes' if launch_cfg.cpu else 'GPUs'}")
         code, tail = _stream(launch_command(config_file, launch_cfg.num_processes, job_file),
-                             child_env(launch_cfg, tracker_run_id), tracker)
+                             child_env(launch_cfg), tracker)
         if code != 0 or not (job_dir / "result.json").is_file():
             raise _failure(spec, job_dir, code, tail)
         doc = read_json(job_dir / "result.json")

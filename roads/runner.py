@@ -15,6 +15,9 @@ from roads.training import NullTracker, Tracker, quiet_libraries
 
 def execute(spec: StageSpec, inputs: dict[str, ArtifactRef], store: str | Path,
             tracker: Tracker = NullTracker()) -> StageResult:
+    """Run ``spec`` on ``inputs`` into ``store``; the stage reports to ``tracker``. For a launched stage the tracker
+    may also carry ``rank_metrics`` and ``run_id``: what the launched rank 0 logs its per-step metrics through, in a
+    process of its own (``roads.launch.launch``); without them those metrics are dropped (progress still comes)."""
     for name, ref in inputs.items():
         if not ref.exists():
             raise FileNotFoundError(f"{spec.stage}: input {name!r} is missing at {ref.path}; rerun its stage")
@@ -24,7 +27,8 @@ def execute(spec: StageSpec, inputs: dict[str, ArtifactRef], store: str | Path,
         if spec.launch is not None:
             from roads.launch import launch
 
-            result = launch(spec, inputs, tmp, getattr(tracker, "run_id", None), tracker)
+            result = launch(spec, inputs, tmp, tracker, rank_metrics=getattr(tracker, "rank_metrics", None),
+                            run_id=getattr(tracker, "run_id", None))
         else:
             result = stage_module(spec.stage).run(spec, inputs, tmp, tracker)
         result.artifact = commit_dir(tmp, store, spec.stage)

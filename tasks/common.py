@@ -26,6 +26,7 @@ from prefect.filesystems import LocalFileSystem
 from roads.artifacts import ArtifactRef
 from roads.config import StageSpec
 from tasks.keys import cache_key, read_record, results_dir
+from tasks.metrics import RANK_METRICS, MlflowMetrics
 from tasks.steps import clear_step, write_step
 
 
@@ -87,27 +88,18 @@ class StageCachePolicy(CachePolicy):
 
 
 class MlflowTracker:
-    """Per-step metrics into the stage's child run (by explicit run id: the active run is thread-local), progress
-    lines into the Prefect task log."""
+    """Per-step metrics into the stage's child run (``tasks.metrics``), progress lines into the Prefect task log.
+    ``run_id`` and ``rank_metrics`` tell ``roads.launch`` where a launched stage's rank 0 logs, and through what."""
+
+    rank_metrics = RANK_METRICS
 
     def __init__(self, run_id: str | None, label: str, progress_dir: str | None = None):
         self.run_id, self.label, self.progress_dir = run_id, label, progress_dir
         self.logged: set[str] = set()  # metric keys with a per-step history in the run (the flow skips them)
-        self._client = None
-        if run_id:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient()
+        self._metrics = MlflowMetrics(run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if not self._client or not metrics:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(key=k.replace("@", "_"), value=float(v), timestamp=now, step=step or 0) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
-        self.logged.update(m.key for m in batch)
+        self.logged.update(self._metrics.log_metrics(metrics, step))
 
     def progress(self, message: str) -> None:
         from prefect import get_run_logger

@@ -1,10 +1,12 @@
-"""Multi-process training stages through ``accelerate launch`` (roads.launch, tasks/launched.py): the accelerate
+"""Multi-process training stages through ``accelerate launch`` (roads.launch, roads/launched.py): the accelerate
 config of each backend (checked by accelerate's own parser), the ``launch`` section and its one-line errors, which
-stages get it and that nobody else's fingerprint moves, the run-time checks, and one real launch: an SFT stage on 2
-CPU processes (DDP over gloo) whose weights match the same stage run in one process (the global batch is kept)."""
+stages get it and that nobody else's fingerprint moves, the run-time checks, that the launch modules name no upper
+layer, and one real launch: an SFT stage on 2 CPU processes (DDP over gloo) whose weights match the same stage run
+in one process (the global batch is kept), with rank 0's per-step metrics logged through the task layer's sink."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -22,6 +24,7 @@ from roads.launch import child_env, launch_command, write_accelerate_config
 from roads.plan import build_plan
 from roads.runner import execute
 from support import Recorder, tiny_data, weights
+from tasks.metrics import RANK_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = ROOT / "pipelines.yaml"
@@ -76,17 +79,47 @@ def test_cpu_config_uses_the_torchrun_launcher_and_gloo(tmp_path):
     launch = LaunchConfig(backend="ddp", num_processes=2, cpu=True)
     doc, _ = parsed(launch, tmp_path)
     assert doc["distributed_type"] == "MULTI_GPU" and doc["use_cpu"] is True
-    env = child_env(launch, "run123")
-    assert env["ACCELERATE_USE_CPU"] == "true" and env["MLFLOW_RUN_ID"] == "run123"
+    env = child_env(launch)
+    assert env["ACCELERATE_USE_CPU"] == "true"
     assert str(ROOT) in env["PYTHONPATH"].split(":")
-    assert "ACCELERATE_USE_CPU" not in child_env(LaunchConfig(backend="ddp", num_processes=2), None)
-    assert "MLFLOW_RUN_ID" not in child_env(launch, None)
+    assert "ACCELERATE_USE_CPU" not in child_env(LaunchConfig(backend="ddp", num_processes=2))
 
 
 def test_launch_command(tmp_path):
     command = launch_command(tmp_path / "a.yaml", 2, tmp_path / "job.json")
     assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "a.yaml")]
-    assert command[5:] == ["--num_processes", "2", "-m", "tasks.launched", str(tmp_path / "job.json")]
+    assert command[5:] == ["--num_processes", "2", "-m", "roads.launched", str(tmp_path / "job.json")]
+
+
+def _names(path: Path) -> tuple[set[str], set[str]]:
+    """The top-level packages a file imports (anywhere in it), and the dotted names its strings start with."""
+    tree = ast.parse(path.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    strings = {node.value.split(".")[0].split(":")[0] for node in ast.walk(tree)
+               if isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value}
+    return imported, strings
+
+
+def test_the_launch_modules_name_no_upper_layer():
+    """The library's launch path imports neither Prefect nor MLflow and names no module of tasks/ or flows/ (the
+    rank entry is roads.launched; the metrics sink is the caller's, by import path); rank 0's sink imports no
+    Prefect (tasks/common.py does) and nothing of the task layer."""
+    for name in ("launch.py", "launched.py", "runner.py"):
+        imported, strings = _names(ROOT / "roads" / name)
+        assert not imported & {"prefect", "mlflow", "tasks", "flows"}, name
+        assert not strings & {"tasks", "flows"}, name
+    imported, _ = _names(ROOT / "tasks" / "metrics.py")
+    assert not imported & {"prefect", "tasks", "flows"}
+    assert RANK_METRICS == "tasks.metrics:MlflowMetrics"
+
+
+def test_a_wrong_rank_metrics_path_fails_before_launching(tmp_path):
+    spec = sft_spec(LaunchConfig(backend="ddp", num_processes=2, cpu=True))
+    with pytest.raises((ImportError, AttributeError)):
+        roads.launch.launch(spec, {}, tmp_path, rank_metrics="tasks.metrics:NoSuchSink")
 
 
 # --------------------------------------------------------------------------- the launch section
@@ -202,7 +235,7 @@ def mlflow_run():
 def test_sft_on_two_cpu_processes_matches_one_process(data, mlflow_run, tmp_path):
     client, run_id = mlflow_run
     tracker = Recorder()
-    tracker.run_id = run_id  # as tasks.common.MlflowTracker carries it
+    tracker.run_id, tracker.rank_metrics = run_id, RANK_METRICS  # as tasks.common.MlflowTracker carries them
     launched = execute(sft_spec(LaunchConfig(backend="ddp", num_processes=2, cpu=True)), {"data": data},
                        tmp_path, tracker)
     out = Path(launched.artifact.path)

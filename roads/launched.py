@@ -1,53 +1,50 @@
-"""What every process of a launched stage runs: ``python -m tasks.launched JOB.json`` under ``accelerate launch``
-(started by ``roads.launch.launch``; see its docstring). No Prefect here: this is a plain process of a torch
-distributed group.
+"""What every process of a launched stage runs: ``python -m roads.launched JOB.json`` under ``accelerate launch``
+(started by ``roads.launch.launch``; see its docstring). A plain process of a torch distributed group.
 
 Every rank runs the stage's ``run(spec, inputs, out, tracker)`` — the Trainer's collectives (DDP gradients, FSDP
 and DeepSpeed gathers, ``save_model``) need all of them. Rank 0 writes into the stage's temporary output folder,
-logs per-step metrics into the MLflow run named by ``MLFLOW_RUN_ID`` (if any) and prints progress lines for the
-parent; the other ranks write into scratch folders that are deleted. Then the ranks exchange what they ran on and
-rank 0 writes ``launch.json`` and the result (metrics, files) for the parent. A rank that raises a RoadsError
-writes its type and message to ``error-rank<R>.json`` so the parent raises the same error.
+logs per-step metrics through the sink the caller named in the job (``rank_metrics``, built from ``run_id``; none:
+metrics are dropped) and prints progress lines for the parent; the other ranks write into scratch folders that are
+deleted. Then the ranks exchange what they ran on and rank 0 writes ``launch.json`` and the result (metrics,
+files) for the parent. A rank that raises a RoadsError writes its type and message to ``error-rank<R>.json`` so the
+parent raises the same error.
 """
 
 from __future__ import annotations
 
 import os
+import pkgutil
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from roads.artifacts import ArtifactRef, read_json, write_json
 from roads.config import StageSpec, global_batch
 from roads.errors import RoadsError
-from roads.launch import LAUNCH_FILE
 from roads.stages import stage_module
 from roads.training import NullTracker, quiet_libraries
 
+LAUNCH_FILE = "launch.json"  # in the stage's output: backend, world size, each rank's device
+
+
+def metrics_sink(rank_metrics: str | None, run_id: str | None):
+    """What logs rank 0's per-step metrics: the callable ``rank_metrics`` names (``"package.module:name"``, the
+    caller's choice; the library names no tracking system) called with ``run_id``; a NullTracker without one."""
+    if not rank_metrics:
+        return NullTracker()
+    return pkgutil.resolve_name(rank_metrics)(run_id)
+
 
 class RankZeroTracker:
-    """Rank 0's tracker: per-step metrics into the stage's MLflow child run (by id, from the environment), progress
-    lines to stdout, which the parent streams into the stage's progress log."""
+    """Rank 0's tracker: per-step metrics into ``metrics`` (``metrics_sink``), progress lines to stdout, which the
+    parent streams into the stage's progress log."""
 
-    def __init__(self, run_id: str | None):
-        self.run_id = run_id
-        self._client = None
-        if run_id:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient()  # MLFLOW_TRACKING_URI from the environment
+    def __init__(self, metrics):
+        self.metrics = metrics
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if not self._client or not metrics:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(key=k.replace("@", "_"), value=float(v), timestamp=now, step=step or 0)
-                 for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self.metrics.log_metrics(metrics, step)
 
     def progress(self, message: str) -> None:
         print(message, flush=True)
@@ -71,7 +68,7 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     quiet_libraries()
     out = Path(job["out_dir"]) if rank == 0 else Path(tempfile.mkdtemp(prefix=f"roads-{spec.stage}-rank{rank}-"))
-    tracker = RankZeroTracker(os.environ.get("MLFLOW_RUN_ID")) if rank == 0 else NullTracker()
+    tracker = RankZeroTracker(metrics_sink(job.get("rank_metrics"), job.get("run_id"))) if rank == 0 else NullTracker()
     try:
         result = stage_module(spec.stage).run(spec, inputs, out, tracker)
         from accelerate import PartialState
