@@ -10,7 +10,7 @@ Four learnt kinds, all fitted to the same preference pairs (the paper's H5 compa
 
 ``generative`` the language model as a judge (stage ``genrm``): it reads (prompt, response A, response B) and writes the
               verdict "A" or "B". Its native score is pairwise, ``compare(prompts, a, b)`` = the log-odds that a ≻ b
-              (exactly antisymmetric, see :func:`roads.stages.genrm.compare`). Its pointwise ``score(prompts,
+              (exactly antisymmetric, see :func:`roads.judge.compare`). Its pointwise ``score(prompts,
               completions)`` is the log-odds of each completion against a per-prompt *reference*: the first completion
               given for that prompt in the same call (which therefore scores 0) — the GenRM paper's reward relative to
               a reference response, r(x, y) = log p(y ≻ y_ref | x)/p(y_ref ≻ y | x). Scores are comparable only within
@@ -32,6 +32,7 @@ import torch
 from roads.artifacts import read_json
 from roads.errors import RoadsError
 from roads.generation import encode, reward_scores, sequence_logps
+from roads.judge import compare as judge_compare
 
 KINDS = ("global", "local", "implicit", "generative", "gold")
 VERIFIER_FILE = "verifier.json"
@@ -46,6 +47,17 @@ def summed_logps(model, tokenizer, prompts: list[str], completions: list[str], b
     """Σ_t log π(y_t | x, y<t) over completion + EOS, shape (N,)."""
     return sequence_logps(model, encode(tokenizer, prompts), completion_ids(tokenizer, completions),
                           pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Accuracy (ties count half) and mean log-likelihood log σ(r+ − r−) of the labels under a verifier."""
+    margin = chosen - rejected
+    accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+    return {
+        "accuracy": float(accuracy),
+        "loglik": float(torch.nn.functional.logsigmoid(margin).mean()),
+        "margin": float(margin.mean()),
+    }
 
 
 @dataclass
@@ -98,15 +110,13 @@ def load_verifier(name: str, folder: str | Path, reference: str | Path | None = 
             return beta * (summed_logps(model, tokenizer, prompts, completions, batch_size)
                            - summed_logps(ref_model, tokenizer, prompts, completions, batch_size))
     elif kind == "generative":
-        from roads.stages.genrm import compare as judge
-
         model, tokenizer = load_policy(folder)
         options = dict(rationale=bool(info.get("rationale", False)), votes=int(info.get("votes", 1)),
                        rationale_tokens=int(info.get("rationale_tokens", 16)),
                        temperature=float(info.get("temperature", 1.0)), batch_size=batch_size)
 
         def compare(prompts: list[str], a: list[str], b: list[str]) -> torch.Tensor:
-            return judge(model, tokenizer, prompts, a, b, **options)
+            return judge_compare(model, tokenizer, prompts, a, b, **options)
 
         def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
             reference: dict[str, str] = {}  # prompt -> its first completion in this call

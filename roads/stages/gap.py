@@ -52,13 +52,13 @@ from typing import Iterator, Sequence
 import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
-from roads.config import GapConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import GapConfig
 from roads.data import gold_reward_fn, task_of
 from roads.generation import sample
 from roads.models import count_parameters, load_policy
-from roads.stages.reward_model import preference_metrics
 from roads.training import NullTracker, Tracker
-from roads.verifiers import Verifier, gold_verifier, load_verifier, trained_examples
+from roads.verifiers import Verifier, gold_verifier, load_verifier, preference_metrics, trained_examples
 
 VERSION = 1
 GOLD = "gold"

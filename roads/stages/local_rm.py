@@ -21,9 +21,8 @@ from roads.errors import DataError
 from roads.generation import encode
 from roads.losses import local_bt_loss
 from roads.models import load_policy
-from roads.stages.reward_model import preference_metrics
 from roads.training import NullTracker, Tracker, check_finite, first_fraction, write_trained, train_loop
-from roads.verifiers import VERIFIER_FILE, completion_ids, summed_logps
+from roads.verifiers import VERIFIER_FILE, completion_ids, preference_metrics, summed_logps
 
 VERSION = 1
 STAGE = "local_rm"

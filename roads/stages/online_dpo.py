@@ -18,10 +18,10 @@ from pathlib import Path
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
 from roads.config import OnlineDpoConfig, StageSpec
 from roads.data import gold_reward_fn, task_of
+from roads.dpo_trainer import train_dpo
 from roads.errors import RoadsError, TrainingError
 from roads.generation import sample, sample_vllm
 from roads.models import load_policy
-from roads.stages.offline_dpo import train_dpo
 from roads.training import NullTracker, Tracker, first_fraction
 from roads.verifiers import load_verifier
 
@@ -106,6 +106,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             last = round_index == cfg.rounds - 1
             round_dir = out_dir if last else Path(scratch) / f"round{round_index}"
             metrics.update(train_dpo("online_dpo", cfg, spec.seed, policy_path, pairs, round_dir, tracker,
+                                     beta=cfg.beta, loss_type=cfg.loss_type, precompute_ref=cfg.precompute_ref,
                                      reference=inputs["reference"].path))
             policy_path = str(round_dir)
             tracker.log_metrics({"online_dpo/pairs": float(len(pairs))}, step=round_index)

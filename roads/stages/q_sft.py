@@ -36,7 +36,7 @@ from roads.errors import DataError, RoadsError
 from roads.generation import encode
 from roads.losses import q_sft_loss, q_sft_targets
 from roads.models import load_policy, write_composed
-from roads.stages.sft import train_sft
+from roads.sft_trainer import train_sft
 from roads.training import NullTracker, Tracker, check_finite, write_trained, train_loop
 from roads.verifiers import completion_ids, load_verifier
 

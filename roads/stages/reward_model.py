@@ -18,20 +18,9 @@ from roads.config import RewardModelConfig, StageSpec
 from roads.generation import reward_scores
 from roads.models import reward_model_from_policy
 from roads.training import NullTracker, StageCallback, Tracker, first_fraction, save_trained, train, trainer_args
-from roads.verifiers import VERIFIER_FILE
+from roads.verifiers import VERIFIER_FILE, preference_metrics
 
 VERSION = 1
-
-
-def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    """Accuracy (ties count half) and mean log-likelihood log σ(r+ − r−) of the labels under a verifier."""
-    margin = chosen - rejected
-    accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
-    return {
-        "accuracy": float(accuracy),
-        "loglik": float(torch.nn.functional.logsigmoid(margin).mean()),
-        "margin": float(margin.mean()),
-    }
 
 
 def score_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

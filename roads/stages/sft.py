@@ -7,33 +7,15 @@ tokenizer (``save_pretrained``).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
-
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
-from roads.config import SftConfig, StageSpec, TrainConfig
+from roads.config import SftConfig, StageSpec
 from roads.models import build_tokenizer, count_parameters, load_pretrained, new_causal_lm
-from roads.training import NullTracker, StageCallback, Tracker, save_trained, train, trainer_args
+from roads.sft_trainer import train_sft
+from roads.training import NullTracker, Tracker
 
 VERSION = 1
-
-
-def train_sft(stage: str, cfg: TrainConfig, seed: int, model, tokenizer, rows: list[dict], out_dir: Path,
-              tracker: Tracker) -> dict[str, float]:
-    """SFT (loss on the completion only) on ``rows`` of prompt/completion; saves model and tokenizer to ``out_dir``."""
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = SFTTrainer(
-            model=model,
-            args=SFTConfig(**trainer_args(cfg, seed, scratch)),
-            train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]),
-            processing_class=tokenizer,
-            callbacks=[StageCallback(stage, tracker)],
-        )
-        train(trainer)
-    return save_trained(stage, model, tokenizer, trainer, out_dir)
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:

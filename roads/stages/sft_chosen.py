@@ -8,7 +8,7 @@ from pathlib import Path
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
 from roads.config import SftChosenConfig, StageSpec
 from roads.models import load_policy
-from roads.stages.sft import train_sft
+from roads.sft_trainer import train_sft
 from roads.training import NullTracker, Tracker
 
 VERSION = 1

@@ -1,5 +1,5 @@
 """Tests for roads.generation (sampling with a KV cache and left padding, sequence log-probabilities, reward scores)
-and the hand-computable metrics of evaluate (win_rate) and reward_model (preference_metrics)."""
+and the hand-computable metrics of evaluate (win_rate) and the verifiers (preference_metrics)."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def test_win_rate_by_hand():
 
 
 def test_preference_metrics_by_hand():
-    from roads.stages.reward_model import preference_metrics
+    from roads.verifiers import preference_metrics
 
     chosen = torch.tensor([2.0, 0.5, 1.0, -1.0])
     rejected = torch.tensor([1.0, 0.5, 3.0, -2.0])

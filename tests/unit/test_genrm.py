@@ -1,6 +1,6 @@
-"""The generative verifier: its judge format and one-token verdicts, the exact antisymmetry of its pairwise score,
-the ``genrm`` stage on tiny data (outputs, the verifier it leaves, held-out metrics), STaR-SFT and STaR-DPO rounds
-that may fall back to the plain labels, and ``gap.validate`` taking a verifier's pairwise margin."""
+"""The generative verifier: its judge format and one-token verdicts and the exact antisymmetry of its pairwise score
+(roads/judge.py), the ``genrm`` stage on tiny data (outputs, the verifier it leaves, held-out metrics), STaR-SFT and
+STaR-DPO rounds that may fall back to the plain labels, and ``gap.validate`` taking a verifier's pairwise margin."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import roads.stages.genrm as genrm
+from roads import judge
 from roads.artifacts import read_json, read_jsonl
 from roads.config import GenRmConfig, StageSpec
 from roads.errors import RoadsError
@@ -37,14 +38,14 @@ def tiny():
 
 def test_judge_format_and_one_token_verdicts(tiny):
     _, tokenizer = tiny
-    judge = genrm.judge_prompt("sort: b a ->", " a b", " b a")
-    assert judge == "sort: b a ->\n[A] a b\n[B] b a\nbetter:"
-    assert genrm.judge_prompt("p", "x", "y", rationale=True) == "p\n[A]x\n[B]y\nwhy:"
-    ids = genrm.verdict_ids(tokenizer)
+    text = judge.judge_prompt("sort: b a ->", " a b", " b a")
+    assert text == "sort: b a ->\n[A] a b\n[B] b a\nbetter:"
+    assert judge.judge_prompt("p", "x", "y", rationale=True) == "p\n[A]x\n[B]y\nwhy:"
+    ids = judge.verdict_ids(tokenizer)
     assert len(set(ids)) == 2
-    for verdict, token in zip(genrm.VERDICTS, ids):
+    for verdict, token in zip(judge.VERDICTS, ids):
         assert encode(tokenizer, [verdict]) == [[token]]
-        assert encode(tokenizer, [judge + verdict])[0] == encode(tokenizer, [judge])[0] + [token]  # as trainers see it
+        assert encode(tokenizer, [text + verdict])[0] == encode(tokenizer, [text])[0] + [token]  # as trainers see it
 
 
 def test_a_tokenizer_without_one_token_verdicts_is_refused():
@@ -53,7 +54,7 @@ def test_a_tokenizer_without_one_token_verdicts_is_refused():
             return {"input_ids": [1, 2] if text else []}
 
     with pytest.raises(RoadsError, match="not one token"):
-        genrm.verdict_ids(Words())
+        judge.verdict_ids(Words())
 
 
 def test_both_orders_and_parsing():
@@ -62,10 +63,10 @@ def test_both_orders_and_parsing():
     assert rows == [{"prompt": "p\n[A]good\n[B]bad\nbetter:", "completion": "A"},
                     {"prompt": "p\n[A]bad\n[B]good\nbetter:", "completion": "B"}]
     assert [r["completion"] for r in genrm.label_rows(pairs, rationale=True)] == ["\nbetter:A", "\nbetter:B"]
-    assert genrm.split_judgement("long one\nbetter:B") == ("long one", "B")
-    assert genrm.split_judgement("x\nbetter:A then\nbetter:B") == ("x\nbetter:A then", "B")  # the last cue
-    assert genrm.split_judgement("no verdict here A") == ("no verdict here A", None)
-    assert genrm.split_judgement("r\nbetter:C") == ("r", None)
+    assert judge.split_judgement("long one\nbetter:B") == ("long one", "B")
+    assert judge.split_judgement("x\nbetter:A then\nbetter:B") == ("x\nbetter:A then", "B")  # the last cue
+    assert judge.split_judgement("no verdict here A") == ("no verdict here A", None)
+    assert judge.split_judgement("r\nbetter:C") == ("r", None)
     assert genrm.split_parts(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
     assert genrm.split_parts([1], 3) == [[1]]
 
@@ -83,30 +84,30 @@ B = [" b a", " a b", " c", " h d"]  # row 2: the same response twice
                                      {"rationale": True, "rationale_tokens": 3, "votes": 2}])
 def test_compare_is_exactly_antisymmetric(tiny, options):
     model, tokenizer = tiny
-    ab = genrm.compare(model, tokenizer, PROMPTS, A, B, **options)
-    ba = genrm.compare(model, tokenizer, PROMPTS, B, A, **options)
+    ab = judge.compare(model, tokenizer, PROMPTS, A, B, **options)
+    ba = judge.compare(model, tokenizer, PROMPTS, B, A, **options)
     assert ab.shape == (4,) and torch.isfinite(ab).all()
     assert torch.equal(ab, -ba)
     assert ab[2] == 0  # compare(a, a)
-    assert torch.equal(genrm.compare(model, tokenizer, PROMPTS, A, A, **options), torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(judge.compare(model, tokenizer, PROMPTS, A, A, **options), torch.zeros(4, dtype=torch.float64))
     if "votes" not in options:  # an untrained model still has some (tiny) opinion
         assert (ab[[0, 1, 3]] != 0).all()
 
 
 def test_compare_is_half_the_difference_of_the_two_orders(tiny):
     model, tokenizer = tiny
-    logps = genrm.verdict_logps(model, tokenizer, [genrm.judge_prompt(PROMPTS[0], A[0], B[0]),
-                                                   genrm.judge_prompt(PROMPTS[0], B[0], A[0])])
+    logps = judge.verdict_logps(model, tokenizer, [judge.judge_prompt(PROMPTS[0], A[0], B[0]),
+                                                   judge.judge_prompt(PROMPTS[0], B[0], A[0])])
     assert (logps < 0).all()
     d_ab, d_ba = (logps[:, 0] - logps[:, 1]).double().tolist()
-    value = float(genrm.compare(model, tokenizer, PROMPTS[:1], A[:1], B[:1])[0])
+    value = float(judge.compare(model, tokenizer, PROMPTS[:1], A[:1], B[:1])[0])
     assert value == pytest.approx((d_ab - d_ba) / 2, abs=1e-5)
 
 
 def test_votes_give_clipped_log_odds(tiny):
     model, tokenizer = tiny
     votes = 4
-    d = genrm.judge_log_odds(model, tokenizer, PROMPTS, A, B, rationale=False, votes=votes, rationale_tokens=1,
+    d = judge.judge_log_odds(model, tokenizer, PROMPTS, A, B, rationale=False, votes=votes, rationale_tokens=1,
                              temperature=1.0, seed=0)
     allowed = [math.log(s / (votes - s)) for s in (0.5, 1, 2, 3)] + [math.log(3.5 / 0.5)]
     assert all(min(abs(v - a) for a in allowed) < 1e-9 for v in d.tolist())
@@ -160,7 +161,7 @@ def test_training_moves_the_verdict_probabilities(trained, inputs):
     mass = {}
     for name, path in (("sft", inputs["sft"].path), ("genrm", result.artifact.path)):
         model, tokenizer = load_policy(path)
-        mass[name] = float(genrm.verdict_logps(model, tokenizer, judges).exp().sum(-1).mean())
+        mass[name] = float(judge.verdict_logps(model, tokenizer, judges).exp().sum(-1).mean())
     assert mass["genrm"] > mass["sft"]  # SFT on the verdicts puts probability on "A" and "B"
 
 

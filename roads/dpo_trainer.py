@@ -1,0 +1,45 @@
+"""DPO with TRL's DPOTrainer against a reference *loaded from disk* (an in-memory model would be the wrong
+reference), its log-probs shared through ``roads/reference.py``; shared by ``offline_dpo``, ``online_dpo`` and
+``genrm`` (STaR-DPO). A DPO policy is a verifier too: its implicit reward β·log π/π_ref (``verifier.json``)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from datasets import Dataset
+from trl import DPOConfig
+
+from roads.artifacts import write_json
+from roads.config import TrainConfig
+from roads.models import load_policy
+from roads.reference import SharedReferenceDPOTrainer
+from roads.training import StageCallback, Tracker, save_trained, train, trainer_args
+from roads.verifiers import VERIFIER_FILE
+
+
+def train_dpo(stage: str, cfg: TrainConfig, seed: int, start_policy: str, pairs: list[dict], out_dir: Path,
+              tracker: Tracker, *, beta: float, loss_type: str, precompute_ref: bool,
+              reference: str | None = None) -> dict[str, float]:
+    """DPO (β ``beta``, TRL's ``loss_type``; ``precompute_ref``: the reference's log-probs once, before training)
+    from the policy saved at ``start_policy`` against the reference saved at ``reference`` (default: the start
+    policy); both are loaded from disk. Saves the result and its ``verifier.json`` (kind ``implicit``) to
+    ``out_dir``."""
+    model, tokenizer = load_policy(start_policy)
+    ref_model, _ = load_policy(reference or start_policy)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SharedReferenceDPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=DPOConfig(**trainer_args(cfg, seed, scratch, beta=beta, loss_type=loss_type,
+                                          precompute_ref_log_probs=precompute_ref)),
+            train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs]),
+            processing_class=tokenizer,
+            callbacks=[StageCallback(stage, tracker)],
+        )
+        if precompute_ref:
+            tracker.log_metrics({f"{stage}/ref_logps_shared": float(trainer.ref_logps_shared)})
+        train(trainer)
+    metrics = save_trained(stage, model, tokenizer, trainer, out_dir)
+    write_json(Path(out_dir) / VERIFIER_FILE, {"kind": "implicit", "beta": beta})  # β·log π/π_ref is a verifier
+    return metrics
