@@ -14,6 +14,7 @@ import yaml
 
 from roads.config import load_study, load_study_file
 from roads.errors import RoadsError
+from roads.stage_table import GOLD_METRICS
 
 DEFAULT_FILE = "pipelines.yaml"
 
@@ -147,7 +148,7 @@ def print_outcome(outcome: dict, elapsed: float) -> None:
         print(f"\n(report, CSV and plots: {report.parent})")
     elif outcome["summary"]:
         print()
-        print(markdown_table(arms_by_task(outcome["summary"]), ["task", "arm", "seeds", "gold_reward_mean", "win_rate"]))
+        print(markdown_table(arms_by_task(outcome["summary"]), ["task", "arm", "seeds", *GOLD_METRICS]))
     if outcome.get("budget") and any(row["tokens_generated"] for row in outcome["budget"]):
         print("\nbudget per arm (every stage it stands on; mean over seeds):")
         print(markdown_table(outcome["budget"], list(BUDGET_COLUMNS)))
@@ -320,7 +321,7 @@ def cmd_sweep(args) -> int:
     hits = sum(n["cache"] == "hit" for n in nodes)
     print()
     print(markdown_table(sweep_rows(outcome),
-                         ["sweep_arm", "task", "policy", "seeds", "gold_reward_mean", "win_rate", "cached"]))
+                         ["sweep_arm", "task", "policy", "seeds", *GOLD_METRICS, "cached"]))
     print(f"\n{len(outcome['arms'])} arms, {outcome['stages']} distinct stages ({len(nodes)} stage runs: "
           f"{len(nodes) - hits} ran, {hits} hits); {time.time() - start:.1f} s")
     print(f"MLflow: experiment {outcome['experiment']!r}, one run per arm with params sweep.* (roads ui to compare)")

@@ -9,8 +9,7 @@ from typing import Any
 
 from roads.errors import RoadsError
 from roads.plan import Node, downstream
-
-SUMMARY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
+from roads.stage_table import GOLD_METRICS, POLICY_METRICS, STAGES
 
 
 class StudyFailed(RoadsError):
@@ -30,15 +29,15 @@ def summarize(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
     """One row per evaluated (task, seed, arm)."""
     rows = []
     for node in nodes:
-        if node.stage == "evaluate" and node.id in results:
+        if STAGES[node.stage].per_policy and node.id in results:
             metrics = results[node.id]["metrics"]
             row = {"task": node.spec.task_name, "seed": node.spec.seed, "arm": node.spec.arm}
-            row.update({k: metrics.get(f"evaluate/{k}") for k in SUMMARY_METRICS})
+            row.update({k: metrics.get(f"{node.stage}/{k}") for k in POLICY_METRICS})
             rows.append(row)
     return rows
 
 
-def arms_by_task(rows: list[dict], metrics: tuple[str, ...] = ("gold_reward_mean", "win_rate")) -> list[dict]:
+def arms_by_task(rows: list[dict], metrics: tuple[str, ...] = GOLD_METRICS) -> list[dict]:
     """Mean over seeds of each metric, one row per (task, arm), in first-seen order."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
@@ -123,7 +122,7 @@ def outcome_of(pipeline: str, nodes: list[Node], results: dict[str, dict], repor
                "nodes": report, "summary": rows, "budget": spent,
                "report": results["report"]["artifact"]["path"] if "report" in results else None,
                "report_files": results.get("report", {}).get("files", [])}
-    table = markdown_table(arms_by_task(rows), ["task", "arm", "seeds", "gold_reward_mean", "win_rate"])
+    table = markdown_table(arms_by_task(rows), ["task", "arm", "seeds", *GOLD_METRICS])
     files = {"summary.md": table + "\n", "nodes.md": markdown_table(report, NODE_COLUMNS) + "\n",
              "budget.md": markdown_table(spent, list(BUDGET_COLUMNS)) + "\n"}
     tracker.finish("FAILED" if failed else "FINISHED", rows, files, budget_rows=spent,

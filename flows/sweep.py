@@ -18,6 +18,7 @@ from flows.outcome import StudyFailed, arms_by_task
 from flows.study import collect, failing_runs, housekeeping, study_tracker, submit_nodes, task_runner
 from roads.errors import RoadsError
 from roads.sweep import arm_plans, load_sweep, resources_for
+from roads.stage_table import GOLD_METRICS
 
 
 def experiment_name(sweep: str) -> str:
@@ -81,8 +82,7 @@ def sweep_rows(outcome: dict) -> list[dict]:
         hits = sum(n["cache"] == "hit" for n in arm["nodes"])
         for row in arms_by_task(arm["summary"]):
             rows.append({"sweep_arm": arm["arm"], "task": row["task"], "policy": row["arm"], "seeds": row["seeds"],
-                         "gold_reward_mean": row["gold_reward_mean"], "win_rate": row["win_rate"],
-                         "cached": f"{hits}/{len(arm['nodes'])}"})
+                         **{m: row[m] for m in GOLD_METRICS}, "cached": f"{hits}/{len(arm['nodes'])}"})
         if not arm["summary"]:
             rows.append({"sweep_arm": arm["arm"], "cached": f"{hits}/{len(arm['nodes'])}"})
     return rows

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from flows.cleanup import owner, owner_alive
 from roads.config import Study, flatten, load_study_file
 from roads.plan import Node
+from roads.stage_table import POLICY_METRICS
 
 MAX_PARAM_LENGTH = 6000
 REDACTED = "***"
@@ -280,7 +281,7 @@ class StudyTracker:
             self.client.set_tag(self.parent_id, "roads.outcome_digest", outcome_digest(results, self.params))
         metrics = [Metric(k, float(v), now, 0) for k, v in (report_metrics or {}).items()]
         for row in summary_rows:
-            for key in ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean"):
+            for key in POLICY_METRICS:
                 if row.get(key) is not None:
                     metrics.append(Metric(f"{row['task']}/seed{row['seed']}/{row['arm']}/{key}", float(row[key]), now, 0))
         for row in budget_rows:

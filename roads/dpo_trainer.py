@@ -11,7 +11,7 @@ from datasets import Dataset
 from trl import DPOConfig
 
 from roads.artifacts import write_json
-from roads.config import TrainConfig
+from roads.settings import TrainConfig
 from roads.models import load_policy
 from roads.reference import SharedReferenceDPOTrainer
 from roads.training import StageCallback, Tracker, save_trained, train, trainer_args

@@ -14,7 +14,6 @@ explain.
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,7 +29,6 @@ GAP_FILES = ("gap.json", "verifier_pairs.jsonl", "best_of_n.jsonl")
 KIND_ORDER = ("global", "local", "implicit", "gold")
 KIND_LABEL = {"global": "global RM", "local": "local RM", "implicit": "DPO implicit", "gold": "gold (upper bound)"}
 VERIFIER_DIFFS = (("global", "implicit"), ("global", "local"), ("local", "implicit"))
-FRACTION_SUFFIX = re.compile(r"_1_\d+$")
 
 
 def is_gap_output(folder: str | Path) -> bool:
@@ -244,25 +242,20 @@ def _size(n) -> str:
     return "–" if not n else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
 
 
-def series_name(entry: str) -> str:
-    """The learning curve an entry belongs to: learning-curve arms are named ``<entry>_1_<k>`` (trained on the first
-    1/k of the pairs), so ``reward_model_1_8``, ``reward_model_1_2`` and ``reward_model`` form one curve."""
-    return FRACTION_SUFFIX.sub("", entry)
-
-
 Curves = dict[tuple[str, str], list[tuple[int, dict]]]
 
 
-def learning_curves(vrows: list[dict], arm_points: list[dict]) -> tuple[Curves, Curves]:
+def learning_curves(vrows: list[dict], arm_points: list[dict], series: dict[str, str]) -> tuple[Curves, Curves]:
     """(verifier curves, policy curves): (task, series) -> [(training pairs, accuracy or gold reward cell)], for the
-    series with at least two different numbers of pairs."""
+    series with at least two different numbers of pairs. ``series``: entry -> its series, as the variants declare it
+    (``report.series``); an entry not in it is a series of its own."""
     vcurves: Curves = {}
     for r in vrows:
         if r["train_examples"]:
-            vcurves.setdefault((r["task"], series_name(r["verifier"])), []).append((r["train_examples"], r["accuracy"]))
+            vcurves.setdefault((r["task"], series.get(r["verifier"], r["verifier"])), []).append((r["train_examples"], r["accuracy"]))
     pcurves: Curves = {}
     for r in arm_points:
-        pcurves.setdefault((r["task"], series_name(r["arm"])), []).append((r["train_examples"], r["gold"]))
+        pcurves.setdefault((r["task"], series.get(r["arm"], r["arm"])), []).append((r["train_examples"], r["gold"]))
     pick = lambda curves: {k: sorted(v, key=lambda e: e[0]) for k, v in curves.items()  # noqa: E731
                            if len({e[0] for e in v}) > 1}
     return pick(vcurves), pick(pcurves)
@@ -317,7 +310,7 @@ def write_gap_markdown(path: Path, summary: list[dict], vrows: list[dict], vdiff
                              f"({_size(r['verifier_parameters'])}) | "
                              + " | ".join(f"{c['mean']:.3f}" for c in r["curve"]) + " |")
             lines.append("")
-    vcurves, pcurves = learning_curves(vrows, list(arm_points))
+    vcurves, pcurves = learning_curves(vrows, list(arm_points), cfg.series)
     if vcurves or pcurves:
         lines += ["## Learning curves (against the number of training pairs)", "",
                   "| task | curve | measure | training pairs: value [lo, hi] |", "|---|---|---|---|"]
@@ -356,7 +349,7 @@ def write_hypotheses(out_dir: Path, rows: list[dict], cfg) -> None:
 
 
 def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows: list[dict],
-                    arm_points: list[dict]) -> list[str]:
+                    arm_points: list[dict], series: dict[str, str]) -> list[str]:
     """best_of_n.png, gap_vs_online.png, and learning_curves.png / scale.png when the run varies pairs / sizes.
     Returns the files written."""
     import matplotlib
@@ -417,7 +410,7 @@ def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows
     written.append("gap_vs_online.png")
 
     # learning curves: verifiers (accuracy) and policies (gold reward) against the pairs they were trained on
-    vcurves, pcurves = learning_curves(vrows, arm_points)
+    vcurves, pcurves = learning_curves(vrows, arm_points, series)
     if vcurves or pcurves:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, curves, ylabel, title in ((axes[0], vcurves, "held-out accuracy", "Verifiers"),

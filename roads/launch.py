@@ -43,7 +43,8 @@ import yaml
 
 from roads import errors, launched
 from roads.artifacts import ArtifactRef, StageResult, read_json, write_json
-from roads.config import LaunchConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import LaunchConfig
 from roads.errors import ConfigError, RoadsError
 from roads.launched import LAUNCH_FILE
 from roads.training import NullTracker, Tracker

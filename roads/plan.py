@@ -7,57 +7,9 @@ Prefect-free, so the DAG is tested on its own; ``flows/study.py`` submits the no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from roads.config import DATA_STAGES, POLICY_STAGES, VERIFIER_STAGES, ArmConfig, Defaults, StageSpec, Study, resolve_params
-
-# input name -> the entry that provides it by default; a stage's `data`, `start` and `verifier` settings rename them
-DEPENDS: dict[str, dict[str, str]] = {
-    "prepare_data": {},
-    "narrow_data": {"data": "prepare_data", "sft": "sft"},
-    "sft": {"data": "prepare_data"},
-    "sft_chosen": {"data": "prepare_data", "sft": "sft"},
-    "reward_model": {"data": "prepare_data", "sft": "sft"},
-    "local_rm": {"data": "prepare_data", "sft": "sft"},
-    "genrm": {"data": "prepare_data", "sft": "sft"},
-    "q_sft": {"data": "prepare_data", "sft": "sft"},  # + "verifier" when its returns come from a reward model
-    "ivl": {"data": "prepare_data", "base": "sft", "target": "sft"},
-    "offline_dpo": {"data": "prepare_data", "sft": "sft"},
-    "online_dpo": {"data": "prepare_data", "reference": "sft", "start": "sft"},  # + "verifier" unless gold
-    "online_rl": {"data": "prepare_data", "reference": "sft"},  # + "verifier" unless gold
-    "gap": {"data": "prepare_data", "reference": "sft"},  # + "verifier.<entry>", "policy.<entry>"
-    "evaluate": {"data": "prepare_data", "reference": "sft"},  # + "policy": the arm scored
-}
-# what kind of entry an input must name (checked when a pipeline is loaded)
-COMPOSED_STAGES = ("q_sft", "ivl")  # policies made of several models: evaluated and sampled, not trained further
-INPUT_KINDS = {"data": DATA_STAGES, "start": tuple(s for s in POLICY_STAGES if s not in COMPOSED_STAGES),
-               "sft": ("sft",), "verifier": VERIFIER_STAGES, "policy": POLICY_STAGES, "base": ("sft",), "target": ("sft",)}
-
-
-def stage_inputs(stage: str, params: dict[str, Any]) -> dict[str, str]:
-    """Input name -> the entry (stage or arm) that provides it."""
-    inputs = dict(DEPENDS[stage])
-    if "data" in params:
-        inputs["data"] = params["data"]
-    if stage in ("reward_model", "local_rm", "genrm", "sft_chosen", "q_sft"):
-        inputs["sft"] = params["start"]
-    if stage == "ivl":
-        inputs["base"], inputs["target"] = params["base"], params["target"]
-    if stage == "q_sft" and params["reward"] == "reward_model":
-        inputs["verifier"] = "reward_model"
-    if stage == "online_dpo":
-        inputs["start"] = params["start"]
-    if stage in ("online_dpo", "online_rl") and params["verifier"] != "gold":
-        inputs["verifier"] = params["verifier"]
-    if stage == "gap":
-        inputs.update({f"verifier.{v}": v for v in params["verifiers"]})
-        inputs.update({f"policy.{p}": p for p in params["policies"]})
-    return inputs
-
-
-def input_kind(name: str) -> str:
-    """'verifier.reward_model' -> 'verifier'."""
-    return name.split(".", 1)[0]
+from roads.config import ArmConfig, StageSpec, Study
+from roads.stage_table import STAGES, stage_inputs
 
 
 @dataclass(frozen=True)
@@ -77,36 +29,12 @@ class Node:
 
 
 def is_policy(entry: str, arms: dict[str, ArmConfig]) -> bool:
-    return (arms[entry].stage if entry in arms else entry) in POLICY_STAGES
-
-
-def check_stage_closure(entries: list[str], arms: dict[str, ArmConfig] | None = None,
-                        defaults: Defaults | None = None) -> str | None:
-    """None when every entry's inputs are provided by entries of the list, else a one-line reason."""
-    arms, defaults = arms or {}, defaults or Defaults()
-    present = set(entries)
-    for entry in entries:
-        stage, params = resolve_params(entry, arms, defaults)
-        if stage == "report":
-            if "evaluate" not in present and not any(resolve_params(e, arms, defaults)[0] == "gap" for e in present):
-                return "stage 'report' needs 'evaluate' or 'gap'; add one to the list"
-            continue
-        for name, provider in stage_inputs(stage, params).items():
-            if provider not in present:
-                return f"{entry!r} needs {provider!r} (its input {name!r}); add it to the list"
-            kinds = INPUT_KINDS.get(input_kind(name))
-            provider_stage = arms[provider].stage if provider in arms else provider
-            if kinds and provider_stage not in kinds:
-                return (f"{entry!r} takes its input {name!r} from {provider!r}, a {provider_stage} entry; "
-                        f"it must be one of: {', '.join(kinds)}")
-            if provider == entry:
-                return f"{entry!r} cannot take its own output as its input {name!r}"
-    return None
+    return "policy" in STAGES[arms[entry].stage if entry in arms else entry].roles
 
 
 def _order(entries: list[str], study: Study) -> list[str]:
     """Entries in dependency order (stable: the listed order wherever the graph allows)."""
-    remaining = [e for e in entries if study.stage_of(e) not in ("evaluate", "report")]
+    remaining = [e for e in entries if STAGES[study.stage_of(e)].kind != "report" and not per_policy(study, e)]
     remaining = list(dict.fromkeys(remaining))
     done: list[str] = []
     while remaining:
@@ -121,36 +49,52 @@ def _order(entries: list[str], study: Study) -> list[str]:
     return done
 
 
+def per_policy(study: Study, entry: str) -> bool:
+    return STAGES[study.stage_of(entry)].per_policy
+
+
 def arms(study: Study) -> list[str]:
     """The policies `evaluate` scores: every listed stage or arm whose output is a policy."""
     return [e for e in _order(study.spec.stages, study) if is_policy(e, study.arms)]
 
 
 def build_plan(study: Study) -> list[Node]:
-    """All nodes in topological order."""
+    """All nodes in topological order: per (task, seed) unit, each entry in dependency order, then each per-policy
+    entry (``evaluate``) once per policy; last the report over every measurement (the ``measure`` stages' nodes)."""
     entries = _order(study.spec.stages, study)
+    listed = list(dict.fromkeys(study.spec.stages))
     nodes: list[Node] = []
     reported: list[str] = []  # evaluations and gap measurements: the report's inputs
     for task_name in study.spec.tasks:
         for seed in study.spec.seeds:
             unit = f"{task_name}/seed{seed}"
+
+            def add(node_id: str, spec: StageSpec, inputs: dict[str, str]) -> None:
+                nodes.append(Node(f"{unit}/{node_id}", spec, {k: f"{unit}/{v}" for k, v in inputs.items()}))
+                if STAGES[spec.stage].kind == "measure":
+                    reported.append(nodes[-1].id)
+
             for entry in entries:
                 spec = study.stage_spec(entry, task_name, seed)
-                inputs = {k: f"{unit}/{v}" for k, v in stage_inputs(spec.stage, spec.params).items()}
-                nodes.append(Node(f"{unit}/{entry}", spec, inputs))
-                if spec.stage == "gap":
-                    reported.append(nodes[-1].id)
-            if "evaluate" in study.spec.stages:
-                for arm in arms(study):
-                    inputs = {k: f"{unit}/{v}" for k, v in DEPENDS["evaluate"].items()}
-                    inputs["policy"] = f"{unit}/{arm}"
-                    node_id = f"{unit}/evaluate[{arm}]"
-                    nodes.append(Node(node_id, study.stage_spec("evaluate", task_name, seed, arm=arm), inputs))
-                    reported.append(node_id)
-    if "report" in study.spec.stages:
-        seed = study.spec.seeds[0]
-        nodes.append(Node("report", study.stage_spec("report", "", seed), {node_id: node_id for node_id in reported}))
+                add(entry, spec, stage_inputs(spec.stage, spec.params))
+            for entry in (e for e in listed if per_policy(study, e)):
+                for policy in arms(study):
+                    spec = study.stage_spec(entry, task_name, seed, arm=policy)
+                    add(f"{entry}[{policy}]", spec, {**stage_inputs(spec.stage, spec.params), "policy": policy})
+    for entry in (e for e in listed if STAGES[study.stage_of(e)].kind == "report"):
+        nodes.append(Node(entry, report_spec(study, entry), {node_id: node_id for node_id in reported}))
     return nodes
+
+
+def report_spec(study: Study, entry: str) -> StageSpec:
+    """The report's spec, with what the pipeline declares filled in where its settings leave it open: the policies
+    in the order of ``stages``, the variants' learning-curve ``series``."""
+    spec = study.stage_spec(entry, "", study.spec.seeds[0])
+    listed = list(dict.fromkeys(study.spec.stages))
+    declared = {e: study.arms[e].series for e in listed if e in study.arms and study.arms[e].series}
+    params = {**spec.params, "policies": spec.params["policies"] or [e for e in listed if is_policy(e, study.arms)],
+              "series": {**declared, **spec.params["series"]}}
+    return spec.model_copy(update={"params": params})
 
 
 def _matches(node: Node, name: str) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from roads.config import TrainConfig
+from roads.settings import TrainConfig
 from roads.training import StageCallback, Tracker, save_trained, train, trainer_args
 
 

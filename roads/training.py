@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from roads.config import TrainConfig
+from roads.settings import TrainConfig
 from roads.errors import ConfigError, TrainingError
 
 

@@ -4,7 +4,8 @@ second, before any server or worker starts).
 Cache key = stage name + stage VERSION + config fingerprint + input digests (+ a local pretrained model's contents)
 + the digest of the code the stage can reach: its module ``roads/stages/<stage>.py``, the runner every stage goes
 through (``roads/runner.py``), and every library module either imports, followed transitively (imports inside
-functions included) — not the whole library, and not ``roads/config.py`` (see ``NOT_CODE``). Editing the report's code reruns only ``report``; editing the sampler
+functions included) — not the whole library, and not the settings (``roads/config.py``, ``roads/settings.py``, the stage table: see
+``NOT_CODE``). Editing the report's code reruns only ``report``; editing the sampler
 reruns the stages that sample and what follows from their outputs. Found by reading the source, never by importing it, and computed once per process.
 
 A record is Prefect's persisted result of the stage task (a JSON document whose ``result`` is the stage result as
@@ -28,10 +29,11 @@ from roads.config import StageSpec
 ROOT = Path(roads.__file__).resolve().parent  # the roads package
 ENTRY_MODULES = ("roads.runner",)  # what every stage runs through besides its own module
 # Modules whose effect on a result is already in the key another way, so an edit to them reruns nothing by itself:
-# roads.config reaches a stage as the values of its settings (the fingerprint holds every one, defaults and derived
-# values included); its imports are not followed either. A method of a config class that computes something a
-# stage uses outside the fingerprinted values would escape this — keep such code in the stage's own modules.
-NOT_CODE = ("roads.config",)
+# roads.config and roads.settings reach a stage as the values of its settings (the fingerprint holds every one,
+# defaults and derived values included), the stage table as the inputs it names (their digests are in the key);
+# their imports are not followed either. A method of a settings class that computes something a stage uses outside
+# the fingerprinted values would escape this — keep such code in the stage's own modules.
+NOT_CODE = ("roads.config", "roads.settings", "roads.stage_table")
 
 
 @lru_cache(maxsize=None)

@@ -35,7 +35,8 @@ def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def tiny_data(store, n_pairs: int, n_val_pairs: int = 4, n_sft: int = 32):
     """A prepare_data output of the gap family (seed 0) in ``store``: its ArtifactRef."""
-    from roads.config import PrepareDataConfig, StageSpec, TaskConfig
+    from roads.config import StageSpec
+    from roads.settings import PrepareDataConfig, TaskConfig
     from roads.runner import execute
 
     cfg = PrepareDataConfig(n_sft=n_sft, n_pairs=n_pairs, n_val_pairs=n_val_pairs, n_eval_prompts=2)
@@ -45,7 +46,8 @@ def tiny_data(store, n_pairs: int, n_val_pairs: int = 4, n_sft: int = 32):
 
 def tiny_sft(store, data, seed: int = 0):
     """A one-epoch tiny-preset SFT model on ``data``: its ArtifactRef."""
-    from roads.config import ModelConfig, SftConfig, StageSpec
+    from roads.config import StageSpec
+    from roads.settings import ModelConfig, SftConfig
     from roads.runner import execute
 
     spec = StageSpec(stage="sft", params=SftConfig(epochs=1, batch_size=16).model_dump(), seed=seed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from roads.config import TaskConfig
+from roads.settings import TaskConfig
 from roads.data.synthetic import SyntheticTask
 
 

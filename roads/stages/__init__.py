@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-from roads.config import STAGE_NAMES
+from roads.stage_table import STAGE_NAMES
 
 
 def stage_module(name: str):

@@ -15,7 +15,8 @@ from pathlib import Path
 from statistics import fmean
 
 from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json, write_jsonl
-from roads.config import EvaluateConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import EvaluateConfig
 from roads.data import gold_reward_fn, task_of
 from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
-from roads.config import GenRmConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import GenRmConfig
 from roads.dpo_trainer import train_dpo
 from roads.errors import DataError, TrainingError
 from roads.generation import encode, sample

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
-from roads.config import IvlConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import IvlConfig
 from roads.errors import DataError, RoadsError
 from roads.generation import encode
 from roads.models import count_parameters, load_policy, new_causal_lm, write_composed

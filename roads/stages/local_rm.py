@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
-from roads.config import LocalRmConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import LocalRmConfig
 from roads.errors import DataError
 from roads.generation import encode
 from roads.losses import local_bt_loss

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
-from roads.config import NarrowDataConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import NarrowDataConfig
 from roads.data import gold_reward_fn, task_of
 from roads.data.synthetic import bradley_terry_prefers_first
 from roads.errors import RoadsError

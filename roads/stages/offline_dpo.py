@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
-from roads.config import OfflineDpoConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import OfflineDpoConfig
 from roads.dpo_trainer import train_dpo
 from roads.training import NullTracker, Tracker, first_fraction
 

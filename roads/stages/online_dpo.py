@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
-from roads.config import OnlineDpoConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import OnlineDpoConfig
 from roads.data import gold_reward_fn, task_of
 from roads.dpo_trainer import train_dpo
 from roads.errors import RoadsError, TrainingError

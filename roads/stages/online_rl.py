@@ -36,7 +36,8 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
-from roads.config import OnlineRlConfig, StageSpec, TaskConfig
+from roads.config import StageSpec
+from roads.settings import OnlineRlConfig, TaskConfig
 from roads.data import gold_reward_fn, task_of
 from roads.errors import ConfigError, DataError, RoadsError
 from roads.generation import reward_scores, vllm_problem

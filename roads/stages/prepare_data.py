@@ -11,7 +11,8 @@ import random
 from pathlib import Path
 
 from roads.artifacts import ArtifactRef, StageResult, write_json, write_jsonl
-from roads.config import PrepareDataConfig, StageSpec, TaskConfig
+from roads.config import StageSpec
+from roads.settings import PrepareDataConfig, TaskConfig
 from roads.data import synthetic_task
 from roads.data.synthetic import generate
 from roads.errors import DataError

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
-from roads.config import QSftConfig, StageSpec, TrainConfig
+from roads.config import StageSpec
+from roads.settings import QSftConfig, TrainConfig
 from roads.errors import DataError, RoadsError
 from roads.generation import encode
 from roads.losses import q_sft_loss, q_sft_targets

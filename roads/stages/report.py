@@ -36,18 +36,16 @@ from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, wri
 from roads.gap_report import (bon_rows, gap_summary, hypothesis_rows, is_gap_output, load_gap, verifier_diffs,
                               verifier_rows, write_gap_markdown, write_gap_plots, write_hypotheses)
 from roads.metrics import bootstrap_interval, group_rng
-from roads.config import ReportConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import ReportConfig
+from roads.stage_table import GOLD_METRICS as GOLD_METRICS_OF_TABLE, POLICY_METRICS
 from roads.errors import DataError
 from roads.training import NullTracker, Tracker
 
 VERSION = 1
 
-METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
-GOLD_METRICS = ("gold_reward_mean", "win_rate")
+METRICS, GOLD_METRICS = POLICY_METRICS, GOLD_METRICS_OF_TABLE
 PAIRED_METRICS = {"gold_reward_mean": "gold_reward_diff", "win_rate": "win_rate_diff"}
-ARM_ORDER = ("sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft", "online_dpo_dpo",
-             "online_dpo_gold", "online_rl", "q_sft", "q_sft_spread", "q_sft_rm", "q_sft_behaviour", "online_dpo_genrm", "sft_small",
-             "sft_chosen_small", "ivl", "ivl_to_small")
 TASK_FAMILIES = ("gap", "short", "hidden")
 FILES = ["report.md", "report.csv", "paired.csv", "report.json", "win_rate_by_arm.png", "gold_vs_kl.png"]
 
@@ -115,10 +113,6 @@ def load_groups(inputs: dict[str, ArtifactRef]) -> dict[tuple[str, str], Group]:
         group.seeds[seed] = per_prompt(rows, gold, folder / "samples.jsonl")
         group.policy_stage, group.train_examples = info.get("policy_stage"), info.get("train_examples")
     return groups
-
-
-def arm_key(arm: str) -> tuple[int, str]:
-    return (ARM_ORDER.index(arm), "") if arm in ARM_ORDER else (len(ARM_ORDER), arm)
 
 
 def task_key(task: str) -> int:
@@ -306,7 +300,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     gap = load_gap(gap_inputs)
     first_seen = list(dict.fromkeys([*(task for task, _ in groups), *gap.info]))
     tasks = sorted(first_seen, key=task_key)  # stable: first-seen order within a family
-    arms = sorted({arm for _, arm in groups}, key=arm_key)
+    found = list(dict.fromkeys(arm for _, arm in groups))  # the policies in the order of `report.policies` (the
+    arms = [a for a in cfg.policies if a in found] + [a for a in found if a not in cfg.policies]  # pipeline's stages)
     ordered = [groups[(t, a)] for t in tasks for a in arms if (t, a) in groups]
 
     rows = [summarise(g, cfg) for g in ordered]
@@ -329,7 +324,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         return None if found is None else {"mean": found["diff"], "lo": found["lo"], "hi": found["hi"]}
 
     vrows, vdiffs, brows = verifier_rows(gap, cfg), verifier_diffs(gap, cfg), bon_rows(gap, cfg)
-    summary = gap_summary(gap, vdiffs, brows, lambda task: arm_effect(task, "online_dpo_sft", cfg.baseline))
+    summary = gap_summary(gap, vdiffs, brows, lambda task: arm_effect(task, cfg.contrast, cfg.baseline))
     families = {}
     for task in tasks:
         if task_key(task) < len(TASK_FAMILIES):
@@ -348,7 +343,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     files += ["hypotheses.md", "hypotheses.csv"]
     if gap.info:
         write_gap_markdown(out_dir / "gap_summary.md", summary, vrows, vdiffs, brows, cfg, arm_points)
-        files += ["gap_summary.md", *write_gap_plots(out_dir, summary, vrows, brows, arm_points)]
+        files += ["gap_summary.md", *write_gap_plots(out_dir, summary, vrows, brows, arm_points, cfg.series)]
     with open(out_dir / "report.md", "a") as fh:
         fh.write("\nSee also: " + ", ".join(f"[{f}]({f})" for f in files if f.endswith(".md") and f != "report.md")
                  + ".\n")

@@ -14,7 +14,8 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
-from roads.config import RewardModelConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import RewardModelConfig
 from roads.generation import reward_scores
 from roads.models import reward_model_from_policy
 from roads.training import NullTracker, StageCallback, Tracker, first_fraction, save_trained, train, trainer_args

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
-from roads.config import SftConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import SftConfig
 from roads.models import build_tokenizer, count_parameters, load_pretrained, new_causal_lm
 from roads.sft_trainer import train_sft
 from roads.training import NullTracker, Tracker

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
-from roads.config import SftChosenConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import SftChosenConfig
 from roads.models import load_policy
 from roads.sft_trainer import train_sft
 from roads.training import NullTracker, Tracker

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from roads.artifacts import digest_dir
 from roads.sweep import arm_plans, load_sweep
-from roads.config import STAGE_NAMES
+from roads.stage_table import STAGE_NAMES
 from tasks.keys import code_digest
 
 ROOT = Path(__file__).resolve().parents[2]

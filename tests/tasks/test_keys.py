@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from roads.config import STAGE_NAMES
+from roads.stage_table import STAGE_NAMES
 from tasks.keys import ROOT, code_digest, code_files
 
 PROJECT = Path(__file__).resolve().parents[2]

@@ -196,7 +196,7 @@ def test_compute_key_leaves_other_records_alone(tmp_path, monkeypatch):
 
 def test_stage_tasks_are_configured_for_json_results():
     from tasks import stage_task
-    from roads.config import STAGE_NAMES
+    from roads.stage_table import STAGE_NAMES
 
     for stage in STAGE_NAMES:
         task = stage_task(stage)
@@ -213,9 +213,9 @@ def gap_nodes():
 
 @pytest.fixture(scope="module")
 def task_runs(gap_nodes, tmp_path_factory):
-    from tasks.evaluate import evaluate
-    from tasks.prepare_data import prepare_data
-    from tasks.sft import sft
+    from tasks import stage_task
+
+    evaluate, prepare_data, sft = stage_task("evaluate"), stage_task("prepare_data"), stage_task("sft")
 
     store = tmp_path_factory.mktemp("store")
 

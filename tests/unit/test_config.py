@@ -9,7 +9,8 @@ import pydantic
 import pytest
 import yaml
 
-from roads.config import STAGE_NAMES, load_study, load_study_file, parse_override
+from roads.config import load_study, load_study_file, parse_override
+from roads.stage_table import STAGE_NAMES
 from roads.errors import ConfigError
 from roads.plan import build_plan
 

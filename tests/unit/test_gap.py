@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from roads.artifacts import ArtifactRef, read_json, read_jsonl, write_json
-from roads.config import (GapConfig, ModelConfig, OfflineDpoConfig, PrepareDataConfig, RewardModelConfig, SftConfig,
-                          StageSpec, TaskConfig)
+from roads.config import StageSpec
+from roads.settings import (GapConfig, ModelConfig, OfflineDpoConfig, PrepareDataConfig, RewardModelConfig, SftConfig, TaskConfig)
 from roads.data import gold_reward_fn, task_of
 from roads.generation import sample
 from roads.models import load_policy

@@ -13,7 +13,8 @@ import torch
 import roads.stages.genrm as genrm
 from roads import judge
 from roads.artifacts import read_json, read_jsonl
-from roads.config import GenRmConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import GenRmConfig
 from roads.errors import RoadsError
 from roads.generation import encode
 from roads.models import build_tokenizer, load_policy, new_causal_lm

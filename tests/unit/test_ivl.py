@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import roads.stages.ivl as ivl
 from roads.artifacts import read_json
-from roads.config import IvlConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import IvlConfig
 from roads.errors import TrainingError
 from roads.generation import encode, sample
 from roads.models import POLICY_FILE, ComposedLM, load_policy

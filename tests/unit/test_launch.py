@@ -17,8 +17,9 @@ import yaml
 
 import roads.launch
 from roads.artifacts import ArtifactRef, read_json
-from roads.config import (LAUNCH_STAGES, LaunchConfig, ModelConfig, SftConfig, StageSpec, _result_fields,
-                          load_study)
+from roads.config import StageSpec, _result_fields, load_study
+from roads.settings import LaunchConfig, ModelConfig, SftConfig
+from roads.stage_table import LAUNCH_STAGES
 from roads.errors import ConfigError, RoadsError
 from roads.launch import child_env, launch_command, write_accelerate_config
 from roads.plan import build_plan

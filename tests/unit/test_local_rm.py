@@ -12,7 +12,8 @@ import torch
 
 import roads.stages.local_rm as local_rm
 from roads.artifacts import read_json, read_jsonl
-from roads.config import LocalRmConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import LocalRmConfig
 from roads.errors import TrainingError
 from roads.generation import encode, sequence_logps
 from roads.losses import local_bt_loss

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from roads.artifacts import ArtifactRef, read_json, read_jsonl, write_json, write_jsonl
-from roads.config import ModelConfig, NarrowDataConfig, PrepareDataConfig, SftConfig, StageSpec, TaskConfig
+from roads.config import StageSpec
+from roads.settings import ModelConfig, NarrowDataConfig, PrepareDataConfig, SftConfig, TaskConfig
 from roads.data import gold_reward_fn, task_of
 from roads.errors import RoadsError
 from roads.runner import execute

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from roads.artifacts import read_json, read_jsonl, write_jsonl
-from roads.config import OnlineRlConfig, StageSpec, TaskConfig, load_study
+from roads.config import StageSpec, load_study
+from roads.settings import OnlineRlConfig, TaskConfig
 from roads.data.synthetic import SyntheticTask
 from roads.errors import ConfigError, DataError
 from roads.models import load_policy

@@ -19,8 +19,9 @@ from roads.artifacts import (
     write_json,
     write_jsonl,
 )
-from roads.config import POLICY_STAGES, load_study
-from roads.plan import arms, build_plan, check_stage_closure, downstream, upstream
+from roads.config import check_stage_closure, load_study
+from roads.plan import arms, build_plan, downstream, upstream
+from roads.stage_table import with_role
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = ROOT / "pipelines.yaml"
@@ -74,7 +75,7 @@ def test_open_stage_lists(stages, needs):
 def test_plan_shape(study, nodes):
     units = [(t, s) for t in study.spec.tasks for s in study.spec.seeds]
     assert len(units) == 6
-    assert arms(study) == [s for s in POLICY_STAGES if s in study.spec.stages]
+    assert arms(study) == [s for s in with_role("policy") if s in study.spec.stages]
     per_unit = len([s for s in study.spec.stages if s not in ("evaluate", "report")]) + len(arms(study))
     assert len(nodes) == len(units) * per_unit + ("report" in study.spec.stages)  # evaluate once per arm; one report
     ids = [n.id for n in nodes]
@@ -92,7 +93,7 @@ def test_evaluate_once_per_arm(study, nodes):
         for seed in study.spec.seeds:
             unit = f"{task}/seed{seed}"
             evals = [n for n in nodes if n.stage == "evaluate" and n.id.startswith(unit + "/")]
-            assert sorted(n.spec.arm for n in evals) == sorted(s for s in POLICY_STAGES if s in study.spec.stages)
+            assert sorted(n.spec.arm for n in evals) == sorted(s for s in with_role("policy") if s in study.spec.stages)
             for n in evals:
                 assert n.id == f"{unit}/evaluate[{n.spec.arm}]"
                 assert n.inputs == {"data": f"{unit}/prepare_data", "reference": f"{unit}/sft",
@@ -274,3 +275,15 @@ def test_json_helpers_round_trip(tmp_path):
     rows = [{"prompt": "p", "chosen": " a"}, {"prompt": "q", "chosen": "ü"}]
     write_jsonl(tmp_path / "r.jsonl", rows)
     assert read_jsonl(tmp_path / "r.jsonl") == rows
+
+
+def test_the_report_reads_its_policies_and_series_from_the_pipeline():
+    study = load_study(PIPELINES, "learning-curves")
+    report = next(n for n in build_plan(study) if n.stage == "report")
+    listed = [e for e in study.spec.stages if e in arms(study)]
+    assert report.spec.params["policies"] == listed  # the order of `stages`, not a list kept in the report
+    assert report.spec.params["series"]["reward_model_1_8"] == "reward_model"
+    assert report.spec.params["series"]["online_dpo_sft_1_2"] == "online_dpo_sft"
+    assert "reward_model" not in report.spec.params["series"]  # the full-data entry is its own series
+    mine = load_study(PIPELINES, "learning-curves", ["report.policies=[offline_dpo, sft]"])
+    assert next(n for n in build_plan(mine) if n.stage == "report").spec.params["policies"] == ["offline_dpo", "sft"]

@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import roads.stages.q_sft as q_sft
 from roads.artifacts import digest_dir, read_json, read_jsonl
-from roads.config import QSftConfig, RewardModelConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import QSftConfig, RewardModelConfig
 from roads.errors import TrainingError
 from roads.generation import encode, sample
 from roads.losses import q_sft_extract_logits, q_sft_loss, q_sft_targets

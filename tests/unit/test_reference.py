@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from support import Recorder, differs, tiny_data, tiny_sft, weights
 
-from roads.config import OfflineDpoConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import OfflineDpoConfig
 from roads.reference import store_dir
 from roads.runner import execute
 

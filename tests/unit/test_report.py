@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from roads.artifacts import ArtifactRef, read_json
-from roads.config import ReportConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import ReportConfig
 from roads.errors import DataError
 from roads.stages.report import FILES, bootstrap_interval, run
 
@@ -179,7 +180,8 @@ def test_outputs_tables_and_plots(tmp_path):
                 gold = ref if arm == "sft" else rng.uniform(size=(5, 2))
                 inputs[f"{task}/seed{seed}/evaluate[{arm}]"] = write_eval(tmp_path, task, arm, seed, gold, ref, 5,
                                                                           kl=0.1 * len(arm), length=len(arm))
-    result, out = run_report(tmp_path, inputs, n_bootstrap=200)
+    listed = ["sft", "offline_dpo", "online_dpo_sft", "online_rl"]  # report.policies: the pipeline's order
+    result, out = run_report(tmp_path, inputs, n_bootstrap=200, policies=listed)
     assert sorted(result.files) == sorted([*FILES, "hypotheses.md", "hypotheses.csv"])
     for name in FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0
@@ -189,7 +191,7 @@ def test_outputs_tables_and_plots(tmp_path):
     metrics = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
     columns = [f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi")]
     assert list(rows[0]) == ["task", "arm", "seeds", "n_prompts", *columns]
-    order = ["sft", "offline_dpo", "online_dpo_sft", "online_rl", "alpha", "zeta"]
+    order = [*listed, "zeta", "alpha"]  # then the policies it does not list, in the order first seen
     assert [(r["task"], r["arm"]) for r in rows] == [(t, a) for t in ("gap", "short", "hidden") for a in order]
     assert float(rows[0]["kl_to_reference"]) == pytest.approx(0.3)
     assert float(rows[0]["length_mean"]) == pytest.approx(3.0)
@@ -317,7 +319,7 @@ def test_learning_curves_and_scale_plots_appear_when_the_run_varies_them(tmp_pat
     info = json.loads((Path(inputs["g"].path) / "gap.json").read_text())
     info["policies"]["sft_small"]["parameters"] = 8000
     (Path(inputs["g"].path) / "gap.json").write_text(json.dumps(info))
-    result, out = run_report(tmp_path, inputs, n_bootstrap=200)
+    result, out = run_report(tmp_path, inputs, n_bootstrap=200, series={"reward_model_1_2": "reward_model"})
     assert {"learning_curves.png", "scale.png"} <= set(result.files)
     doc = read_json(out / "report.json")
     assert doc["hypotheses"] and not doc["rows"]  # a report from gap outputs alone

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from roads.config import OfflineDpoConfig, RewardModelConfig, SftConfig
+from roads.settings import OfflineDpoConfig, RewardModelConfig, SftConfig
 from roads.errors import RoadsError, TrainingError
 from roads.training import NullTracker, StageCallback, check_finite, final_train_metrics, trainer_args
 

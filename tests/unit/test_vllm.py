@@ -7,7 +7,8 @@ import types
 import pytest
 import torch
 
-from roads.config import OnlineDpoConfig, OnlineRlConfig, StageSpec
+from roads.config import StageSpec
+from roads.settings import OnlineDpoConfig, OnlineRlConfig
 from roads.errors import RoadsError
 from roads.generation import encode, sample_vllm, vllm_problem
 from roads.runner import execute
