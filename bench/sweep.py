@@ -1,8 +1,8 @@
-"""What a sweep buys over running its arms one by one, measured in one session on the same machine.
+"""What a sweep buys over running its points one by one, measured in one session on the same machine.
 
-(a) baseline: every arm as its own `roads run` of the sweep's pipeline with the arm's overrides, one after another,
-    each from an empty store (no stage shared between arms), on the process pool;
-(b) the sweep on the process pool (`--runner process`): one flow, shared stages run once, arms' stages at once;
+(a) baseline: every point as its own `roads run` of the sweep's pipeline with the point's overrides, one after another,
+    each from an empty store (no stage shared between points), on the process pool;
+(b) the sweep on the process pool (`--runner process`): one flow, shared stages run once, points' stages at once;
 (c) the sweep on a local Ray cluster (`--runner ray`, the default), including starting and warming the cluster;
 (d) the sweep again on the store of (c): every stage a hit.
 Ratios are against (a). Each measurement is a fresh `roads` process, as a user runs it.
@@ -52,19 +52,19 @@ def main() -> None:
     workers = ["--workers", str(args.workers)]
 
     baseline = 0.0
-    for i, (arm, _) in enumerate(studies):
-        overrides = [x for o in arm.overrides for x in ("--set", o)]
-        seconds, _ = timed(["run", sweep.pipeline, *overrides, *workers], scratch / f"arm{i}")
-        print(f"(a) arm {arm.name}: {seconds:.1f} s", flush=True)
+    for i, (point, _) in enumerate(studies):
+        overrides = [x for o in point.overrides for x in ("--set", o)]
+        seconds, _ = timed(["run", sweep.pipeline, *overrides, *workers], scratch / f"point{i}")
+        print(f"(a) point {point.name}: {seconds:.1f} s", flush=True)
         baseline += seconds
     process, _ = timed(["sweep", args.sweep, "--runner", "process", *workers], scratch / "process")
     ray, out = timed(["sweep", args.sweep, "--runner", "ray", *workers], scratch / "ray")
     rerun, out2 = timed(["sweep", args.sweep, "--runner", "ray", *workers], scratch / "ray")
     counts = re.search(r"\((\d+) stage runs: (\d+) ran, (\d+) hits\)", out2)
     distinct = re.search(r"(\d+) distinct stages", out).group(1)
-    print(f"\nsweep {args.sweep}: {len(studies)} arms, {distinct} distinct stages, {args.workers} workers")
+    print(f"\nsweep {args.sweep}: {len(studies)} points, {distinct} distinct stages, {args.workers} workers")
     print("| what | seconds | ratio to (a) |\n|---|---|---|")
-    for name, value in [("(a) the arms one by one (roads run each, empty stores)", baseline),
+    for name, value in [("(a) the points one by one (roads run each, empty stores)", baseline),
                         ("(b) roads sweep --runner process", process),
                         ("(c) roads sweep --runner ray (cluster start and warm-up included)", ray),
                         (f"(d) (c) again: {counts.group(3)} of {counts.group(1)} stage runs hits", rerun)]:

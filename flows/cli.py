@@ -79,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="also copy the report's files (tables, plots) into DIR")
     p.add_argument("--workers", type=int, default=None, help="stages run at the same time")
     _add_output(p)
-    p = sub.add_parser("sweep", help="run every arm of a sweep (a grid in pipelines.yaml's sweeps:) in parallel; "
-                                     "one MLflow run per arm in experiment sweep/NAME")
+    p = sub.add_parser("sweep", help="run every point of a sweep (a grid in pipelines.yaml's sweeps:) in parallel; "
+                                     "one MLflow run per point in experiment sweep/NAME")
     p.add_argument("name", nargs="?", help="a sweep of the study file (omit with --list)")
-    p.add_argument("--list", action="store_true", help="name the sweeps and the arms each expands to, then stop")
+    p.add_argument("--list", action="store_true", help="name the sweeps and the points each expands to, then stop")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting of every arm (before the arm's own values)")
+                   help="override a setting of every point (before the point's own values)")
     p.add_argument("--file", default=DEFAULT_FILE, help="the study file (default: pipelines.yaml)")
     p.add_argument("--workers", type=int, default=None, help="CPUs of a local Ray cluster, or processes of the pool "
                                                              "(default: the sweep's workers, else all cores)")
@@ -133,7 +133,7 @@ def cmd_show(args) -> int:
 
 
 def print_outcome(outcome: dict, elapsed: float) -> None:
-    from flows.outcome import BUDGET_COLUMNS, arms_by_task, markdown_table
+    from flows.outcome import BUDGET_COLUMNS, policies_by_task, markdown_table
 
     hits = sum(n["cache"] == "hit" for n in outcome["nodes"])
     misses = sum(n["cache"] == "miss" for n in outcome["nodes"])
@@ -148,9 +148,9 @@ def print_outcome(outcome: dict, elapsed: float) -> None:
         print(f"\n(report, CSV and plots: {report.parent})")
     elif outcome["summary"]:
         print()
-        print(markdown_table(arms_by_task(outcome["summary"]), ["task", "arm", "seeds", *GOLD_METRICS]))
+        print(markdown_table(policies_by_task(outcome["summary"]), ["task", "policy", "seeds", *GOLD_METRICS]))
     if outcome.get("budget") and any(row["tokens_generated"] for row in outcome["budget"]):
-        print("\nbudget per arm (every stage it stands on; mean over seeds):")
+        print("\nbudget per policy (every stage it stands on; mean over seeds):")
         print(markdown_table(outcome["budget"], list(BUDGET_COLUMNS)))
     again = " (every stage cached: the run that recorded this outcome before)" if outcome.get("recorded_before") else ""
     print(f"\nMLflow: experiment {outcome['pipeline']!r}, parent run {outcome['parent_run_id']}{again}; `roads ui`, then "
@@ -230,7 +230,7 @@ def cmd_report(args) -> int:
     folder = Path(outcome["report"])
     name = "hypotheses.md" if args.hypotheses else "gap_summary.md" if args.gap else "report.md"
     if not (folder / name).is_file():
-        raise RoadsError(f"pipeline {args.pipeline!r} has no {name}: the gap summary needs a 'gap' stage")
+        raise RoadsError(f"pipeline {args.pipeline!r} has no {name}: the gap summary needs a 'measure_gap' stage")
     if args.out:
         import shutil
 
@@ -296,14 +296,14 @@ def cmd_sweep(args) -> int:
 
     if args.list:
         for name, sweep in load_study_file(args.file).sweeps.items():
-            arms = expand(sweep)
-            print(f"{name}: {sweep.description} (pipeline {sweep.pipeline}, runner {sweep.runner}, {len(arms)} arms)")
-            for arm in arms:
-                print(f"    {arm.name}")
+            points = expand(sweep)
+            print(f"{name}: {sweep.description} (pipeline {sweep.pipeline}, runner {sweep.runner}, {len(points)} points)")
+            for point in points:
+                print(f"    {point.name}")
         return 0
     if not args.name:
         raise RoadsError("name a sweep (roads sweep --list shows them)")
-    load_sweep(args.file, args.name, args.overrides)  # a bad arm fails here, before anything is written
+    load_sweep(args.file, args.name, args.overrides)  # a bad point fails here, before anything is written
     from flows import env
 
     env.configure()
@@ -315,16 +315,16 @@ def cmd_sweep(args) -> int:
         outcome = run_sweep(args.name, args.overrides, args.file, runner=args.runner, workers=args.workers,
                             ray_address=args.ray_address)
     except StudyFailed as err:
-        print(markdown_table(sweep_rows(err.outcome), ["sweep_arm", "task", "policy", "gold_reward_mean", "cached"]))
+        print(markdown_table(sweep_rows(err.outcome), ["point", "task", "policy", "gold_reward_mean", "cached"]))
         raise
-    nodes = [n for arm in outcome["arms"] for n in arm["nodes"]]
+    nodes = [n for point in outcome["points"] for n in point["nodes"]]
     hits = sum(n["cache"] == "hit" for n in nodes)
     print()
     print(markdown_table(sweep_rows(outcome),
-                         ["sweep_arm", "task", "policy", "seeds", *GOLD_METRICS, "cached"]))
-    print(f"\n{len(outcome['arms'])} arms, {outcome['stages']} distinct stages ({len(nodes)} stage runs: "
+                         ["point", "task", "policy", "seeds", *GOLD_METRICS, "cached"]))
+    print(f"\n{len(outcome['points'])} points, {outcome['stages']} distinct stages ({len(nodes)} stage runs: "
           f"{len(nodes) - hits} ran, {hits} hits); {time.time() - start:.1f} s")
-    print(f"MLflow: experiment {outcome['experiment']!r}, one run per arm with params sweep.* (roads ui to compare)")
+    print(f"MLflow: experiment {outcome['experiment']!r}, one run per point with params sweep.* (roads ui to compare)")
     return 0
 
 

@@ -24,10 +24,10 @@ DEFAULT_POOL = "roads-process"
 
 
 def _brief(outcome: dict) -> dict:
-    nodes = outcome.get("nodes") or [n for arm in outcome.get("arms", []) for n in arm["nodes"]]
+    nodes = outcome.get("nodes") or [n for point in outcome.get("points", []) for n in point["nodes"]]
     return {"hits": sum(n["cache"] == "hit" for n in nodes), "misses": sum(n["cache"] == "miss" for n in nodes),
             "parent_run_ids": [outcome["parent_run_id"]] if "parent_run_id" in outcome
-            else [a["parent_run_id"] for a in outcome.get("arms", [])]}
+            else [a["parent_run_id"] for a in outcome.get("points", [])]}
 
 
 @flow(name="roads-scheduled-study", log_prints=True)

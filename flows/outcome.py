@@ -1,4 +1,4 @@
-"""What a study run comes to, without Prefect: the rows of the summary table, the budget per arm, the node table,
+"""What a study run comes to, without Prefect: the rows of the summary table, the budget per policy, the node table,
 and the outcome dict that ``roads run`` prints — shared by the flow and by a fully cached rerun, which is decided
 and recorded before Prefect is imported (see ``flows/study.py::run_study``)."""
 
@@ -26,25 +26,25 @@ def one_line(err: BaseException) -> str:
 
 
 def summarize(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
-    """One row per evaluated (task, seed, arm)."""
+    """One row per evaluated (task, seed, policy)."""
     rows = []
     for node in nodes:
         if STAGES[node.stage].per_policy and node.id in results:
             metrics = results[node.id]["metrics"]
-            row = {"task": node.spec.task_name, "seed": node.spec.seed, "arm": node.spec.arm}
+            row = {"task": node.spec.task_name, "seed": node.spec.seed, "policy": node.spec.policy}
             row.update({k: metrics.get(f"{node.stage}/{k}") for k in POLICY_METRICS})
             rows.append(row)
     return rows
 
 
-def arms_by_task(rows: list[dict], metrics: tuple[str, ...] = GOLD_METRICS) -> list[dict]:
-    """Mean over seeds of each metric, one row per (task, arm), in first-seen order."""
+def policies_by_task(rows: list[dict], metrics: tuple[str, ...] = GOLD_METRICS) -> list[dict]:
+    """Mean over seeds of each metric, one row per (task, policy), in first-seen order."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["task"], row["arm"]), []).append(row)
+        groups.setdefault((row["task"], row["policy"]), []).append(row)
     out = []
-    for (task, arm), group in groups.items():
-        entry: dict[str, Any] = {"task": task, "arm": arm, "seeds": len(group)}
+    for (task, policy), group in groups.items():
+        entry: dict[str, Any] = {"task": task, "policy": policy, "seeds": len(group)}
         for m in metrics:
             values = [r[m] for r in group if r.get(m) is not None]
             entry[m] = fmean(values) if values else None
@@ -52,15 +52,15 @@ def arms_by_task(rows: list[dict], metrics: tuple[str, ...] = GOLD_METRICS) -> l
     return out
 
 
-BUDGET_COLUMNS = ("task", "arm", "seeds", "tokens_trained", "tokens_generated", "wall_seconds")
+BUDGET_COLUMNS = ("task", "policy", "seeds", "tokens_trained", "tokens_generated", "wall_seconds")
 
 
 def budget(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
-    """What each evaluated arm cost, counting every stage it stands on (the reward model for online arms, the
+    """What each evaluated policy cost, counting every stage it stands on (the reward model for online policies, the
     offline-DPO policy for online DPO from DPO, …): tokens trained on, tokens generated, and the wall time of the
     runs that produced the results (a cache hit costs what it cost when it ran). Mean over seeds."""
     by_id = {n.id: n for n in nodes}
-    per_arm: dict[tuple[str, str], list[dict]] = {}
+    per_policy: dict[tuple[str, str], list[dict]] = {}
     for node in nodes:
         if node.stage != "evaluate" or node.id not in results:
             continue
@@ -79,11 +79,11 @@ def budget(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
                 elif key.endswith("/tokens_generated"):
                     cost["tokens_generated"] += value
             cost["wall_seconds"] += float(result.get("wall_seconds", 0.0))
-        per_arm.setdefault((node.spec.task_name, node.spec.arm), []).append(cost)
-    return [{"task": task, "arm": arm, "seeds": len(costs),
+        per_policy.setdefault((node.spec.task_name, node.spec.policy), []).append(cost)
+    return [{"task": task, "policy": policy, "seeds": len(costs),
              "tokens_trained": int(fmean(c["tokens_trained"] for c in costs)),
              "tokens_generated": int(fmean(c["tokens_generated"] for c in costs)),
-             "wall_seconds": round(fmean(c["wall_seconds"] for c in costs), 1)} for (task, arm), costs in per_arm.items()]
+             "wall_seconds": round(fmean(c["wall_seconds"] for c in costs), 1)} for (task, policy), costs in per_policy.items()]
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -122,7 +122,7 @@ def outcome_of(pipeline: str, nodes: list[Node], results: dict[str, dict], repor
                "nodes": report, "summary": rows, "budget": spent,
                "report": results["report"]["artifact"]["path"] if "report" in results else None,
                "report_files": results.get("report", {}).get("files", [])}
-    table = markdown_table(arms_by_task(rows), ["task", "arm", "seeds", *GOLD_METRICS])
+    table = markdown_table(policies_by_task(rows), ["task", "policy", "seeds", *GOLD_METRICS])
     files = {"summary.md": table + "\n", "nodes.md": markdown_table(report, NODE_COLUMNS) + "\n",
              "budget.md": markdown_table(spent, list(BUDGET_COLUMNS)) + "\n"}
     tracker.finish("FAILED" if failed else "FINISHED", rows, files, budget_rows=spent,

@@ -48,7 +48,7 @@ def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, sha
                  keys: dict[str, str] | None = None, resources: Callable[[str], dict] | None = None,
                  label: str = "") -> dict[str, Any]:
     """A sweep's way (the study flow uses ``schedule``): submit every node's stage task at once, inputs as upstream
-    futures. With ``shared``/``keys``, a node whose key was already submitted by another arm reuses that future;
+    futures. With ``shared``/``keys``, a node whose key was already submitted by another point reuses that future;
     ``resources(stage)`` gives Ray resources."""
     from tasks import stage_task
     from tasks.common import result_storage
@@ -78,7 +78,7 @@ def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, sha
 
 def collect(pipeline: str, nodes: list[Node], futures: dict[str, Any], tracker: StudyTracker,
             children: dict[str, str]) -> tuple[dict, dict[str, str]]:
-    """Wait for every node of a sweep arm, finish its MLflow child run and the parent run; return the outcome and the
+    """Wait for every node of a sweep point, finish its MLflow child run and the parent run; return the outcome and the
     failures (node id -> one line)."""
     results: dict[str, dict] = {}
     report: list[dict] = []
@@ -114,7 +114,7 @@ def failing_runs(trackers: Iterable[StudyTracker]):
 def study_tracker(study: Study, experiment: str, run_name: str, overrides: list[str], runner: str,
                   tags: dict[str, str] | None = None, params: dict | None = None,
                   flow_run_id: str = "") -> StudyTracker:
-    """The parent MLflow run of one pipeline run (a sweep arm is one), with the resolved config attached."""
+    """The parent MLflow run of one pipeline run (a sweep point is one), with the resolved config attached."""
     if not flow_run_id:
         from prefect.runtime import flow_run
 

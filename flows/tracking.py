@@ -165,14 +165,14 @@ def standard_tags() -> dict[str, str]:
 def study_params(study: Study, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """A study run's params: what it is (pipeline, tasks, seeds, stages, overrides) and every resolved setting that
     differs from the study file's defaults, flattened (``sft.epochs``, ``tasks.gap.alphabet``,
-    ``arms.online_dpo_sft.set.start``) — the axes the MLflow compare view plots studies against."""
+    ``variants.online_dpo_sft.set.start``) — the axes the MLflow compare view plots studies against."""
     base = load_study_file(study.path)
 
-    def settings(defaults, tasks, arms) -> dict[str, Any]:
+    def settings(defaults, tasks, variants) -> dict[str, Any]:
         return flatten({**defaults.model_dump(), "tasks": {t: tasks[t].model_dump() for t in study.spec.tasks if t in tasks},
-                        "arms": {a: arms[a].model_dump() for a in study.spec.stages if a in arms}})
+                        "variants": {v: variants[v].model_dump() for v in study.spec.stages if v in variants}})
 
-    was, now = settings(base.defaults, base.tasks, base.arms), settings(study.defaults, study.tasks, study.arms)
+    was, now = settings(base.defaults, base.tasks, base.variants), settings(study.defaults, study.tasks, study.variants)
     missing = object()
     return {"pipeline": study.pipeline, "pipeline.tasks": ",".join(study.spec.tasks),
             "pipeline.seeds": ",".join(map(str, study.spec.seeds)), "pipeline.stages": ",".join(study.spec.stages),
@@ -212,7 +212,7 @@ class StudyTracker:
                 "roads.node": node.id,
                 "roads.task": node.spec.task_name,
                 "roads.seed": str(node.spec.seed),
-                "roads.arm": node.spec.arm or "",
+                "roads.policy": node.spec.policy or "",
                 "roads.fingerprint": node.spec.fingerprint(),
                 "roads.git_commit": git_commit(),
                 **standard_tags(),
@@ -274,7 +274,7 @@ class StudyTracker:
     def finish(self, status: str, summary_rows: list[dict], files: dict[str, str], budget_rows: list[dict] = (),
                report_folder: str | None = None, report_files: list[str] = (),
                report_metrics: dict[str, float] | None = None, results: dict[str, dict] | None = None) -> None:
-        """The parent run's summary metrics, budget per arm, the report's metrics (study table, gap summary,
+        """The parent run's summary metrics, budget per policy, the report's metrics (study table, gap summary,
         hypotheses) and files, text files, the digest of what it computed (``outcome_digest``); then its status."""
         now = int(time.time() * 1000)
         if results is not None and status == "FINISHED":
@@ -283,10 +283,10 @@ class StudyTracker:
         for row in summary_rows:
             for key in POLICY_METRICS:
                 if row.get(key) is not None:
-                    metrics.append(Metric(f"{row['task']}/seed{row['seed']}/{row['arm']}/{key}", float(row[key]), now, 0))
+                    metrics.append(Metric(f"{row['task']}/seed{row['seed']}/{row['policy']}/{key}", float(row[key]), now, 0))
         for row in budget_rows:
             for key in ("tokens_trained", "tokens_generated", "wall_seconds"):
-                metrics.append(Metric(f"budget/{row['task']}/{row['arm']}/{key}", float(row[key]), now, 0))
+                metrics.append(Metric(f"budget/{row['task']}/{row['policy']}/{key}", float(row[key]), now, 0))
         for name in report_files:
             if report_folder and (Path(report_folder) / name).is_file():
                 self.client.log_artifact(self.parent_id, str(Path(report_folder) / name), "report")

@@ -4,14 +4,14 @@ The file has five sections::
 
     defaults:   seed, model, launch (multi-process training), and one section per stage (see STAGE_NAMES)
     tasks:      named tasks (a synthetic family with its sizes, or real preference data by path or hub name)
-    arms:       named variants of a stage (its settings with ``set`` on top); each is a node of its own
-    pipelines:  named recipes: which tasks, seeds and stages or arms, plus ``set`` overrides of the defaults
+    variants:   named variants of a stage (its settings with ``set`` on top); each is a node of its own
+    pipelines:  named recipes: which tasks, seeds and stages or variants, plus ``set`` overrides of the defaults
     sweeps:     named grids over any override keys (and seeds) of a pipeline, expanded by ``roads.sweep``
 
-A stage's ``data``, ``start``, ``verifier`` (and ivl's ``base``/``target``, gap's ``verifiers``/``policies``)
+A stage's ``data``, ``start``, ``verifier`` (and ivl's ``base``/``target``, measure_gap's ``verifiers``/``policies``)
 settings name the entries its inputs come from (see the stage table, ``roads/stage_table.py``). An override is ``KEY=VALUE`` with
 KEY a dotted path: ``sft.epochs=2``, ``model.preset=small``, ``seed=3``, ``tasks.gap.alphabet=10``,
-``arms.online_dpo_sft.set={start: sft}``, ``pipeline.seeds=[0,1,2]``. VALUE is parsed as YAML. Every mistake (unknown key, wrong
+``variants.online_dpo_sft.set={start: sft}``, ``pipeline.seeds=[0,1,2]``. VALUE is parsed as YAML. Every mistake (unknown key, wrong
 type, unknown stage, task or pipeline) raises :class:`ConfigError` with one line naming the file or override and
 the key path.
 """
@@ -45,7 +45,7 @@ Defaults = create_model(
 )
 
 
-class ArmConfig(Strict):
+class VariantConfig(Strict):
     """A named variant of a stage: the stage's settings with ``set`` on top. It is a node of its own."""
 
     stage: Literal[STAGE_NAMES]  # type: ignore[valid-type]
@@ -59,7 +59,7 @@ class PipelineConfig(Strict):
     description: str = ""
     tasks: list[str] = Field(min_length=1)
     seeds: Optional[list[int]] = Field(None, min_length=1, description="seeds to run; default: [defaults.seed]")
-    stages: list[str] = Field(list(BASIC_STAGES), min_length=1, description="stages and arms to run")
+    stages: list[str] = Field(list(BASIC_STAGES), min_length=1, description="stages and variants to run")
     set: dict[str, Any] = Field({}, description="overrides of defaults, as in --set")
 
 
@@ -67,13 +67,13 @@ RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 
 
 class SweepConfig(Strict):
-    """A grid over any ``--set`` keys (and seeds) of one pipeline; each point of the grid is an arm of the sweep."""
+    """A grid over any ``--set`` keys (and seeds) of one pipeline; each point of the grid runs the pipeline once."""
 
     description: str = ""
-    pipeline: str = Field(description="the pipeline every arm runs")
-    grid: dict[str, list[Any]] = Field({}, description="KEY (as in --set) -> the values it takes; arms = the product")
-    seeds: Optional[list[int]] = Field(None, min_length=1, description="each seed an arm of its own (a grid "
-                                       "dimension); default: every arm runs the pipeline's seeds")
+    pipeline: str = Field(description="the pipeline every point runs")
+    grid: dict[str, list[Any]] = Field({}, description="KEY (as in --set) -> the values it takes; points = the product")
+    seeds: Optional[list[int]] = Field(None, min_length=1, description="each seed a point of its own (a grid "
+                                       "dimension); default: every point runs the pipeline's seeds")
     runner: Literal["ray", "process"] = Field("ray", description="ray: prefect-ray's task runner (a local cluster, "
                                               "or --ray-address / RAY_ADDRESS); process: a local process pool")
     workers: Optional[int] = Field(None, gt=0, description="CPUs of a local Ray cluster / processes of the pool "
@@ -104,7 +104,7 @@ class SweepConfig(Strict):
 class StudyFile(Strict):
     defaults: Defaults = Defaults()
     tasks: dict[str, TaskConfig]
-    arms: dict[str, ArmConfig] = {}
+    variants: dict[str, VariantConfig] = {}
     pipelines: dict[str, PipelineConfig]
     sweeps: dict[str, SweepConfig] = {}
 
@@ -117,11 +117,11 @@ class StageSpec(Strict):
     stage: str
     params: dict[str, Any]
     seed: int
-    variant: str = no_fingerprint("", "the stage or arm name this node runs (a label)")
+    variant: str = no_fingerprint("", "the stage or variant this node runs (a label)")
     task_name: str = no_fingerprint("", "the task this unit belongs to (a label; the data reaches stages as an input)")
     model: Optional[ModelConfig] = None  # stages that build or load a policy from scratch
     task: Optional[TaskConfig] = None  # prepare_data only; later stages see the data through its artifact
-    arm: Optional[str] = None  # evaluate: which policy stage or arm is scored
+    policy: Optional[str] = None  # evaluate: which policy (a stage or variant entry) is scored
     launch: Optional[LaunchConfig] = None  # LAUNCH_STAGES under accelerate launch; None: in-process (not fingerprinted)
 
     def config(self) -> Strict:
@@ -132,11 +132,11 @@ class StageSpec(Strict):
         return fingerprint(self)
 
 
-def resolve_params(entry: str, arms: dict[str, ArmConfig], defaults: Defaults) -> tuple[str, dict[str, Any]]:
-    """(stage, settings) of a stage or arm: the stage's defaults, then — for a stage that ``shares`` settings with
+def resolve_params(entry: str, variants: dict[str, VariantConfig], defaults: Defaults) -> tuple[str, dict[str, Any]]:
+    """(stage, settings) of a stage or variant: the stage's defaults, then — for a stage that ``shares`` settings with
     another (online_dpo: the DPO settings of offline_dpo) — those it does not set itself taken from the other's
-    section, then the arm's overrides."""
-    stage = arms[entry].stage if entry in arms else entry
+    section, then the variant's overrides."""
+    stage = variants[entry].stage if entry in variants else entry
     section = getattr(defaults, stage)
     params = section.model_dump()
     shares = STAGES[stage].shares
@@ -144,8 +144,8 @@ def resolve_params(entry: str, arms: dict[str, ArmConfig], defaults: Defaults) -
         other, shared = shares
         params.update({k: v for k, v in getattr(defaults, other).model_dump(include=set(shared.model_fields)).items()
                        if k not in section.model_fields_set})
-    if entry in arms:
-        params.update(arms[entry].set)
+    if entry in variants:
+        params.update(variants[entry].set)
     return stage, STAGES[stage].config(**params).model_dump()
 
 
@@ -156,17 +156,17 @@ class Study(Strict):
     path: str
     defaults: Defaults
     tasks: dict[str, TaskConfig]
-    arms: dict[str, ArmConfig] = {}
+    variants: dict[str, VariantConfig] = {}
     spec: PipelineConfig
 
     def stage_of(self, entry: str) -> str:
-        """The stage module an entry of ``stages`` runs (an arm names its stage)."""
-        return self.arms[entry].stage if entry in self.arms else entry
+        """The stage module an entry of ``stages`` runs (a variant names its stage)."""
+        return self.variants[entry].stage if entry in self.variants else entry
 
     def params(self, entry: str) -> dict[str, Any]:
-        return resolve_params(entry, self.arms, self.defaults)[1]
+        return resolve_params(entry, self.variants, self.defaults)[1]
 
-    def stage_spec(self, entry: str, task_name: str, seed: int, arm: str | None = None) -> StageSpec:
+    def stage_spec(self, entry: str, task_name: str, seed: int, policy: str | None = None) -> StageSpec:
         stage = self.stage_of(entry)
         return StageSpec(
             stage=stage,
@@ -176,7 +176,7 @@ class Study(Strict):
             task_name=task_name,
             model=self.defaults.model if "model" in STAGES[stage].reads else None,
             task=self.tasks[task_name] if "task" in STAGES[stage].reads else None,
-            arm=arm,
+            policy=policy,
             launch=self.defaults.launch if stage in LAUNCH_STAGES and self.defaults.launch.backend != "none" else None,
         )
 
@@ -187,7 +187,7 @@ class Study(Strict):
             "file": self.path,
             **self.spec.model_dump(exclude={"set"}),
             "tasks": {name: self.tasks[name].model_dump() for name in self.spec.tasks},
-            "arms": {name: arm.model_dump() for name, arm in self.arms.items() if name in self.spec.stages},
+            "variants": {name: v.model_dump() for name, v in self.variants.items() if name in self.spec.stages},
             "defaults": self.defaults.model_dump(),
         }
 
@@ -210,6 +210,7 @@ def fingerprint(spec: StageSpec) -> str:
     data["params"] = _result_fields(spec.config())
     if data.get("launch") is None:  # in-process: the key is left out, so fingerprints from before `launch` hold
         data.pop("launch", None)
+    data["arm"] = data.pop("policy")  # the field's name before it was `policy`: fingerprints from before the rename hold
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -247,19 +248,21 @@ def _apply(raw: dict, pipeline: str, key: str, value: Any, where: str) -> None:
     parts = key.split(".")
     if parts[0] == "pipeline":
         target, path = raw["pipelines"][pipeline], parts[1:]
-    elif parts[0] == "arms":
-        if len(parts) < 3 or parts[1] not in raw.get("arms", {}):
-            known = ", ".join(sorted(raw.get("arms", {})))
-            raise ConfigError(f"{where}: {key}: unknown arm {parts[1] if len(parts) > 1 else ''!r}; known: {known}")
-        target, path = raw["arms"][parts[1]], parts[2:]
+    elif parts[0] == "variants":
+        if len(parts) < 3 or parts[1] not in raw.get("variants", {}):
+            known = ", ".join(sorted(raw.get("variants", {})))
+            raise ConfigError(f"{where}: {key}: unknown variant {parts[1] if len(parts) > 1 else ''!r}; known: {known}")
+        target, path = raw["variants"][parts[1]], parts[2:]
     elif parts[0] == "tasks":
         if len(parts) < 3 or parts[1] not in raw.get("tasks", {}):
             known = ", ".join(sorted(raw.get("tasks", {})))
             raise ConfigError(f"{where}: {key}: unknown task {parts[1] if len(parts) > 1 else ''!r}; known: {known}")
         target, path = raw["tasks"][parts[1]], parts[2:]
     else:
+        if parts[0] == "arms":
+            raise ConfigError(f"{where}: {key}: 'arms' is now called 'variants'; write variants.{'.'.join(parts[1:])}")
         if parts[0] not in Defaults.model_fields:
-            known = ", ".join(["pipeline.*", "tasks.*", "arms.*", *Defaults.model_fields])
+            known = ", ".join(["pipeline.*", "tasks.*", "variants.*", *Defaults.model_fields])
             raise ConfigError(f"{where}: {key}: unknown key {parts[0]!r}; known: {known}")
         raw.setdefault("defaults", {})
         target, path = raw["defaults"], parts
@@ -296,6 +299,8 @@ def _parse_study_file(path: str, content: bytes) -> dict:
         raise ConfigError(f"{path}:{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with defaults, tasks and pipelines")
+    if "arms" in raw:  # the section's old name: say so rather than "unknown key"
+        raise ConfigError(f"{path}: arms: the section is now called 'variants' (named variants of a stage); rename it")
     return raw
 
 
@@ -306,7 +311,7 @@ def load_study_file(path: str | Path) -> StudyFile:
         study = StudyFile(**raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, str(path))) from None
-    _check_arms(study, str(path))
+    _check_variants(study, str(path))
     if study.defaults.launch.problem():
         raise ConfigError(f"{path}: defaults.launch.{study.defaults.launch.problem()}")
     for name in study.pipelines:
@@ -334,28 +339,28 @@ def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".json", ".parquet", ".gz"))
 
 
-def _check_arms(study: StudyFile, where: str) -> None:
-    for name, arm in study.arms.items():
+def _check_variants(study: StudyFile, where: str) -> None:
+    for name, variant in study.variants.items():
         if name in STAGE_NAMES:
-            raise ConfigError(f"{where}: arms.{name}: an arm cannot take a stage's name; rename it")
-        base = getattr(study.defaults, arm.stage, None)
+            raise ConfigError(f"{where}: variants.{name}: a variant cannot take a stage's name; rename it")
+        base = getattr(study.defaults, variant.stage, None)
         if base is None:
-            raise ConfigError(f"{where}: arms.{name}.stage: {arm.stage!r} has no settings to vary")
+            raise ConfigError(f"{where}: variants.{name}.stage: {variant.stage!r} has no settings to vary")
         try:
-            STAGES[arm.stage].config(**{**base.model_dump(), **arm.set})
+            STAGES[variant.stage].config(**{**base.model_dump(), **variant.set})
         except ValidationError as err:
-            raise ConfigError(_format_error(err, where, ("arms", name, "set"))) from None
+            raise ConfigError(_format_error(err, where, ("variants", name, "set"))) from None
 
 
-def check_stage_closure(entries: list[str], arms: dict[str, ArmConfig] | None = None,
+def check_stage_closure(entries: list[str], variants: dict[str, VariantConfig] | None = None,
                         defaults: Defaults | None = None) -> str | None:
     """None when every entry's inputs (from its resolved settings, through the stage table) are provided by entries
     of the list, each with the role the input accepts; else a one-line reason."""
-    arms, defaults = arms or {}, defaults or Defaults()
+    variants, defaults = variants or {}, defaults or Defaults()
     present = set(entries)
-    stage_of = {e: resolve_params(e, arms, defaults)[0] for e in entries}
+    stage_of = {e: resolve_params(e, variants, defaults)[0] for e in entries}
     for entry in entries:
-        stage, params = resolve_params(entry, arms, defaults)
+        stage, params = resolve_params(entry, variants, defaults)
         if STAGES[stage].kind == "report":
             if not any(STAGES[s].kind == "measure" for s in stage_of.values()):
                 measures = " or ".join(sorted(repr(s) for s, row in STAGES.items() if row.kind == "measure"))
@@ -375,16 +380,16 @@ def check_stage_closure(entries: list[str], arms: dict[str, ArmConfig] | None = 
 
 def _check_pipeline(study: StudyFile, name: str, pipe: PipelineConfig, where: str) -> None:
     for i, entry in enumerate(pipe.stages):
-        if entry not in STAGE_NAMES and entry not in study.arms:
-            known = ", ".join([*STAGE_NAMES, *study.arms])
-            raise ConfigError(f"{where}: pipelines.{name}.stages.{i}: unknown stage or arm {entry!r}; known: {known}")
+        if entry not in STAGE_NAMES and entry not in study.variants:
+            known = ", ".join([*STAGE_NAMES, *study.variants])
+            raise ConfigError(f"{where}: pipelines.{name}.stages.{i}: unknown stage or variant {entry!r}; known: {known}")
     for task in pipe.tasks:
         if task not in study.tasks:
             raise ConfigError(
                 f"{where}: pipelines.{name}.tasks: unknown task {task!r}; known: {', '.join(sorted(study.tasks))}"
             )
 
-    problem = check_stage_closure(pipe.stages, study.arms, study.defaults)
+    problem = check_stage_closure(pipe.stages, study.variants, study.defaults)
     if problem:
         raise ConfigError(f"{where}: pipelines.{name}.stages: {problem}")
     problem = _launch_problem(study, pipe)
@@ -411,12 +416,12 @@ def _launch_problem(study: StudyFile, pipe: PipelineConfig) -> str | None:
     if launch.backend == "none":
         return None
     for entry in pipe.stages:
-        stage = study.arms[entry].stage if entry in study.arms else entry
+        stage = study.variants[entry].stage if entry in study.variants else entry
         if stage not in LAUNCH_STAGES:
             continue
-        batch = global_batch(stage, resolve_params(entry, study.arms, study.defaults)[1])
+        batch = global_batch(stage, resolve_params(entry, study.variants, study.defaults)[1])
         if batch % launch.num_processes:
-            key = f"{stage}.batch_size" if entry == stage else f"arms.{entry} ({stage}) batch_size"
+            key = f"{stage}.batch_size" if entry == stage else f"variants.{entry} ({stage}) batch_size"
             return (f"{key} {batch} is not a multiple of launch.num_processes ({launch.num_processes}): the global "
                     "batch is split evenly over the processes; change one of them")
     return None
@@ -443,14 +448,14 @@ def load_study(path: str | Path, pipeline: str, overrides: list[str] | tuple[str
     spec = study.pipelines[pipeline]
     if spec.seeds is None:
         spec = spec.model_copy(update={"seeds": [study.defaults.seed]})
-    _check_arms(study, f"{path} (after overrides)")
+    _check_variants(study, f"{path} (after overrides)")
     _check_pipeline(study, pipeline, spec, f"{path} (after overrides)")
     for task in spec.tasks:  # only the tasks this run uses: a file another pipeline needs may be absent here
         source = study.tasks[task].source
         if source and _looks_local(source) and not Path(source).expanduser().exists():
             raise ConfigError(f"{path}: tasks.{task}.source: no file at {source!r} (relative paths start from "
                               f"{Path.cwd()}); fix the path, or give a hub dataset name")
-    return Study(pipeline=pipeline, path=str(path), defaults=study.defaults, tasks=study.tasks, arms=study.arms,
+    return Study(pipeline=pipeline, path=str(path), defaults=study.defaults, tasks=study.tasks, variants=study.variants,
                  spec=spec)
 
 

@@ -1,6 +1,6 @@
 """The report's gap section: the verifier table, best-of-N curves, learning curves, the scale table, the per-family
-gap summary, and the hypotheses table. Reads ``gap`` stage outputs; the report stage (``roads.stages.report``) calls
-it with the arm rows it has already computed.
+gap summary, and the hypotheses table. Reads ``measure_gap`` stage outputs; the report stage (``roads.stages.report``) calls
+it with the policy rows it has already computed.
 
 **The gap, as a number.** The paper manipulated the generation–verification gap but never measured it. Here, per
 task, it is the held-out preference log-likelihood of the global reward model minus that of the DPO implicit reward
@@ -121,7 +121,7 @@ def verifier_meta(data: GapData, task: str, verifier: str) -> dict:
 
 def canonical(data: GapData, task: str, kind: str) -> Optional[str]:
     """The verifier of a kind that speaks for it in the gap summary: the one trained on the most pairs (the first
-    listed on ties) — with learning-curve arms present, the full-data one."""
+    listed on ties) — with learning-curve variants present, the full-data one."""
     entries = [(v, m) for v, m in data.info[task]["verifiers"].items() if m.get("kind") == kind]
     if not entries:
         return None
@@ -175,7 +175,7 @@ def bon_rows(data: GapData, cfg) -> list[dict]:
 def gap_summary(data: GapData, vdiffs: list[dict], brows: list[dict],
                 online_effect: Callable[[str], Optional[dict]]) -> list[dict]:
     """One row per task: the loglik gap (global − implicit) with its interval, the verifiers' accuracies, best-of-N
-    at the largest N on SFT samples, and the online − offline DPO difference where the run has both arms."""
+    at the largest N on SFT samples, and the online − offline DPO difference where the run has both policies."""
     out = []
     for task in data.info:
         row: dict = {"task": task, "n_max": data.ns[task][-1]}
@@ -209,17 +209,17 @@ def gap_summary(data: GapData, vdiffs: list[dict], brows: list[dict],
     return out
 
 
-def hypothesis_rows(families: dict[str, str], arm_effect: Callable[[str, str, str], Optional[dict]],
+def hypothesis_rows(families: dict[str, str], policy_effect: Callable[[str, str, str], Optional[dict]],
                     vdiffs: list[dict], margin: float) -> list[dict]:
     """One row per hypothesis the run can measure. ``families`` maps a family to the task that stands for it;
-    ``arm_effect(task, a, b)`` gives the paired gold-reward difference a − b as {mean, lo, hi}, or None."""
+    ``policy_effect(task, a, b)`` gives the paired gold-reward difference a − b as {mean, lo, hi}, or None."""
     rows = []
     for h in HYPOTHESES:
         task = families.get(h.family)
         if task is None:
             continue
-        if h.kind == "arms":
-            effect = arm_effect(task, h.a, h.b)
+        if h.kind == "policies":
+            effect = policy_effect(task, h.a, h.b)
         else:
             effect = next((d["loglik"] for d in vdiffs if d["task"] == task and d["a_kind"] == h.a
                            and d["b_kind"] == h.b), None)
@@ -245,7 +245,7 @@ def _size(n) -> str:
 Curves = dict[tuple[str, str], list[tuple[int, dict]]]
 
 
-def learning_curves(vrows: list[dict], arm_points: list[dict], series: dict[str, str]) -> tuple[Curves, Curves]:
+def learning_curves(vrows: list[dict], policy_points: list[dict], series: dict[str, str]) -> tuple[Curves, Curves]:
     """(verifier curves, policy curves): (task, series) -> [(training pairs, accuracy or gold reward cell)], for the
     series with at least two different numbers of pairs. ``series``: entry -> its series, as the variants declare it
     (``report.series``); an entry not in it is a series of its own."""
@@ -254,15 +254,15 @@ def learning_curves(vrows: list[dict], arm_points: list[dict], series: dict[str,
         if r["train_examples"]:
             vcurves.setdefault((r["task"], series.get(r["verifier"], r["verifier"])), []).append((r["train_examples"], r["accuracy"]))
     pcurves: Curves = {}
-    for r in arm_points:
-        pcurves.setdefault((r["task"], series.get(r["arm"], r["arm"])), []).append((r["train_examples"], r["gold"]))
+    for r in policy_points:
+        pcurves.setdefault((r["task"], series.get(r["policy"], r["policy"])), []).append((r["train_examples"], r["gold"]))
     pick = lambda curves: {k: sorted(v, key=lambda e: e[0]) for k, v in curves.items()  # noqa: E731
                            if len({e[0] for e in v}) > 1}
     return pick(vcurves), pick(pcurves)
 
 
 def write_gap_markdown(path: Path, summary: list[dict], vrows: list[dict], vdiffs: list[dict], brows: list[dict],
-                       cfg, arm_points: list[dict] = ()) -> None:
+                       cfg, policy_points: list[dict] = ()) -> None:
     pct = f"{100 * cfg.confidence:g}%"
     lines = [
         "# The generation–verification gap",
@@ -310,7 +310,7 @@ def write_gap_markdown(path: Path, summary: list[dict], vrows: list[dict], vdiff
                              f"({_size(r['verifier_parameters'])}) | "
                              + " | ".join(f"{c['mean']:.3f}" for c in r["curve"]) + " |")
             lines.append("")
-    vcurves, pcurves = learning_curves(vrows, list(arm_points), cfg.series)
+    vcurves, pcurves = learning_curves(vrows, list(policy_points), cfg.series)
     if vcurves or pcurves:
         lines += ["## Learning curves (against the number of training pairs)", "",
                   "| task | curve | measure | training pairs: value [lo, hi] |", "|---|---|---|---|"]
@@ -338,7 +338,7 @@ def write_hypotheses(out_dir: Path, rows: list[dict], cfg) -> None:
         lines.append(f"| {r['id']} | {r['claim']} | {r['experiment']} | {r['effect']} | "
                      f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | {r['predicted']} | **{r['verdict']}** |")
     if not rows:
-        lines.append("| – | no hypothesis is measurable from this run's arms | | | | | |")
+        lines.append("| – | no hypothesis is measurable from this run's policies | | | | | |")
     (out_dir / "hypotheses.md").write_text("\n".join(lines) + "\n")
     with open(out_dir / "hypotheses.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -349,7 +349,7 @@ def write_hypotheses(out_dir: Path, rows: list[dict], cfg) -> None:
 
 
 def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows: list[dict],
-                    arm_points: list[dict], series: dict[str, str]) -> list[str]:
+                    policy_points: list[dict], series: dict[str, str]) -> list[str]:
     """best_of_n.png, gap_vs_online.png, and learning_curves.png / scale.png when the run varies pairs / sizes.
     Returns the files written."""
     import matplotlib
@@ -396,7 +396,7 @@ def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows
                         fmt="o", capsize=3, color=f"C{k % 10}", label=r["task"])
         else:
             ax.errorbar([g["mean"]], [0.0], xerr=xerr, fmt="x", capsize=3, color=f"C{k % 10}",
-                        label=f"{r['task']} (no online arm)")
+                        label=f"{r['task']} (no online policy)")
     ax.axhline(0, color="grey", linewidth=0.8, linestyle="--")
     ax.axvline(0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel("gap: loglik(global RM) − loglik(DPO implicit) on held-out pairs")
@@ -410,7 +410,7 @@ def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows
     written.append("gap_vs_online.png")
 
     # learning curves: verifiers (accuracy) and policies (gold reward) against the pairs they were trained on
-    vcurves, pcurves = learning_curves(vrows, arm_points, series)
+    vcurves, pcurves = learning_curves(vrows, policy_points, series)
     if vcurves or pcurves:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, curves, ylabel, title in ((axes[0], vcurves, "held-out accuracy", "Verifiers"),

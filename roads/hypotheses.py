@@ -1,9 +1,9 @@
 """The paper's hypotheses H1–H6 as measurable effects, and the rule that turns an effect's interval into a verdict.
 
-Each hypothesis names one effect the study measures — a paired gold-reward difference between two arms on one task
+Each hypothesis names one effect the study measures — a paired gold-reward difference between two policies on one task
 family, or a paired difference in held-out preference log-likelihood between two kinds of verifier — and what the
-hypothesis predicts for it: ``+`` (a positive effect) or ``0`` (no difference). The arms are those of the H
-pipelines in ``pipelines.yaml``; a row whose arms a run lacks is left out.
+hypothesis predicts for it: ``+`` (a positive effect) or ``0`` (no difference). The policies are those of the H
+pipelines in ``pipelines.yaml``; a row whose policies a run lacks is left out.
 
 The verdict rule (:func:`verdict`), with [lo, hi] the effect's bootstrap interval and m the equivalence margin
 (``report.equivalence_margin``, in the effect's units):
@@ -29,14 +29,14 @@ class Hypothesis:
     claim: str  # why online might win
     experiment: str
     family: str  # the task family the effect is measured on
-    kind: Literal["arms", "verifiers"]  # gold-reward difference of arms, or log-likelihood difference of verifiers
-    a: str  # the arm (or verifier kind) measured
+    kind: Literal["policies", "verifiers"]  # gold-reward difference of policies, or log-likelihood difference of verifiers
+    a: str  # the policy (or verifier kind) measured
     b: str  # what it is compared with
     predicted: Literal["+", "0"]  # what the hypothesis predicts for a − b
 
     @property
     def effect(self) -> str:
-        unit = "gold reward" if self.kind == "arms" else "held-out preference log-likelihood"
+        unit = "gold reward" if self.kind == "policies" else "held-out preference log-likelihood"
         return f"{unit}: {self.a} − {self.b} ({self.family})"
 
 
@@ -44,18 +44,18 @@ HYPOTHESES: tuple[Hypothesis, ...] = (
     Hypothesis("H1", "on-policy samples carry information absent from the offline data",
                "online DPO from SFT labelled by a verifier that is the offline data's own fit (the offline DPO "
                "policy's implicit reward), against offline DPO",
-               "gap", "arms", "online_dpo_data", "offline_dpo", "+"),
+               "gap", "policies", "online_dpo_data", "offline_dpo", "+"),
     Hypothesis("H2", "offline DPO regularises towards π_ref worse than online does",
                "online and offline DPO with the same β and the same SFT reference; if regularisation were the "
                "reason, the online advantage would vanish",
-               "gap", "arms", "online_dpo_sft", "offline_dpo", "0"),
+               "gap", "policies", "online_dpo_sft", "offline_dpo", "0"),
     Hypothesis("H3", "online is the easier optimisation problem",
                "online DPO with 3× the prompts (augmentation from the SFT prompts), against online DPO",
-               "gap", "arms", "online_dpo_aug3", "online_dpo_sft", "+"),
+               "gap", "policies", "online_dpo_aug3", "online_dpo_sft", "+"),
     Hypothesis("H4", "reward models can use wider data than policies",
                "reward model and policies trained on the same narrow pairs (SFT samples labelled by the gold "
                "reward); if wider data were the reason, online would not beat offline here",
-               "gap", "arms", "online_dpo_narrow", "offline_dpo_narrow", "0"),
+               "gap", "policies", "online_dpo_narrow", "offline_dpo_narrow", "0"),
     Hypothesis("H5", "global reward models generalise better than the policy's own (local) rewards",
                "held-out preference log-likelihood of the global reward model against the DPO implicit reward, "
                "trained on the same pairs",
@@ -66,10 +66,10 @@ HYPOTHESES: tuple[Hypothesis, ...] = (
                "gap", "verifiers", "global", "local", "+"),
     Hypothesis("H6-short", "the generation–verification gap (control: gap closed on the generation side)",
                "online − offline DPO on the 2-token family; H6 predicts no online advantage",
-               "short", "arms", "online_dpo_sft", "offline_dpo", "0"),
+               "short", "policies", "online_dpo_sft", "offline_dpo", "0"),
     Hypothesis("H6-hidden", "the generation–verification gap (control: gap closed on the verification side)",
                "online − offline DPO on the hidden-reference family; H6 predicts no online advantage",
-               "hidden", "arms", "online_dpo_sft", "offline_dpo", "0"),
+               "hidden", "policies", "online_dpo_sft", "offline_dpo", "0"),
 )
 
 

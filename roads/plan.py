@@ -1,4 +1,4 @@
-"""The stage graph and the plan: a pipeline expands into one node per (task, seed, stage or arm), one evaluation
+"""The stage graph and the plan: a pipeline expands into one node per (task, seed, stage or variant), one evaluation
 per policy, and one report over everything.
 
 Prefect-free, so the DAG is tested on its own; ``flows/study.py`` submits the nodes in this order.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from roads.config import ArmConfig, StageSpec, Study
+from roads.config import StageSpec, Study, VariantConfig
 from roads.stage_table import STAGES, stage_inputs
 
 
@@ -24,12 +24,12 @@ class Node:
 
     @property
     def name(self) -> str:
-        """The stage or arm this node runs."""
+        """The stage or variant this node runs."""
         return self.spec.variant or self.spec.stage
 
 
-def is_policy(entry: str, arms: dict[str, ArmConfig]) -> bool:
-    return "policy" in STAGES[arms[entry].stage if entry in arms else entry].roles
+def is_policy(entry: str, variants: dict[str, VariantConfig]) -> bool:
+    return "policy" in STAGES[variants[entry].stage if entry in variants else entry].roles
 
 
 def _order(entries: list[str], study: Study) -> list[str]:
@@ -53,9 +53,9 @@ def per_policy(study: Study, entry: str) -> bool:
     return STAGES[study.stage_of(entry)].per_policy
 
 
-def arms(study: Study) -> list[str]:
-    """The policies `evaluate` scores: every listed stage or arm whose output is a policy."""
-    return [e for e in _order(study.spec.stages, study) if is_policy(e, study.arms)]
+def policies(study: Study) -> list[str]:
+    """The policies `evaluate` scores: every listed stage or variant whose output is a policy."""
+    return [e for e in _order(study.spec.stages, study) if is_policy(e, study.variants)]
 
 
 def build_plan(study: Study) -> list[Node]:
@@ -78,8 +78,8 @@ def build_plan(study: Study) -> list[Node]:
                 spec = study.stage_spec(entry, task_name, seed)
                 add(entry, spec, stage_inputs(spec.stage, spec.params))
             for entry in (e for e in listed if per_policy(study, e)):
-                for policy in arms(study):
-                    spec = study.stage_spec(entry, task_name, seed, arm=policy)
+                for policy in policies(study):
+                    spec = study.stage_spec(entry, task_name, seed, policy=policy)
                     add(f"{entry}[{policy}]", spec, {**stage_inputs(spec.stage, spec.params), "policy": policy})
     for entry in (e for e in listed if STAGES[study.stage_of(e)].kind == "report"):
         nodes.append(Node(entry, report_spec(study, entry), {node_id: node_id for node_id in reported}))
@@ -91,8 +91,8 @@ def report_spec(study: Study, entry: str) -> StageSpec:
     in the order of ``stages``, the variants' learning-curve ``series``."""
     spec = study.stage_spec(entry, "", study.spec.seeds[0])
     listed = list(dict.fromkeys(study.spec.stages))
-    declared = {e: study.arms[e].series for e in listed if e in study.arms and study.arms[e].series}
-    params = {**spec.params, "policies": spec.params["policies"] or [e for e in listed if is_policy(e, study.arms)],
+    declared = {e: study.variants[e].series for e in listed if e in study.variants and study.variants[e].series}
+    params = {**spec.params, "policies": spec.params["policies"] or [e for e in listed if is_policy(e, study.variants)],
               "series": {**declared, **spec.params["series"]}}
     return spec.model_copy(update={"params": params})
 
@@ -102,7 +102,7 @@ def _matches(node: Node, name: str) -> bool:
 
 
 def downstream(nodes: list[Node], name: str) -> set[str]:
-    """Ids of the nodes of stage or arm ``name`` and of every node that depends on them."""
+    """Ids of the nodes of stage or variant ``name`` and of every node that depends on them."""
     out = {n.id for n in nodes if _matches(n, name)}
     for node in nodes:  # topological order: one pass suffices
         if any(dep in out for dep in node.inputs.values()):
@@ -111,7 +111,7 @@ def downstream(nodes: list[Node], name: str) -> set[str]:
 
 
 def upstream(nodes: list[Node], name: str) -> set[str]:
-    """Ids of the nodes of stage or arm ``name`` and of every node they depend on."""
+    """Ids of the nodes of stage or variant ``name`` and of every node they depend on."""
     by_id = {n.id: n for n in nodes}
     out: set[str] = set()
     todo = [n.id for n in nodes if _matches(n, name)]

@@ -75,7 +75,7 @@ class TrainConfig(Strict):
 class SftConfig(TrainConfig):
     epochs: float = Field(3, gt=0, description="passes over the training data")
     preset: Optional[Literal["tiny", "small", "base"]] = Field(
-        None, description="model preset of this SFT (default: model.preset); arms of other sizes serve the scale study")
+        None, description="model preset of this SFT (default: model.preset); variants of other sizes serve the scale study")
 
 
 def data_field() -> Any:
@@ -96,7 +96,7 @@ class NarrowDataConfig(Strict):
 class RewardModelConfig(TrainConfig):
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
     data: str = data_field()
-    start: str = Field("sft", description="the SFT entry the reward model starts from (an SFT arm of another size "
+    start: str = Field("sft", description="the SFT entry the reward model starts from (an SFT variant of another size "
                                           "gives a reward model of that size)")
     pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs (learning curves)")
     val_batch_size: int = no_fingerprint(64, "batch size when scoring held-out pairs")
@@ -203,7 +203,7 @@ class OnlineDpoConfig(DpoConfig):
     pair_fraction: float = Field(1.0, gt=0, le=1, description="sample on the prompts of the first fraction of the "
                                                               "pairs (learning curves)")
 
-    start: str = Field("sft", description="the policy sampled from and trained: sft, offline_dpo or another arm")
+    start: str = Field("sft", description="the policy sampled from and trained: sft, offline_dpo or a variant of a policy stage")
     verifier: str = Field("reward_model", description="who scores the K samples: 'gold' (oracle), or the entry of a "
                                                      "verifier: a reward_model or local_rm entry, or a DPO policy (its "
                                                      "implicit reward β·log π/π_ref)")
@@ -235,7 +235,7 @@ class OnlineRlConfig(TrainConfig):
     vllm_gpu_memory_utilization: float = no_fingerprint(0.3, "use_vllm: the share of GPU memory vLLM may take")
 
 
-class GapConfig(Strict):
+class MeasureGapConfig(Strict):
     """The generation–verification gap of one (task, seed): each verifier's held-out preference accuracy and
     log-likelihood, and best-of-N curves (the gold reward of the sample each verifier picks among N) on samples of
     each policy, with the gold reward itself as the upper bound."""
@@ -252,7 +252,7 @@ class GapConfig(Strict):
 
 
 class ReportConfig(Strict):
-    """The study table: every arm × task × seed with bootstrap intervals, and paired online − offline differences.
+    """The study table: every policy × task × seed with bootstrap intervals, and paired online − offline differences.
     ``policies`` and ``series`` default to what the pipeline declares (its ``stages`` order, its variants' ``series``):
     the report reads them from its settings, never from the names of the entries."""
 
@@ -260,11 +260,11 @@ class ReportConfig(Strict):
                                                 "the order of the pipeline's stages")
     series: dict[str, str] = Field({}, description="learning-curve series: entry -> the curve it is a point of "
                                                    "(default: each variant's `series`); other entries are their own")
-    contrast: str = Field("online_dpo_sft", description="the online arm whose paired difference from `baseline` the "
+    contrast: str = Field("online_dpo_sft", description="the online policy whose paired difference from `baseline` the "
                                                         "gap summary sets beside each task's gap")
     n_bootstrap: int = Field(2000, ge=100, description="bootstrap resamples (seeds, then prompts within a seed)")
     confidence: float = Field(0.95, gt=0, lt=1, description="interval coverage")
-    baseline: str = Field("offline_dpo", description="the offline arm that online arms are compared with")
+    baseline: str = Field("offline_dpo", description="the offline policy that the other policies are compared with")
     bootstrap_seed: int = Field(0, description="seed of the bootstrap")
     equivalence_margin: float = Field(0.02, ge=0, description="hypotheses predicting no difference are supported when "
                                                               "the whole interval lies within ± this")

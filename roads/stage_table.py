@@ -16,7 +16,7 @@ Roles (what an entry's output can serve as, matched against an input's ``accepts
 - ``trainable``: a policy that can be trained further (``online_dpo.start``); composed policies are not;
 - ``verifier``: something that scores responses (``verifier.json`` in its output).
 
-Kinds: ``data``, ``policy``, ``verifier``, ``measure`` (reads policies and verifiers: ``evaluate``, ``gap``; the
+Kinds: ``data``, ``policy``, ``verifier``, ``measure`` (reads policies and verifiers: ``evaluate``, ``measure_gap``; the
 report's inputs) and ``report``.
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from roads.settings import (DpoConfig, EvaluateConfig, GapConfig, GenRmConfig, IvlConfig, LocalRmConfig,
+from roads.settings import (DpoConfig, EvaluateConfig, GenRmConfig, IvlConfig, LocalRmConfig, MeasureGapConfig,
                             NarrowDataConfig, OfflineDpoConfig, OnlineDpoConfig, OnlineRlConfig, PrepareDataConfig,
                             QSftConfig, ReportConfig, RewardModelConfig, SftChosenConfig, SftConfig, Strict)
 
@@ -90,7 +90,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           inputs={"data": DATA, "sft": START, "verifier": Input("verifier", setting="reward", absent=("preferences",))}),
     Stage("ivl", IvlConfig, "policy", roles=("policy",),
           inputs={"data": DATA, "base": Input("base", setting="base"), "target": Input("base", setting="target")}),
-    Stage("gap", GapConfig, "measure",
+    Stage("measure_gap", MeasureGapConfig, "measure",
           inputs={"data": DATA, "reference": REFERENCE, "verifier": Input("verifier", setting="verifiers", each=True),
                   "policy": Input("policy", setting="policies", each=True)}),
     Stage("evaluate", EvaluateConfig, "measure", inputs={"data": FIRST_DATA, "reference": REFERENCE},

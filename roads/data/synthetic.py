@@ -1,4 +1,4 @@
-"""Synthetic tasks with a known gold reward r*(x, y), so every arm is scored exactly and cheaply on CPU.
+"""Synthetic tasks with a known gold reward r*(x, y), so every policy is scored exactly and cheaply on CPU.
 
 A prompt is a sequence of symbols drawn from a small alphabet, written as text (``"sort: c a f a ->"``); a response
 is a space-separated sequence of symbols (``" a a c f"``). Each family fixes what the response should be (its

@@ -1,7 +1,7 @@
-"""evaluate: score one policy arm on the held-out prompts.
+"""evaluate: score one policy on the held-out prompts.
 
-Samples ``samples_per_prompt`` completions per prompt from the arm and from the SFT reference with the same seed
-(common random numbers: the SFT arm's samples are exactly the reference samples). Metrics, where the task has a gold
+Samples ``samples_per_prompt`` completions per prompt from the policy and from the SFT reference with the same seed
+(common random numbers: the SFT policy's samples are exactly the reference samples). Metrics, where the task has a gold
 reward: ``gold_reward_mean``; ``win_rate`` against the SFT sample of the same prompt and index, judged by the gold
 reward, ties counted half; always: ``kl_to_reference`` (Monte-Carlo estimate of KL(π‖π_ref) = E_y~π[log π(y|x) −
 log π_ref(y|x)]), ``length_mean`` (tokens, EOS excluded) and ``finished_rate``. Output: ``metrics.json`` and
@@ -25,9 +25,9 @@ from roads.training import NullTracker, Tracker
 VERSION = 1
 
 
-def win_rate(arm: list[float], reference: list[float]) -> float:
-    """Fraction of paired samples where the arm's gold reward beats the reference's; ties count half."""
-    return fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(arm, reference, strict=True))
+def win_rate(policy: list[float], reference: list[float]) -> float:
+    """Fraction of paired samples where the policy's gold reward beats the reference's; ties count half."""
+    return fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy, reference, strict=True))
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
@@ -41,7 +41,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     reference = policy if same_model else load_policy(inputs["reference"].path)[0]
     kw = dict(n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
               seed=spec.seed, batch_size=cfg.batch_size)
-    tracker.progress(f"sampling {len(prompts)} x {cfg.samples_per_prompt} from {spec.arm}")
+    tracker.progress(f"sampling {len(prompts)} x {cfg.samples_per_prompt} from {spec.policy}")
     arm_samples = sample(policy, tokenizer, prompts, **kw)
     ref_samples = arm_samples if same_model else sample(reference, tokenizer, prompts, **kw)
 
@@ -83,7 +83,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     metrics = {k: round(v, 6) for k, v in metrics.items()}
     trained = Path(inputs["policy"].path) / "trained.json"
     policy = read_json(trained) if trained.is_file() else {}
-    write_json(out_dir / "metrics.json", {"arm": spec.arm, "task": task_name, "seed": spec.seed,
+    write_json(out_dir / "metrics.json", {"policy": spec.policy, "task": task_name, "seed": spec.seed,
                                           "policy_stage": policy.get("stage"),
                                           "train_examples": policy.get("train_examples"), **metrics})
     write_jsonl(out_dir / "samples.jsonl", rows)

@@ -2,7 +2,7 @@
 
 From a start policy (SFT, or the offline-DPO policy) sample ``k`` completions per training prompt, score them with a
 verifier (the reward model by default; any verifier — a local reward model, a DPO policy's implicit reward (H1: the
-offline data's own fit) — or the gold reward as an oracle arm), keep the best and the worst as a new (chosen,
+offline data's own fit) — or the gold reward as an oracle), keep the best and the worst as a new (chosen,
 rejected) pair, and train with the *same* DPO loss, β and reference (the SFT model, loaded from disk) as offline DPO.
 ``rounds`` > 1 repeats sample → label → train from the latest policy (iterative online DPO). ``prompt_multiplier``
 > 1 adds prompts resampled from the SFT data (the paper's augmentation, H3).

@@ -1,19 +1,19 @@
-"""report: the study table — every arm × task over its seeds, with bootstrap intervals, and the paired
-difference of each arm against the offline baseline.
+"""report: the study table — every policy × task over its seeds, with bootstrap intervals, and the paired
+difference of each policy against the offline baseline.
 
 Inputs are evaluate outputs (any names; each folder holds ``metrics.json`` and ``samples.jsonl``). Per sample:
 gold reward, win against the SFT sample of the same prompt and index (1, ties 0.5, else 0), the KL term
 log π − log π_ref and the length. Each prompt is first reduced to the mean over its samples; a seed's value is the
-mean over its prompts and an arm's point estimate the mean over its seeds (every seed weighs the same).
+mean over its prompts and a policy's point estimate the mean over its seeds (every seed weighs the same).
 
 Intervals are percentile intervals of a hierarchical bootstrap: each replicate draws the seeds with replacement,
 then, inside every drawn seed, its prompts with replacement (all samples of a prompt go together). The paired
-difference arm − baseline is bootstrapped on per-(seed, prompt) differences over the seeds and prompts both arms
-share, so both arms see the same resample. Each (task, arm) group has its own generator, seeded from
-``bootstrap_seed`` and the group's name, so adding an arm does not move the others' intervals.
+difference policy − baseline is bootstrapped on per-(seed, prompt) differences over the seeds and prompts both policies
+share, so both policies see the same resample. Each (task, policy) group has its own generator, seeded from
+``bootstrap_seed`` and the group's name, so adding a policy does not move the others' intervals.
 
-Output: ``report.md``, ``report.csv`` (one row per task × arm), ``paired.csv`` (task, arm, baseline, metric, diff,
-lo, hi, excludes_zero), ``report.json`` (the same numbers, for programs) and two plots, ``win_rate_by_arm.png`` and
+Output: ``report.md``, ``report.csv`` (one row per task × policy), ``paired.csv`` (task, policy, baseline, metric, diff,
+lo, hi, excludes_zero), ``report.json`` (the same numbers, for programs) and two plots, ``win_rate_by_policy.png`` and
 ``gold_vs_kl.png``. Without a gold reward (real data) only KL and length are reported and there are no paired rows.
 
 Inputs that are ``gap`` outputs (a ``gap.json``) feed the gap section (``roads.gap_report``): ``gap_summary.md``
@@ -47,7 +47,7 @@ VERSION = 1
 METRICS, GOLD_METRICS = POLICY_METRICS, GOLD_METRICS_OF_TABLE
 PAIRED_METRICS = {"gold_reward_mean": "gold_reward_diff", "win_rate": "win_rate_diff"}
 TASK_FAMILIES = ("gap", "short", "hidden")
-FILES = ["report.md", "report.csv", "paired.csv", "report.json", "win_rate_by_arm.png", "gold_vs_kl.png"]
+FILES = ["report.md", "report.csv", "paired.csv", "report.json", "win_rate_by_policy.png", "gold_vs_kl.png"]
 
 
 # --------------------------------------------------------------------------- reading evaluate outputs
@@ -55,10 +55,10 @@ FILES = ["report.md", "report.csv", "paired.csv", "report.json", "win_rate_by_ar
 
 @dataclass
 class Group:
-    """One (task, arm): per seed, the prompt indices and the per-prompt means of every metric it has."""
+    """One (task, policy): per seed, the prompt indices and the per-prompt means of every metric it has."""
 
     task: str
-    arm: str
+    policy: str
     metrics: tuple[str, ...]
     seeds: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # seed -> (prompt ids, (P, M))
     policy_stage: str | None = None  # the stage that trained the policy, and on how many examples (learning curves)
@@ -93,10 +93,10 @@ def load_groups(inputs: dict[str, ArtifactRef]) -> dict[tuple[str, str], Group]:
             if not (folder / file).is_file():
                 raise DataError(f"report input {name!r}: {folder / file} is missing (not an evaluate output?)")
         info = read_json(folder / "metrics.json")
-        missing = [k for k in ("arm", "task", "seed") if k not in info]
+        missing = [k for k in ("policy", "task", "seed") if k not in info]
         if missing:
             raise DataError(f"{folder / 'metrics.json'}: missing key(s) {', '.join(missing)}")
-        task, arm, seed = str(info["task"]), str(info["arm"]), int(info["seed"])
+        task, policy, seed = str(info["task"]), str(info["policy"]), int(info["seed"])
         rows = read_jsonl(folder / "samples.jsonl")
         if not rows:
             raise DataError(f"{folder / 'samples.jsonl'}: no samples")
@@ -105,11 +105,11 @@ def load_groups(inputs: dict[str, ArtifactRef]) -> dict[tuple[str, str], Group]:
         if any(has_gold) and not gold:
             raise DataError(f"{folder / 'samples.jsonl'}: gold_reward is present on some rows and not on others")
         metrics = METRICS if gold else METRICS[2:]
-        group = groups.setdefault((task, arm), Group(task, arm, metrics))
+        group = groups.setdefault((task, policy), Group(task, policy, metrics))
         if group.metrics != metrics:
-            raise DataError(f"report: task {task!r}, arm {arm!r} has gold rewards in some seeds and not in others")
+            raise DataError(f"report: task {task!r}, policy {policy!r} has gold rewards in some seeds and not in others")
         if seed in group.seeds:
-            raise DataError(f"report: task {task!r}, arm {arm!r}, seed {seed} appears twice (input {name!r})")
+            raise DataError(f"report: task {task!r}, policy {policy!r}, seed {seed} appears twice (input {name!r})")
         group.seeds[seed] = per_prompt(rows, gold, folder / "samples.jsonl")
         group.policy_stage, group.train_examples = info.get("policy_stage"), info.get("train_examples")
     return groups
@@ -128,13 +128,13 @@ def metric_key(*parts: str) -> str:
 
 def summarise(group: Group, cfg: ReportConfig) -> dict:
     seeds = sorted(group.seeds)
-    rng = group_rng(cfg.bootstrap_seed, group.task, group.arm)
+    rng = group_rng(cfg.bootstrap_seed, group.task, group.policy)
     point, lo, hi = bootstrap_interval([group.seeds[s][1] for s in seeds], n_bootstrap=cfg.n_bootstrap,
                                        confidence=cfg.confidence, rng=rng)
     prompts = set().union(*(group.seeds[s][0].tolist() for s in seeds))
     return {
         "task": group.task,
-        "arm": group.arm,
+        "policy": group.policy,
         "seeds": seeds,
         "n_prompts": len(prompts),
         "metrics": {m: {"mean": round(float(point[i]), 6), "lo": round(float(lo[i]), 6), "hi": round(float(hi[i]), 6)}
@@ -143,7 +143,7 @@ def summarise(group: Group, cfg: ReportConfig) -> dict:
 
 
 def paired(group: Group, base: Group, cfg: ReportConfig) -> list[dict]:
-    """arm − baseline in the gold metrics, on the (seed, prompt) pairs both have; [] when they share none."""
+    """policy − baseline in the gold metrics, on the (seed, prompt) pairs both have; [] when they share none."""
     cols = [group.metrics.index(m) for m in GOLD_METRICS]
     diffs = []
     for seed in sorted(set(group.seeds) & set(base.seeds)):
@@ -154,11 +154,11 @@ def paired(group: Group, base: Group, cfg: ReportConfig) -> list[dict]:
     if not diffs:
         return []
     point, lo, hi = bootstrap_interval(diffs, n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence,
-                                       rng=group_rng(cfg.bootstrap_seed, group.task, group.arm, "-", base.arm))
+                                       rng=group_rng(cfg.bootstrap_seed, group.task, group.policy, "-", base.policy))
     out = []
     for i, m in enumerate(GOLD_METRICS):
         d, l, h = (round(float(x[i]), 6) for x in (point, lo, hi))
-        out.append({"task": group.task, "arm": group.arm, "baseline": base.arm, "metric": m, "diff": d, "lo": l,
+        out.append({"task": group.task, "policy": group.policy, "baseline": base.policy, "metric": m, "diff": d, "lo": l,
                     "hi": h, "excludes_zero": bool(l > 0 or h < 0), "seeds": len(diffs),
                     "n_pairs": int(sum(len(x) for x in diffs))})
     return out
@@ -180,50 +180,50 @@ def write_markdown(path: Path, rows: list[dict], pairs: list[dict], cfg: ReportC
         f"Intervals are {pct} percentile bootstrap intervals over seeds and prompts (seeds resampled, then prompts "
         f"within each seed; {cfg.n_bootstrap} resamples, bootstrap seed {cfg.bootstrap_seed}).",
         "",
-        "| task | arm | seeds | gold reward [lo, hi] | win rate vs SFT [lo, hi] | KL | length |",
+        "| task | policy | seeds | gold reward [lo, hi] | win rate vs SFT [lo, hi] | KL | length |",
         "|---|---|---:|---|---|---|---|",
     ]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"| {r['task']} | {r['arm']} | {len(r['seeds'])} | {fmt(m.get('gold_reward_mean'))} | "
+        lines.append(f"| {r['task']} | {r['policy']} | {len(r['seeds'])} | {fmt(m.get('gold_reward_mean'))} | "
                      f"{fmt(m.get('win_rate'))} | {fmt(m['kl_to_reference'])} | {fmt(m['length_mean'])} |")
     lines += ["", f"## Paired difference against {cfg.baseline}", ""]
     if pairs:
         lines += [
-            f"Arm − {cfg.baseline}, paired by (seed, prompt); * marks an interval that excludes zero.",
+            f"Policy − {cfg.baseline}, paired by (seed, prompt); * marks an interval that excludes zero.",
             "",
-            "| task | arm | metric | diff [lo, hi] | excludes zero |",
+            "| task | policy | metric | diff [lo, hi] | excludes zero |",
             "|---|---|---|---|---|",
         ]
         for p in pairs:
-            lines.append(f"| {p['task']} | {p['arm']} | {p['metric']} | {p['diff']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}] "
+            lines.append(f"| {p['task']} | {p['policy']} | {p['metric']} | {p['diff']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}] "
                          f"| {'*' if p['excludes_zero'] else ''} |")
     else:
-        lines.append(f"No paired differences (they need a gold reward and the {cfg.baseline} arm in the same task).")
+        lines.append(f"No paired differences (they need a gold reward and the {cfg.baseline} policy in the same task).")
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_csvs(out_dir: Path, rows: list[dict], pairs: list[dict]) -> None:
     with open(out_dir / "report.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["task", "arm", "seeds", "n_prompts", *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi"))])
+        w.writerow(["task", "policy", "seeds", "n_prompts", *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi"))])
         for r in rows:
             cells = []
             for m in METRICS:
                 c = r["metrics"].get(m)
                 cells += ["", "", ""] if c is None else [c["mean"], c["lo"], c["hi"]]
-            w.writerow([r["task"], r["arm"], len(r["seeds"]), r["n_prompts"], *cells])
+            w.writerow([r["task"], r["policy"], len(r["seeds"]), r["n_prompts"], *cells])
     with open(out_dir / "paired.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["task", "arm", "baseline", "metric", "diff", "lo", "hi", "excludes_zero"])
+        w.writerow(["task", "policy", "baseline", "metric", "diff", "lo", "hi", "excludes_zero"])
         for p in pairs:
-            w.writerow([p[k] for k in ("task", "arm", "baseline", "metric", "diff", "lo", "hi", "excludes_zero")])
+            w.writerow([p[k] for k in ("task", "policy", "baseline", "metric", "diff", "lo", "hi", "excludes_zero")])
 
 
 # --------------------------------------------------------------------------- the plots
 
 
-def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], arms: list[str]) -> None:
+def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], policies: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,33 +232,33 @@ def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], arms: list[st
     meta = {"Software": None}
     gold_rows = [r for r in rows if "win_rate" in r["metrics"]]
     gold_tasks = [t for t in tasks if any(r["task"] == t for r in gold_rows)]
-    gold_arms = [a for a in arms if any(r["arm"] == a for r in gold_rows)]
-    by = {(r["task"], r["arm"]): r["metrics"] for r in gold_rows}
+    gold_policies = [a for a in policies if any(r["policy"] == a for r in gold_rows)]
+    by = {(r["task"], r["policy"]): r["metrics"] for r in gold_rows}
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(gold_arms) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(gold_policies) + 2), 4.5))
     if gold_rows:
         width = 0.8 / len(gold_tasks)
         for j, task in enumerate(gold_tasks):
             xs, ys, err = [], [], [[], []]
-            for i, arm in enumerate(gold_arms):
-                if (task, arm) in by:
-                    c = by[(task, arm)]["win_rate"]
+            for i, policy in enumerate(gold_policies):
+                if (task, policy) in by:
+                    c = by[(task, policy)]["win_rate"]
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(c["mean"])
                     err[0].append(max(0.0, c["mean"] - c["lo"]))
                     err[1].append(max(0.0, c["hi"] - c["mean"]))
             ax.bar(xs, ys, width, yerr=err, capsize=3, label=task)
         ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-        ax.set_xticks(range(len(gold_arms)), gold_arms, rotation=30, ha="right")
+        ax.set_xticks(range(len(gold_policies)), gold_policies, rotation=30, ha="right")
         ax.set_ylabel("win rate vs SFT (gold reward)")
         ax.set_ylim(0, 1)
         ax.legend(title="task")
     else:
         ax.text(0.5, 0.5, "no gold reward: win rates unavailable", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
-    ax.set_title("Win rate against SFT by arm and task")
+    ax.set_title("Win rate against SFT by policy and task")
     fig.tight_layout()
-    fig.savefig(out_dir / "win_rate_by_arm.png", dpi=100, metadata=meta)
+    fig.savefig(out_dir / "win_rate_by_policy.png", dpi=100, metadata=meta)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -266,15 +266,15 @@ def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], arms: list[st
         markers = "osD^v<>ph*"
         for j, task in enumerate(gold_tasks):
             label: str | None = task
-            for arm in gold_arms:
-                if (task, arm) not in by:
+            for policy in gold_policies:
+                if (task, policy) not in by:
                     continue
-                g, kl = by[(task, arm)]["gold_reward_mean"], by[(task, arm)]["kl_to_reference"]
+                g, kl = by[(task, policy)]["gold_reward_mean"], by[(task, policy)]["kl_to_reference"]
                 yerr = [[max(0.0, g["mean"] - g["lo"])], [max(0.0, g["hi"] - g["mean"])]]
                 ax.errorbar([kl["mean"]], [g["mean"]], yerr=yerr, fmt=markers[j % len(markers)], color=f"C{j % 10}",
                             capsize=3, label=label)
                 label = None
-                ax.annotate(arm, (kl["mean"], g["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(policy, (kl["mean"], g["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel("KL(π ‖ π_ref)")
         ax.set_ylabel("gold reward")
         ax.legend(title="task")
@@ -300,37 +300,37 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     gap = load_gap(gap_inputs)
     first_seen = list(dict.fromkeys([*(task for task, _ in groups), *gap.info]))
     tasks = sorted(first_seen, key=task_key)  # stable: first-seen order within a family
-    found = list(dict.fromkeys(arm for _, arm in groups))  # the policies in the order of `report.policies` (the
-    arms = [a for a in cfg.policies if a in found] + [a for a in found if a not in cfg.policies]  # pipeline's stages)
-    ordered = [groups[(t, a)] for t in tasks for a in arms if (t, a) in groups]
+    found = list(dict.fromkeys(policy for _, policy in groups))  # the policies in the order of `report.policies` (the
+    policies = [a for a in cfg.policies if a in found] + [a for a in found if a not in cfg.policies]  # pipeline's stages)
+    ordered = [groups[(t, a)] for t in tasks for a in policies if (t, a) in groups]
 
     rows = [summarise(g, cfg) for g in ordered]
     pairs: list[dict] = []
     for g in ordered:
         base = groups.get((g.task, cfg.baseline))
         gold = base is not None and "win_rate" in g.metrics and "win_rate" in base.metrics
-        if g.arm in (cfg.baseline, "sft") or not gold:
+        if g.policy in (cfg.baseline, "sft") or not gold:
             continue
         pairs += paired(g, base, cfg)
 
-    def arm_effect(task: str, a: str, b: str) -> dict | None:
-        """The paired gold-reward difference a − b on ``task``, or None when the run lacks either arm."""
+    def policy_effect(task: str, a: str, b: str) -> dict | None:
+        """The paired gold-reward difference a − b on ``task``, or None when the run lacks either policy."""
         ga, gb = groups.get((task, a)), groups.get((task, b))
         if ga is None or gb is None or "gold_reward_mean" not in ga.metrics or "gold_reward_mean" not in gb.metrics:
             return None
-        found = next((p for p in pairs if p["task"] == task and p["arm"] == a and p["baseline"] == b
+        found = next((p for p in pairs if p["task"] == task and p["policy"] == a and p["baseline"] == b
                       and p["metric"] == "gold_reward_mean"), None)
         found = found or next((p for p in paired(ga, gb, cfg) if p["metric"] == "gold_reward_mean"), None)
         return None if found is None else {"mean": found["diff"], "lo": found["lo"], "hi": found["hi"]}
 
     vrows, vdiffs, brows = verifier_rows(gap, cfg), verifier_diffs(gap, cfg), bon_rows(gap, cfg)
-    summary = gap_summary(gap, vdiffs, brows, lambda task: arm_effect(task, cfg.contrast, cfg.baseline))
+    summary = gap_summary(gap, vdiffs, brows, lambda task: policy_effect(task, cfg.contrast, cfg.baseline))
     families = {}
     for task in tasks:
         if task_key(task) < len(TASK_FAMILIES):
             families.setdefault(TASK_FAMILIES[task_key(task)], task)
-    hypotheses = hypothesis_rows(families, arm_effect, vdiffs, cfg.equivalence_margin)
-    arm_points = [{"task": r["task"], "arm": g.arm, "stage": g.policy_stage, "train_examples": g.train_examples,
+    hypotheses = hypothesis_rows(families, policy_effect, vdiffs, cfg.equivalence_margin)
+    policy_points = [{"task": r["task"], "policy": g.policy, "stage": g.policy_stage, "train_examples": g.train_examples,
                    "gold": r["metrics"]["gold_reward_mean"]}
                   for g, r in zip(ordered, rows) if g.train_examples and "gold_reward_mean" in r["metrics"]
                   and g.policy_stage not in (None, "sft")]
@@ -338,12 +338,12 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     files = list(FILES)
     write_markdown(out_dir / "report.md", rows, pairs, cfg)
     write_csvs(out_dir, rows, pairs)
-    write_plots(out_dir, rows, tasks, arms)
+    write_plots(out_dir, rows, tasks, policies)
     write_hypotheses(out_dir, hypotheses, cfg)
     files += ["hypotheses.md", "hypotheses.csv"]
     if gap.info:
-        write_gap_markdown(out_dir / "gap_summary.md", summary, vrows, vdiffs, brows, cfg, arm_points)
-        files += ["gap_summary.md", *write_gap_plots(out_dir, summary, vrows, brows, arm_points, cfg.series)]
+        write_gap_markdown(out_dir / "gap_summary.md", summary, vrows, vdiffs, brows, cfg, policy_points)
+        files += ["gap_summary.md", *write_gap_plots(out_dir, summary, vrows, brows, policy_points, cfg.series)]
     with open(out_dir / "report.md", "a") as fh:
         fh.write("\nSee also: " + ", ".join(f"[{f}]({f})" for f in files if f.endswith(".md") and f != "report.md")
                  + ".\n")
@@ -353,26 +353,26 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         "bootstrap_seed": cfg.bootstrap_seed,
         "baseline": cfg.baseline,
         "tasks": tasks,
-        "arms": arms,
+        "policies": policies,
         "rows": rows,
         "paired": pairs,
         "gap_summary": summary,
         "verifiers": vrows,
         "verifier_diffs": vdiffs,
         "best_of_n": brows,
-        "learning_curve_points": arm_points,
+        "learning_curve_points": policy_points,
         "hypotheses": hypotheses,
     })
 
     metrics: dict[str, float] = {}
     for r in rows:
         for m, c in r["metrics"].items():
-            metrics[metric_key(r["task"], r["arm"], m)] = c["mean"]
+            metrics[metric_key(r["task"], r["policy"], m)] = c["mean"]
     for p in pairs:
         name = PAIRED_METRICS[p["metric"]]
-        metrics[metric_key(p["task"], p["arm"], name)] = p["diff"]
-        metrics[metric_key(p["task"], p["arm"], name + "_lo")] = p["lo"]
-        metrics[metric_key(p["task"], p["arm"], name + "_hi")] = p["hi"]
+        metrics[metric_key(p["task"], p["policy"], name)] = p["diff"]
+        metrics[metric_key(p["task"], p["policy"], name + "_lo")] = p["lo"]
+        metrics[metric_key(p["task"], p["policy"], name + "_hi")] = p["hi"]
     for r in summary:
         for key in ("loglik_global_minus_implicit", "loglik_global_minus_local"):
             if key in r:
@@ -385,7 +385,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     wins = sum(p["excludes_zero"] and p["diff"] > 0 for p in pairs if p["metric"] == "gold_reward_mean")
     losses = sum(p["excludes_zero"] and p["diff"] < 0 for p in pairs if p["metric"] == "gold_reward_mean")
     n_pairs = sum(p["metric"] == "gold_reward_mean" for p in pairs)
-    tracker.progress(f"{len(rows)} rows ({len(tasks)} tasks × {len(arms)} arms); against {cfg.baseline}: "
+    tracker.progress(f"{len(rows)} rows ({len(tasks)} tasks × {len(policies)} policies); against {cfg.baseline}: "
                      f"{wins} better, {losses} worse, {n_pairs - wins - losses} unresolved of {n_pairs}")
     for h in hypotheses:
         tracker.progress(f"{h['id']}: {h['effect']} = {h['mean']:.3f} [{h['lo']:.3f}, {h['hi']:.3f}] → {h['verdict']}")

@@ -90,5 +90,5 @@ def test_a_stage_added_as_settings_module_and_row_runs_through_roads_run(tmp_pat
     reports = list((home / "artifacts" / "report").glob("*/report.csv"))
     assert len(reports) == 1
     with open(reports[0]) as fh:
-        arms = [row["arm"] for row in csv.DictReader(fh)]
-    assert arms == ["sft", "copy_policy", "offline_dpo"]  # the pipeline's order
+        policies = [row["policy"] for row in csv.DictReader(fh)]
+    assert policies == ["sft", "copy_policy", "offline_dpo"]  # the pipeline's order

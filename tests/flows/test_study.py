@@ -52,11 +52,11 @@ def test_first_run_executes_every_stage(first):
     states = cache_states(first)
     assert len(states) == 12  # 2 tasks x (prepare_data, sft, reward_model, offline_dpo, 2 evaluations)
     assert set(states.values()) == {"miss"}
-    arms = {(r["task"], r["arm"]) for r in first["summary"]}
-    assert arms == {(t, a) for t in ("gap", "short") for a in ("sft", "offline_dpo")}
+    policies = {(r["task"], r["policy"]) for r in first["summary"]}
+    assert policies == {(t, a) for t in ("gap", "short") for a in ("sft", "offline_dpo")}
     for row in first["summary"]:
         assert 0.0 <= row["gold_reward_mean"] <= 1.0 and 0.0 <= row["win_rate"] <= 1.0
-        if row["arm"] == "sft":  # the reference against itself: every comparison is a tie
+        if row["policy"] == "sft":  # the reference against itself: every comparison is a tie
             assert row["win_rate"] == 0.5 and row["kl_to_reference"] == 0.0
 
 
@@ -212,28 +212,28 @@ def test_sigkill_mid_run_then_rerun_recomputes_only_unfinished_and_cleans_up(fir
         assert row["digest"] == first_runs[row["node"]]["roads.artifact_digest"], row["node"]
 
 
-def test_every_arm_of_the_study_smoke_pipeline_runs_and_reports(home):
+def test_every_policy_of_the_study_smoke_pipeline_runs_and_reports(home):
     outcome = run_study("study-smoke")
     states = cache_states(outcome)
     assert "failed" not in states.values()
-    arms = ["sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft", "online_dpo_dpo",
+    policies = ["sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft", "online_dpo_dpo",
             "online_dpo_gold", "online_rl"]
     for seed in (0, 1):
-        assert {f"gap/seed{seed}/evaluate[{arm}]" for arm in arms} <= set(states)
+        assert {f"gap/seed{seed}/evaluate[{policy}]" for policy in policies} <= set(states)
     report = Path(outcome["report"])
     text = (report / "report.md").read_text()
-    assert all(f"| {arm} |" in text for arm in arms)
-    rows = {(b["task"], b["arm"]): b for b in outcome["budget"]}
+    assert all(f"| {policy} |" in text for policy in policies)
+    rows = {(b["task"], b["policy"]): b for b in outcome["budget"]}
     assert rows[("gap", "online_dpo_sft")]["tokens_generated"] > 0 and rows[("gap", "sft")]["tokens_generated"] == 0
     assert rows[("gap", "online_dpo_dpo")]["tokens_trained"] > rows[("gap", "offline_dpo")]["tokens_trained"]
     client = MlflowClient()
     parent_files = {f.path for f in client.list_artifacts(outcome["parent_run_id"], "report")}
-    assert {"report/report.md", "report/win_rate_by_arm.png", "report/gold_vs_kl.png"} <= parent_files
+    assert {"report/report.md", "report/win_rate_by_policy.png", "report/gold_vs_kl.png"} <= parent_files
     assert "budget/gap/online_rl/tokens_generated" in client.get_run(outcome["parent_run_id"]).data.metrics
 
 
 def test_gap_smoke_measures_the_gap_and_tables_the_hypotheses(home, capsys):
-    """Issue 4 end to end: local_rm, narrow_data, the hypothesis arms, a learning-curve and a scale arm, the gap
+    """Issue 4 end to end: local_rm, narrow_data, the hypothesis policies, a learning-curve and a scale policy, the gap
     stage, and the report's gap summary and hypotheses table — in the report folder, in MLflow, and via the CLI."""
     from flows.cli import main
 
@@ -273,17 +273,17 @@ def test_gap_smoke_measures_the_gap_and_tables_the_hypotheses(home, capsys):
     assert "report/hypotheses/H5/effect" in metrics and "report/gap/gap/loglik_global_minus_implicit" in metrics
 
 
-def test_the_other_roads_run_as_arms_and_land_in_the_report(home):
+def test_the_other_roads_run_as_policies_and_land_in_the_report(home):
     """Issue 5 end to end: Q-SFT (both return sources), GenRM as a verifier (gap) and as the online DPO labeller,
-    inverse value learning on its own base and transferred to a bigger one, each an arm of the report."""
+    inverse value learning on its own base and transferred to a bigger one, each an policy of the report."""
     outcome = run_study("roads-smoke")
     states = cache_states(outcome)
     assert "failed" not in states.values()
     doc = json.loads((Path(outcome["report"]) / "report.json").read_text())
-    rows = {(r["task"], r["arm"]): r for r in doc["rows"]}
-    for arm in ("q_sft", "q_sft_rm", "online_dpo_genrm", "ivl", "ivl_to_small", "sft_small", "sft_chosen_small"):
-        cell = rows[("gap", arm)]["metrics"]["gold_reward_mean"]
-        assert cell["lo"] <= cell["mean"] <= cell["hi"] and rows[("gap", arm)]["seeds"] == [0, 1], arm
+    rows = {(r["task"], r["policy"]): r for r in doc["rows"]}
+    for policy in ("q_sft", "q_sft_rm", "online_dpo_genrm", "ivl", "ivl_to_small", "sft_small", "sft_chosen_small"):
+        cell = rows[("gap", policy)]["metrics"]["gold_reward_mean"]
+        assert cell["lo"] <= cell["mean"] <= cell["hi"] and rows[("gap", policy)]["seeds"] == [0, 1], policy
     kinds = {r["verifier"]: r["kind"] for r in doc["verifiers"]}
     assert kinds["genrm"] == "generative" and kinds["reward_model"] == "global"
     assert {"q_sft", "ivl_to_small"} <= {r["policy"] for r in doc["best_of_n"]}

@@ -1,4 +1,4 @@
-"""`roads sweep` on a small grid: the arms run at once on a local Ray cluster (prefect-ray's task runner), each arm is
+"""`roads sweep` on a small grid: the points run at once on a local Ray cluster (prefect-ray's task runner), each point is
 an MLflow run with its swept values as params and tags, shared stages run once, and a rerun is all hits."""
 
 from pathlib import Path
@@ -31,19 +31,19 @@ def first(home):
     return run_sweep("sweep-smoke", LONGER, file=str(ROOT / "pipelines.yaml"), runner="ray", workers=2)
 
 
-def _by_node(arm: dict) -> dict[str, str]:
-    return {n["node"]: n["cache"] for n in arm["nodes"]}
+def _by_node(point: dict) -> dict[str, str]:
+    return {n["node"]: n["cache"] for n in point["nodes"]}
 
 
-def test_the_arms_run_on_ray_at_once_and_shared_stages_run_once(first, home):
-    assert [a["arm"] for a in first["arms"]] == ["offline_dpo.beta=0.1", "offline_dpo.beta=0.5"]
+def test_the_points_run_on_ray_at_once_and_shared_stages_run_once(first, home):
+    assert [a["point"] for a in first["points"]] == ["offline_dpo.beta=0.1", "offline_dpo.beta=0.5"]
     assert first["stages"] == 7  # prepare_data, sft, evaluate[sft] shared; offline_dpo and its evaluation twice
-    a, b = (_by_node(arm) for arm in first["arms"])
+    a, b = (_by_node(point) for point in first["points"])
     assert set(a.values()) == {"miss"}
     assert b["gap/seed0/offline_dpo"] == "miss" and b["gap/seed0/evaluate[offline_dpo]"] == "miss"
     assert b["gap/seed0/sft"] == "hit" and b["gap/seed0/prepare_data"] == "hit"  # the same run, not a second one
     client = MlflowClient()
-    runs = client.search_runs([first["arms"][0]["experiment_id"]], "tags.`roads.node` = 'gap/seed0/offline_dpo'")
+    runs = client.search_runs([first["points"][0]["experiment_id"]], "tags.`roads.node` = 'gap/seed0/offline_dpo'")
     assert len(runs) == 2
     windows = sorted((float(r.data.metrics["offline_dpo/wall_seconds"]), r.data.tags["roads.worker"]) for r in runs)
     workers = {tag for _, tag in windows}
@@ -63,14 +63,14 @@ def test_stages_ran_at_the_same_time_in_different_ray_workers(first, home):
     assert overlapping, "no two stages ran at once: the sweep did not run in parallel"
 
 
-def test_one_mlflow_run_per_arm_with_the_swept_values_as_params_and_tags(first):
+def test_one_mlflow_run_per_point_with_the_swept_values_as_params_and_tags(first):
     client = MlflowClient()
     exp = client.get_experiment_by_name("sweep/sweep-smoke")
     runs = client.search_runs([exp.experiment_id], "tags.`roads.kind` = 'study'")
     assert len(runs) == 2
-    by_arm = {r.data.tags["roads.sweep_arm"]: r for r in runs}
-    assert set(by_arm) == {"offline_dpo.beta=0.1", "offline_dpo.beta=0.5"}
-    for name, run in by_arm.items():
+    by_point = {r.data.tags["roads.sweep_point"]: r for r in runs}
+    assert set(by_point) == {"offline_dpo.beta=0.1", "offline_dpo.beta=0.5"}
+    for name, run in by_point.items():
         beta = name.split("=")[1]
         assert run.info.status == "FINISHED"
         assert run.data.params["sweep.offline_dpo.beta"] == beta

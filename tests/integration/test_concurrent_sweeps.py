@@ -3,8 +3,8 @@
 Two `roads sweep` processes start at the same moment: sweep-smoke and sweep-smoke-lr, each on the process runner with
 one worker (2 CPUs in all; not Ray: a local Ray cluster takes ~35 s to warm up on 2 cores, by when the other sweep
 has finished and nothing is raced for). They share prepare_data, SFT and evaluate[sft], and sweep-smoke-lr's
-arm offline_dpo.lr=5e-05 is sweep-smoke's arm offline_dpo.beta=0.1 (the same cache keys), so the two race for the
-very same cache records and artifact folders. Afterwards: every arm is one finished MLflow run with its stage child
+point offline_dpo.lr=5e-05 is sweep-smoke's point offline_dpo.beta=0.1 (the same cache keys), so the two race for the
+very same cache records and artifact folders. Afterwards: every point is one finished MLflow run with its stage child
 runs, every cache record parses and names an artifact folder that exists, every artifact folder holds what its name
 (a digest prefix) says, nothing temporary is left; and rerunning both sweeps is all cache hits. A stage may be
 computed by both sweeps (both miss before either has written its record): allowed, and printed with -s.
@@ -23,7 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from roads.artifacts import digest_dir
-from roads.sweep import arm_plans, load_sweep
+from roads.sweep import point_plans, load_sweep
 from roads.stage_table import STAGE_NAMES
 from tasks.keys import code_digest
 
@@ -32,7 +32,7 @@ ROADS = ROOT / ".venv" / "bin" / "roads"
 FILE = ROOT / "pipelines.yaml"
 # (sweep, runner): the two processes started at once
 SWEEPS = (("sweep-smoke", "process"), ("sweep-smoke-lr", "process"))
-SUMMARY = re.compile(r"(\d+) arms, (\d+) distinct stages \((\d+) stage runs: (\d+) ran, (\d+) hits\)")
+SUMMARY = re.compile(r"(\d+) points, (\d+) distinct stages \((\d+) stage runs: (\d+) ran, (\d+) hits\)")
 TIMEOUT = 600
 
 pytestmark = pytest.mark.slow
@@ -73,16 +73,16 @@ def _finish(proc: subprocess.Popen, out, log: Path, what: str) -> str:
 def _summary(text: str) -> dict[str, int]:
     found = SUMMARY.findall(text)
     assert found, f"no summary line in the output:\n{text[-3000:]}"
-    arms, stages, runs, ran, hits = map(int, found[-1])
-    return {"arms": arms, "stages": stages, "runs": runs, "ran": ran, "hits": hits}
+    points, stages, runs, ran, hits = map(int, found[-1])
+    return {"points": points, "stages": stages, "runs": runs, "ran": ran, "hits": hits}
 
 
 def _expected() -> dict[str, dict]:
-    """Per sweep: arm name -> (swept values, node id -> cache-relevant plan key)."""
+    """Per sweep: point name -> (swept values, node id -> cache-relevant plan key)."""
     out = {}
     for sweep, _ in SWEEPS:
         _, studies = load_sweep(FILE, sweep)
-        out[sweep] = {arm.name: (arm.values, keys) for arm, _study, _nodes, keys in arm_plans(studies)}
+        out[sweep] = {point.name: (point.values, keys) for point, _study, _nodes, keys in point_plans(studies)}
     return out
 
 
@@ -132,46 +132,46 @@ def concurrent(servers, tmp_path_factory):
             "expected": _expected(), "servers": servers, "library": library, "library_after": _library()}
 
 
-def test_every_arm_is_one_finished_run_with_its_params_and_finished_stage_children(concurrent):
+def test_every_point_is_one_finished_run_with_its_params_and_finished_stage_children(concurrent):
     client, expected = concurrent["client"], concurrent["expected"]
     flow_runs = {}
     misses: dict[str, list] = {}  # cache key -> the child runs that computed it
     for sweep, runner in SWEEPS:
         summary = concurrent["summaries"][sweep]
-        arms = expected[sweep]
-        assert summary["arms"] == len(arms) and summary["runs"] == sum(len(k) for _, k in arms.values())
+        points = expected[sweep]
+        assert summary["points"] == len(points) and summary["runs"] == sum(len(k) for _, k in points.values())
         runs = _study_runs(client, sweep, concurrent["since"], concurrent["until"])
-        by_arm = {}
+        by_point = {}
         for run in runs:
             assert run.data.tags["roads.sweep"] == sweep
-            arm = run.data.tags["roads.sweep_arm"]
-            assert arm not in by_arm, f"{sweep}: arm {arm} has two runs (duplicated)"
-            by_arm[arm] = run
-        assert set(by_arm) == set(arms), f"{sweep}: arms logged {sorted(by_arm)} != {sorted(arms)}"
+            point = run.data.tags["roads.sweep_point"]
+            assert point not in by_point, f"{sweep}: point {point} has two runs (duplicated)"
+            by_point[point] = run
+        assert set(by_point) == set(points), f"{sweep}: points logged {sorted(by_point)} != {sorted(points)}"
         flow_runs[sweep] = {r.data.tags["roads.sweep_flow_run_id"] for r in runs}
         assert len(flow_runs[sweep]) == 1 and "" not in flow_runs[sweep], flow_runs[sweep]
-        for arm, run in by_arm.items():
-            values, keys = arms[arm]
-            assert run.info.status == "FINISHED", f"{sweep}/{arm}: {run.info.status}"
+        for point, run in by_point.items():
+            values, keys = points[point]
+            assert run.info.status == "FINISHED", f"{sweep}/{point}: {run.info.status}"
             assert run.data.tags["roads.runner"] == runner
             assert run.data.params["sweep"] == sweep
             for key, value in values.items():
-                assert float(run.data.params[f"sweep.{key}"]) == float(value), (sweep, arm, key)
-                assert float(run.data.tags[f"sweep.{key}"]) == float(value), (sweep, arm, key)
-            assert any(k.endswith("/offline_dpo/gold_reward_mean") for k in run.data.metrics), (sweep, arm)
+                assert float(run.data.params[f"sweep.{key}"]) == float(value), (sweep, point, key)
+                assert float(run.data.tags[f"sweep.{key}"]) == float(value), (sweep, point, key)
+            assert any(k.endswith("/offline_dpo/gold_reward_mean") for k in run.data.metrics), (sweep, point)
             children = _children(client, run)
             names = [c.info.run_name for c in children]
-            assert sorted(names) == sorted(keys), f"{sweep}/{arm}: stage runs {sorted(names)} != {sorted(keys)}"
+            assert sorted(names) == sorted(keys), f"{sweep}/{point}: stage runs {sorted(names)} != {sorted(keys)}"
             for child in children:
                 tags = child.data.tags
-                assert child.info.status == "FINISHED", f"{sweep}/{arm}/{child.info.run_name}: {child.info.status}"
+                assert child.info.status == "FINISHED", f"{sweep}/{point}/{child.info.run_name}: {child.info.status}"
                 assert tags["roads.kind"] == "stage" and tags["roads.cache"] in ("hit", "miss")
                 path = Path(tags["roads.artifact_path"])
-                assert path.is_dir(), f"{sweep}/{arm}/{child.info.run_name}: artifact {path} is gone"
+                assert path.is_dir(), f"{sweep}/{point}/{child.info.run_name}: artifact {path} is gone"
                 assert path.parent.parent == (concurrent["home"] / "artifacts").resolve()
                 assert path.name == tags["roads.artifact_digest"][:24]
                 if tags["roads.cache"] == "miss":
-                    misses.setdefault(tags["roads.cache_key"], []).append(f"{sweep}/{arm}/{child.info.run_name}")
+                    misses.setdefault(tags["roads.cache_key"], []).append(f"{sweep}/{point}/{child.info.run_name}")
                     assert tags["roads.produced_by"] == child.info.run_id
     assert flow_runs[SWEEPS[0][0]] != flow_runs[SWEEPS[1][0]]
     twice = {key: who for key, who in misses.items() if len(who) > 1}
@@ -179,7 +179,7 @@ def test_every_arm_is_one_finished_run_with_its_params_and_finished_stage_childr
           f"computed more than once: {twice or 'none'}")
     # every distinct stage of the two sweeps was computed (a stage computed twice with different bytes would give its
     # dependants other cache keys: more keys, never fewer), each by at most one run per sweep, and each has its record
-    distinct = {k for arms in concurrent["expected"].values() for _, keys in arms.values() for k in keys.values()}
+    distinct = {k for points in concurrent["expected"].values() for _, keys in points.values() for k in keys.values()}
     assert len(misses) >= len(distinct), (len(misses), len(distinct))
     assert all(len(who) <= 2 for who in misses.values()), twice
     results = concurrent["home"] / "results"
@@ -204,7 +204,7 @@ def test_every_cache_record_parses_and_names_an_artifact_that_exists(concurrent)
     records = sorted(p for p in results.iterdir() if not p.name.startswith("."))
     leftovers = sorted(p.name for p in results.iterdir() if p.name.startswith("."))
     assert not leftovers, f"temporary cache records left behind: {leftovers}"
-    distinct = {k for arms in concurrent["expected"].values() for _, keys in arms.values() for k in keys.values()}
+    distinct = {k for points in concurrent["expected"].values() for _, keys in points.values() for k in keys.values()}
     assert len(records) >= len(distinct), [p.name for p in records]
     print(f"\n[concurrent sweeps] {len(records)} cache records for {len(distinct)} distinct stages")
     for record in records:
@@ -251,7 +251,7 @@ def test_rerunning_both_sweeps_is_all_cache_hits(concurrent):
         print(f"\n[concurrent sweeps] rerun of {sweep}: {time.time() - t0:.1f} s, {summary}")
         assert summary["ran"] == 0 and summary["hits"] == summary["runs"] > 0, summary
         runs = _study_runs(client, sweep, since)
-        assert len(runs) == summary["arms"]
+        assert len(runs) == summary["points"]
         for run in runs:
             assert run.info.status == "FINISHED"
             caches = {c.info.run_name: c.data.tags["roads.cache"] for c in _children(client, run)}

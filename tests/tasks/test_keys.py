@@ -81,7 +81,7 @@ def test_editing_the_sampler_changes_exactly_the_stages_that_reach_it(package_co
     after = edited(package_copy, "generation.py")
     changed = {s for s in STAGE_NAMES if before[s] != after[s]}
     assert changed == {s for s in STAGE_NAMES if "generation.py" in reached(s)}
-    assert {"evaluate", "online_dpo", "gap"} <= changed
+    assert {"evaluate", "online_dpo", "measure_gap"} <= changed
     assert not changed & {"sft", "prepare_data", "report"}
 
 

@@ -102,7 +102,7 @@ def test_cache_key_ignores_task_name_label(base_key):
 
 
 def test_cache_key_depends_on_input_names():
-    spec = load_study(PIPELINES, "smoke").stage_spec("evaluate", "gap", 0, arm="sft")
+    spec = load_study(PIPELINES, "smoke").stage_spec("evaluate", "gap", 0, policy="sft")
     a = ArtifactRef("/x", "1" * 64)
     b = ArtifactRef("/y", "2" * 64)
     swapped = cache_key(spec, {"data": a, "reference": b, "policy": a})
@@ -110,11 +110,11 @@ def test_cache_key_depends_on_input_names():
     assert cache_key(spec, {"policy": a, "reference": b, "data": a}) == swapped  # order of the dict is irrelevant
 
 
-def test_cache_key_depends_on_evaluate_arm():
+def test_cache_key_depends_on_evaluate_policy():
     study = load_study(PIPELINES, "smoke")
     refs = {"data": DATA, "reference": DATA, "policy": DATA}
-    assert cache_key(study.stage_spec("evaluate", "gap", 0, arm="sft"), refs) != cache_key(
-        study.stage_spec("evaluate", "gap", 0, arm="offline_dpo"), refs
+    assert cache_key(study.stage_spec("evaluate", "gap", 0, policy="sft"), refs) != cache_key(
+        study.stage_spec("evaluate", "gap", 0, policy="offline_dpo"), refs
     )
 
 

@@ -62,7 +62,7 @@ def test_every_pipeline_loads_and_plans(name, monkeypatch):
         for dep in node.inputs.values():
             assert dep in seen, f"{node.id} needs {dep}, which is not an earlier node"
         seen.add(node.id)
-    assert {n.name for n in nodes} == set(study.spec.stages)  # every listed stage or arm is a node
+    assert {n.name for n in nodes} == set(study.spec.stages)  # every listed stage or policy is a node
     assert len({n.spec.fingerprint() for n in nodes}) >= 1
 
 
@@ -266,9 +266,9 @@ def test_configs_are_frozen():
 # --------------------------------------------------------------------------- fingerprints
 
 
-def fp(overrides=(), stage="sft", task="gap", seed=0, arm=None) -> str:
+def fp(overrides=(), stage="sft", task="gap", seed=0, policy=None) -> str:
     study = load_study(PIPELINES, "default", list(overrides))
-    return study.stage_spec(stage, task, seed, arm=arm).fingerprint()
+    return study.stage_spec(stage, task, seed, policy=policy).fingerprint()
 
 
 @pytest.mark.parametrize(
@@ -290,15 +290,15 @@ def fp(overrides=(), stage="sft", task="gap", seed=0, arm=None) -> str:
     ],
 )
 def test_fingerprint_changes_with_result_fields(stage, override):
-    arm = "sft" if stage == "evaluate" else None
-    assert fp([override], stage, arm=arm) != fp([], stage, arm=arm)
+    policy = "sft" if stage == "evaluate" else None
+    assert fp([override], stage, policy=policy) != fp([], stage, policy=policy)
 
 
-def test_fingerprint_covers_seed_and_arm():
+def test_fingerprint_covers_seed_and_policy():
     for stage in STAGE_NAMES:
-        arm = "sft" if stage == "evaluate" else None
-        assert fp(stage=stage, seed=0, arm=arm) != fp(stage=stage, seed=1, arm=arm)
-    assert fp(stage="evaluate", arm="sft") != fp(stage="evaluate", arm="offline_dpo")
+        policy = "sft" if stage == "evaluate" else None
+        assert fp(stage=stage, seed=0, policy=policy) != fp(stage=stage, seed=1, policy=policy)
+    assert fp(stage="evaluate", policy="sft") != fp(stage="evaluate", policy="offline_dpo")
 
 
 @pytest.mark.parametrize(
@@ -319,8 +319,8 @@ def test_fingerprint_covers_seed_and_arm():
     ],
 )
 def test_fingerprint_ignores_non_result_fields(stage, override):
-    arm = "sft" if stage == "evaluate" else None
-    assert fp([override], stage, arm=arm) == fp([], stage, arm=arm)
+    policy = "sft" if stage == "evaluate" else None
+    assert fp([override], stage, policy=policy) == fp([], stage, policy=policy)
 
 
 def test_fingerprint_ignores_task_name():
@@ -431,7 +431,7 @@ def test_a_missing_local_data_file_fails_before_anything_runs(monkeypatch, tmp_p
 
 
 def test_online_dpo_verifier_must_be_a_verifier_entry():
-    err = config_error(PIPELINES, "h1", ["arms.online_dpo_data.set={start: sft, verifier: prepare_data}"])
+    err = config_error(PIPELINES, "h1", ["variants.online_dpo_data.set={start: sft, verifier: prepare_data}"])
     assert "'online_dpo_data'" in str(err) and "verifier" in str(err) and "reward_model" in str(err)
 
 
@@ -441,22 +441,22 @@ def test_online_dpo_verifier_must_be_in_the_pipeline():
 
 
 def test_data_must_name_a_data_stage():
-    err = config_error(PIPELINES, "h4", ["arms.offline_dpo_narrow.set={data: sft}"])
+    err = config_error(PIPELINES, "h4", ["variants.offline_dpo_narrow.set={data: sft}"])
     assert "'offline_dpo_narrow'" in str(err) and "prepare_data, narrow_data" in str(err)
 
 
 def test_reward_model_start_must_be_an_sft_entry():
-    err = config_error(PIPELINES, "scale", ["arms.reward_model_small.set={start: reward_model}"])
+    err = config_error(PIPELINES, "scale", ["variants.reward_model_small.set={start: reward_model}"])
     assert "'reward_model_small'" in str(err) and "must be one of: sft" in str(err)
 
 
 def test_gap_policies_must_be_policies():
-    err = config_error(PIPELINES, "h5", ["gap.policies=[reward_model]"])
+    err = config_error(PIPELINES, "h5", ["measure_gap.policies=[reward_model]"])
     assert "policy.reward_model" in str(err)
 
 
 def test_a_pipeline_set_that_breaks_the_stage_graph_is_caught_when_the_file_loads(tmp_path):
-    path = write_study(tmp_path, lambda r: r["pipelines"]["scale"]["set"].__setitem__("gap.verifiers", ["nowhere"]))
+    path = write_study(tmp_path, lambda r: r["pipelines"]["scale"]["set"].__setitem__("measure_gap.verifiers", ["nowhere"]))
     with pytest.raises(ConfigError) as info:
         load_study_file(path)
     assert "pipelines.scale.stages" in str(info.value) and "'nowhere'" in str(info.value)
@@ -470,7 +470,7 @@ def test_inputs_follow_the_settings():
     assert narrow == {"data": "narrow_data", "reference": "sft", "start": "sft", "verifier": "reward_model_narrow"}
     assert stage_inputs("online_dpo", study.params("online_dpo_data"))["verifier"] == "offline_dpo"
     assert "verifier" not in stage_inputs("online_dpo", study.params("online_dpo_gold"))
-    gap = stage_inputs("gap", study.params("gap"))
+    gap = stage_inputs("measure_gap", study.params("measure_gap"))
     assert gap["verifier.local_rm"] == "local_rm" and gap["policy.offline_dpo"] == "offline_dpo"
     scale = load_study(PIPELINES, "scale")
     assert stage_inputs("reward_model", scale.params("reward_model_base"))["sft"] == "sft_base"
@@ -487,11 +487,20 @@ def test_the_report_is_wired_to_every_gap_and_evaluate_node():
     study = load_study(PIPELINES, "gap-smoke")
     nodes = build_plan(study)
     report = next(n for n in nodes if n.id == "report")
-    expected = {n.id for n in nodes if n.stage in ("gap", "evaluate")}
-    assert set(report.inputs.values()) == expected and any(i.endswith("/gap") for i in expected)
+    expected = {n.id for n in nodes if n.stage in ("measure_gap", "evaluate")}
+    assert set(report.inputs.values()) == expected and any(i.endswith("/measure_gap") for i in expected)
 
 
 @pytest.mark.parametrize("override", ["sft.epochs=-1", "offline_dpo.lr=0", "reward_model.lr=-1e-4", "online_rl.epochs=0"])
 def test_a_stage_that_changes_a_default_keeps_its_bounds(override):
     with pytest.raises(ConfigError, match="greater than 0"):
         load_study(Path(__file__).resolve().parents[2] / "pipelines.yaml", "smoke", [override])
+
+
+def test_the_old_name_arms_says_it_is_now_variants(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("tasks: {gap: {family: gap}}\narms: {x: {stage: sft}}\npipelines: {p: {tasks: [gap]}}\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: arms: the section is now called 'variants'"):
+        load_study_file(old)
+    err = config_error(PIPELINES, "smoke", ["arms.offline_dpo_2x.set={epochs: 2}"])
+    assert "'arms' is now called 'variants'; write variants.offline_dpo_2x.set" in str(err)

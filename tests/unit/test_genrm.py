@@ -19,7 +19,7 @@ from roads.errors import RoadsError
 from roads.generation import encode
 from roads.models import build_tokenizer, load_policy, new_causal_lm
 from roads.runner import execute
-from roads.stages.gap import validate
+from roads.stages.measure_gap import validate
 from roads.verifiers import Verifier, load_verifier
 from support import Recorder, tiny_data, tiny_sft
 

@@ -48,13 +48,13 @@ def test_bad_arguments(args):
         verdict(*args)
 
 
-def test_every_hypothesis_arm_exists_in_the_hypotheses_pipeline():
+def test_every_hypothesis_policy_exists_in_the_hypotheses_pipeline():
     study = load_study(ROOT / "pipelines.yaml", "hypotheses")
     ids = {h.id for h in HYPOTHESES}
     assert {"H1", "H2", "H3", "H4", "H5", "H6-short", "H6-hidden"} <= ids
     for h in HYPOTHESES:
         assert h.family in study.spec.tasks
-        if h.kind == "arms":
+        if h.kind == "policies":
             assert h.a in study.spec.stages and h.b in study.spec.stages, h.id
         else:
             assert h.a in ("global", "local", "implicit") and h.b in ("global", "local", "implicit")

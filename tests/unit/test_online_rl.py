@@ -99,9 +99,9 @@ def grpo(upstream, tmp_path_factory):
 # --------------------------------------------------------------------------- the stage end to end
 
 
-@pytest.mark.parametrize("arm, reward_name", [("rloo", "verifier"), ("grpo", "gold")])
-def test_online_rl_trains_and_reports(arm, reward_name, upstream, request):
-    spec, result, tracker = request.getfixturevalue(arm)
+@pytest.mark.parametrize("algorithm, reward_name", [("rloo", "verifier"), ("grpo", "gold")])
+def test_online_rl_trains_and_reports(algorithm, reward_name, upstream, request):
+    spec, result, tracker = request.getfixturevalue(algorithm)
     out = Path(result.artifact.path)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     sft = weights(upstream["sft"].artifact.path)

@@ -20,7 +20,7 @@ from roads.artifacts import (
     write_jsonl,
 )
 from roads.config import check_stage_closure, load_study
-from roads.plan import arms, build_plan, downstream, upstream
+from roads.plan import build_plan, policies, downstream, upstream
 from roads.stage_table import with_role
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,9 +75,9 @@ def test_open_stage_lists(stages, needs):
 def test_plan_shape(study, nodes):
     units = [(t, s) for t in study.spec.tasks for s in study.spec.seeds]
     assert len(units) == 6
-    assert arms(study) == [s for s in with_role("policy") if s in study.spec.stages]
-    per_unit = len([s for s in study.spec.stages if s not in ("evaluate", "report")]) + len(arms(study))
-    assert len(nodes) == len(units) * per_unit + ("report" in study.spec.stages)  # evaluate once per arm; one report
+    assert policies(study) == [s for s in with_role("policy") if s in study.spec.stages]
+    per_unit = len([s for s in study.spec.stages if s not in ("evaluate", "report")]) + len(policies(study))
+    assert len(nodes) == len(units) * per_unit + ("report" in study.spec.stages)  # evaluate once per policy; one report
     ids = [n.id for n in nodes]
     assert len(set(ids)) == len(ids)
     index = {node_id: i for i, node_id in enumerate(ids)}
@@ -88,16 +88,16 @@ def test_plan_shape(study, nodes):
                 assert dep.rsplit("/", 1)[0] == node.id.rsplit("/", 1)[0]
 
 
-def test_evaluate_once_per_arm(study, nodes):
+def test_evaluate_once_per_policy(study, nodes):
     for task in study.spec.tasks:
         for seed in study.spec.seeds:
             unit = f"{task}/seed{seed}"
             evals = [n for n in nodes if n.stage == "evaluate" and n.id.startswith(unit + "/")]
-            assert sorted(n.spec.arm for n in evals) == sorted(s for s in with_role("policy") if s in study.spec.stages)
+            assert sorted(n.spec.policy for n in evals) == sorted(s for s in with_role("policy") if s in study.spec.stages)
             for n in evals:
-                assert n.id == f"{unit}/evaluate[{n.spec.arm}]"
+                assert n.id == f"{unit}/evaluate[{n.spec.policy}]"
                 assert n.inputs == {"data": f"{unit}/prepare_data", "reference": f"{unit}/sft",
-                                    "policy": f"{unit}/{n.spec.arm}"}
+                                    "policy": f"{unit}/{n.spec.policy}"}
                 assert n.spec.seed == seed and n.spec.task_name == task
 
 
@@ -105,7 +105,7 @@ def test_node_specs(nodes):
     for n in nodes:
         assert (n.spec.task is not None) == (n.stage == "prepare_data")
         assert (n.spec.model is not None) == (n.stage == "sft")
-        assert (n.spec.arm is not None) == (n.stage == "evaluate")
+        assert (n.spec.policy is not None) == (n.stage == "evaluate")
 
 
 def test_downstream_of_sft(nodes):
@@ -146,12 +146,12 @@ def test_upstream_of_prepare_data(nodes):
     assert upstream(nodes, "prepare_data") == {n.id for n in nodes if n.stage == "prepare_data"}
 
 
-def test_the_default_study_plan_wires_every_arm():
+def test_the_default_study_plan_wires_every_policy():
     study = load_study(PIPELINES, "default")
     nodes = {n.id: n for n in build_plan(study)}
     unit = "gap/seed0"
-    arms_evaluated = {n.spec.arm for n in nodes.values() if n.id.startswith(unit) and n.stage == "evaluate"}
-    assert arms_evaluated == {"sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft",
+    policies_evaluated = {n.spec.policy for n in nodes.values() if n.id.startswith(unit) and n.stage == "evaluate"}
+    assert policies_evaluated == {"sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft",
                               "online_dpo_dpo", "online_dpo_gold", "online_rl"}
     assert nodes[f"{unit}/online_dpo_dpo"].inputs == {"data": f"{unit}/prepare_data", "reference": f"{unit}/sft",
                                                       "start": f"{unit}/offline_dpo", "verifier": f"{unit}/reward_model"}
@@ -169,7 +169,7 @@ def test_partial_pipeline_plan():
     study = load_study(PIPELINES, "smoke", ["pipeline.stages=[prepare_data,sft,evaluate]"])
     nodes = build_plan(study)
     assert {n.stage for n in nodes} == {"prepare_data", "sft", "evaluate"}
-    assert [n.spec.arm for n in nodes if n.stage == "evaluate"] == ["sft"] * len(study.spec.tasks)
+    assert [n.spec.policy for n in nodes if n.stage == "evaluate"] == ["sft"] * len(study.spec.tasks)
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -280,7 +280,7 @@ def test_json_helpers_round_trip(tmp_path):
 def test_the_report_reads_its_policies_and_series_from_the_pipeline():
     study = load_study(PIPELINES, "learning-curves")
     report = next(n for n in build_plan(study) if n.stage == "report")
-    listed = [e for e in study.spec.stages if e in arms(study)]
+    listed = [e for e in study.spec.stages if e in policies(study)]
     assert report.spec.params["policies"] == listed  # the order of `stages`, not a list kept in the report
     assert report.spec.params["series"]["reward_model_1_8"] == "reward_model"
     assert report.spec.params["series"]["online_dpo_sft_1_2"] == "online_dpo_sft"

@@ -1,5 +1,5 @@
 """Stage `report` on synthetic evaluate outputs whose answers are known: constants, i.i.d. draws with a known
-mean and spread, exactly shifted arms, SFT against itself, real data without gold reward, determinism."""
+mean and spread, exactly shifted policies, SFT against itself, real data without gold reward, determinism."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def spec(**overrides) -> StageSpec:
     return StageSpec(stage="report", params=ReportConfig(**overrides).model_dump(), seed=0)
 
 
-def write_eval(root: Path, task: str, arm: str, seed: int, gold=None, ref_gold=None, n_prompts: int = 4,
+def write_eval(root: Path, task: str, policy: str, seed: int, gold=None, ref_gold=None, n_prompts: int = 4,
                samples: int = 2, kl: float = 0.0, length: float = 5.0) -> ArtifactRef:
     """A fake evaluate folder. ``gold``/``ref_gold``: arrays of shape (n_prompts, samples), or None (real data)."""
-    folder = root / f"{task}-{seed}-{arm}"
+    folder = root / f"{task}-{seed}-{policy}"
     folder.mkdir(parents=True)
     rows = []
     for p in range(n_prompts):
@@ -39,7 +39,7 @@ def write_eval(root: Path, task: str, arm: str, seed: int, gold=None, ref_gold=N
                 row["gold_reward"] = float(gold[p][s])
                 row["reference_gold_reward"] = float(ref_gold[p][s])
             rows.append(row)
-    metrics = {"arm": arm, "task": task, "seed": seed, "kl_to_reference": kl, "length_mean": length,
+    metrics = {"policy": policy, "task": task, "seed": seed, "kl_to_reference": kl, "length_mean": length,
                "finished_rate": 1.0}
     if gold is not None:
         metrics["gold_reward_mean"] = float(np.mean(gold))
@@ -116,7 +116,7 @@ def test_bootstrap_interval_is_deterministic():
 # --------------------------------------------------------------------------- the stage
 
 
-def test_constant_arm_and_sft_against_itself(tmp_path):
+def test_constant_policy_and_sft_against_itself(tmp_path):
     inputs = {}
     for seed in range(3):
         const = np.full((6, 2), 0.7)
@@ -124,10 +124,10 @@ def test_constant_arm_and_sft_against_itself(tmp_path):
         ref = np.random.default_rng(seed).uniform(size=(6, 2))
         inputs[f"gap/seed{seed}/evaluate[dpo]"] = write_eval(tmp_path, "gap", "offline_dpo", seed, const, ref, 6)
     result, out = run_report(tmp_path, inputs, n_bootstrap=200)
-    rows = {r["arm"]: r for r in read_csv(out / "report.csv")}
-    for arm in ("sft", "offline_dpo"):
+    rows = {r["policy"]: r for r in read_csv(out / "report.csv")}
+    for policy in ("sft", "offline_dpo"):
         for col in ("gold_reward_mean", "gold_reward_mean_lo", "gold_reward_mean_hi"):
-            assert float(rows[arm][col]) == pytest.approx(0.7)
+            assert float(rows[policy][col]) == pytest.approx(0.7)
     for col in ("win_rate", "win_rate_lo", "win_rate_hi"):
         assert float(rows["sft"][col]) == 0.5  # gold == reference gold everywhere: every sample ties
     assert result.metrics["report/gap/sft/win_rate"] == 0.5
@@ -135,7 +135,7 @@ def test_constant_arm_and_sft_against_itself(tmp_path):
     assert rows["sft"]["seeds"] == "3" and rows["sft"]["n_prompts"] == "6"
 
 
-def test_iid_arm_through_the_stage_contains_the_true_mean(tmp_path):
+def test_iid_policy_through_the_stage_contains_the_true_mean(tmp_path):
     rng = np.random.default_rng(11)
     inputs = {f"e{s}": write_eval(tmp_path, "gap", "online_rl", s, rng.binomial(1, 0.4, size=(400, 1)),
                                   np.zeros((400, 1)), 400, samples=1) for s in range(3)}
@@ -156,8 +156,8 @@ def test_paired_difference_exact_shift_and_independent_noise(tmp_path):
         noise = rng.uniform(0, 0.8, size=(50, 2))  # same mean as a, independent of it
         inputs[f"c{seed}"] = write_eval(tmp_path, "gap", "online_rl", seed, noise, ref, 50)
     result, out = run_report(tmp_path, inputs, n_bootstrap=500)
-    pairs = {(r["arm"], r["metric"]): r for r in read_csv(out / "paired.csv")}
-    assert set(pairs) == {(arm, m) for arm in ("online_dpo_sft", "online_rl") for m in ("gold_reward_mean", "win_rate")}
+    pairs = {(r["policy"], r["metric"]): r for r in read_csv(out / "paired.csv")}
+    assert set(pairs) == {(policy, m) for policy in ("online_dpo_sft", "online_rl") for m in ("gold_reward_mean", "win_rate")}
     shift = pairs[("online_dpo_sft", "gold_reward_mean")]
     assert shift["baseline"] == "offline_dpo"
     assert float(shift["diff"]) == pytest.approx(0.1, abs=1e-6)
@@ -170,48 +170,48 @@ def test_paired_difference_exact_shift_and_independent_noise(tmp_path):
 
 
 def test_outputs_tables_and_plots(tmp_path):
-    arms = ["online_rl", "sft", "offline_dpo", "zeta", "online_dpo_sft", "alpha"]
+    policies = ["online_rl", "sft", "offline_dpo", "zeta", "online_dpo_sft", "alpha"]
     inputs = {}
     for task in ("hidden", "gap", "short"):
         for seed in range(2):
-            for arm in arms:
-                rng = np.random.default_rng(hash((task, seed, arm)) % 2**32)
+            for policy in policies:
+                rng = np.random.default_rng(hash((task, seed, policy)) % 2**32)
                 ref = rng.uniform(size=(5, 2))
-                gold = ref if arm == "sft" else rng.uniform(size=(5, 2))
-                inputs[f"{task}/seed{seed}/evaluate[{arm}]"] = write_eval(tmp_path, task, arm, seed, gold, ref, 5,
-                                                                          kl=0.1 * len(arm), length=len(arm))
+                gold = ref if policy == "sft" else rng.uniform(size=(5, 2))
+                inputs[f"{task}/seed{seed}/evaluate[{policy}]"] = write_eval(tmp_path, task, policy, seed, gold, ref, 5,
+                                                                          kl=0.1 * len(policy), length=len(policy))
     listed = ["sft", "offline_dpo", "online_dpo_sft", "online_rl"]  # report.policies: the pipeline's order
     result, out = run_report(tmp_path, inputs, n_bootstrap=200, policies=listed)
     assert sorted(result.files) == sorted([*FILES, "hypotheses.md", "hypotheses.csv"])
     for name in FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0
-    for png in ("win_rate_by_arm.png", "gold_vs_kl.png"):
+    for png in ("win_rate_by_policy.png", "gold_vs_kl.png"):
         assert (out / png).read_bytes()[:8] == PNG_SIGNATURE
     rows = read_csv(out / "report.csv")
     metrics = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
     columns = [f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi")]
-    assert list(rows[0]) == ["task", "arm", "seeds", "n_prompts", *columns]
+    assert list(rows[0]) == ["task", "policy", "seeds", "n_prompts", *columns]
     order = [*listed, "zeta", "alpha"]  # then the policies it does not list, in the order first seen
-    assert [(r["task"], r["arm"]) for r in rows] == [(t, a) for t in ("gap", "short", "hidden") for a in order]
+    assert [(r["task"], r["policy"]) for r in rows] == [(t, a) for t in ("gap", "short", "hidden") for a in order]
     assert float(rows[0]["kl_to_reference"]) == pytest.approx(0.3)
     assert float(rows[0]["length_mean"]) == pytest.approx(3.0)
     paired_rows = read_csv(out / "paired.csv")
-    assert list(paired_rows[0]) == ["task", "arm", "baseline", "metric", "diff", "lo", "hi", "excludes_zero"]
-    assert len(paired_rows) == 3 * 4 * 2  # every arm but sft and the baseline, per task, two metrics
+    assert list(paired_rows[0]) == ["task", "policy", "baseline", "metric", "diff", "lo", "hi", "excludes_zero"]
+    assert len(paired_rows) == 3 * 4 * 2  # every policy but sft and the baseline, per task, two metrics
     md = (out / "report.md").read_text()
-    assert "| task | arm | seeds | gold reward [lo, hi] | win rate vs SFT [lo, hi] | KL | length |" in md
+    assert "| task | policy | seeds | gold reward [lo, hi] | win rate vs SFT [lo, hi] | KL | length |" in md
     assert "percentile bootstrap" in md and "95%" in md
-    for arm in arms:
-        assert f"| {arm} |" in md
+    for policy in policies:
+        assert f"| {policy} |" in md
     assert all(k.startswith("report/") and all(c.isalnum() or c in "/_" for c in k) for k in result.metrics)
     assert all(isinstance(v, float) for v in result.metrics.values())
 
 
 def test_real_data_without_gold_reward(tmp_path):
-    inputs = {f"hh/seed{s}/evaluate[{arm}]": write_eval(tmp_path, "hh-rlhf", arm, s, kl=kl, length=7.0)
-              for s in range(2) for arm, kl in (("sft", 0.0), ("offline_dpo", 0.2), ("online_dpo_sft", 0.4))}
+    inputs = {f"hh/seed{s}/evaluate[{policy}]": write_eval(tmp_path, "hh-rlhf", policy, s, kl=kl, length=7.0)
+              for s in range(2) for policy, kl in (("sft", 0.0), ("offline_dpo", 0.2), ("online_dpo_sft", 0.4))}
     result, out = run_report(tmp_path, inputs, n_bootstrap=200)
-    rows = {r["arm"]: r for r in read_csv(out / "report.csv")}
+    rows = {r["policy"]: r for r in read_csv(out / "report.csv")}
     assert rows["offline_dpo"]["gold_reward_mean"] == "" and rows["offline_dpo"]["win_rate_hi"] == ""
     assert float(rows["online_dpo_sft"]["kl_to_reference"]) == pytest.approx(0.4)
     assert float(rows["online_dpo_sft"]["kl_to_reference_lo"]) == pytest.approx(0.4)
@@ -228,8 +228,8 @@ def test_same_inputs_same_seed_identical_report(tmp_path):
     inputs = {}
     for seed in range(2):
         rng = np.random.default_rng(seed)
-        for arm in ("sft", "offline_dpo", "online_rl"):
-            inputs[f"{seed}{arm}"] = write_eval(tmp_path / "in", "gap", arm, seed, rng.uniform(size=(20, 2)),
+        for policy in ("sft", "offline_dpo", "online_rl"):
+            inputs[f"{seed}{policy}"] = write_eval(tmp_path / "in", "gap", policy, seed, rng.uniform(size=(20, 2)),
                                                 rng.uniform(size=(20, 2)), 20)
     outs = []
     for i, seed in enumerate((3, 3, 4)):
@@ -285,7 +285,7 @@ CURVES = {("sft", "gold"): [0.5, 0.7, 0.9], ("sft", "reward_model"): [0.5, 0.6, 
 def test_gap_summary_and_hypotheses_on_known_inputs(tmp_path):
     inputs = {}
     for seed in (0, 1):
-        inputs[f"gap/seed{seed}/gap"] = write_gap(tmp_path, "gap", seed, VERIFIERS, CURVES)
+        inputs[f"gap/seed{seed}/measure_gap"] = write_gap(tmp_path, "gap", seed, VERIFIERS, CURVES)
         ones = np.ones((4, 2))
         inputs[f"e-sft-{seed}"] = write_eval(tmp_path, "gap", "sft", seed, 0.5 * ones, 0.5 * ones)
         inputs[f"e-off-{seed}"] = write_eval(tmp_path, "gap", "offline_dpo", seed, 0.5 * ones, 0.5 * ones)
@@ -302,7 +302,7 @@ def test_gap_summary_and_hypotheses_on_known_inputs(tmp_path):
     assert row["headroom_global"] == pytest.approx(0.5) and row["headroom_local"] == pytest.approx(0.0)
     assert row["headroom_implicit"] == pytest.approx(0.25)
     verdicts = {h["id"]: (h["mean"], h["verdict"]) for h in doc["hypotheses"]}
-    assert set(verdicts) == {"H2", "H5", "H5b"}  # only what this run's arms can measure
+    assert set(verdicts) == {"H2", "H5", "H5b"}  # only what this run's policies can measure
     assert verdicts["H2"] == (pytest.approx(0.1), "refuted")  # predicted no difference; the interval excludes 0
     assert verdicts["H5"] == (pytest.approx(0.2), "supported")
     assert result.metrics["report/hypotheses/H5/effect"] == pytest.approx(0.2)
@@ -324,7 +324,7 @@ def test_learning_curves_and_scale_plots_appear_when_the_run_varies_them(tmp_pat
     doc = read_json(out / "report.json")
     assert doc["hypotheses"] and not doc["rows"]  # a report from gap outputs alone
     (row,) = doc["gap_summary"]
-    assert row["accuracy_global"] == 1.0  # the full-data reward model speaks for its kind, not the 1/2 arm
+    assert row["accuracy_global"] == 1.0  # the full-data reward model speaks for its kind, not the 1/2 policy
 
 
 def test_gap_outputs_with_different_n_grids_are_refused(tmp_path):

@@ -1,5 +1,5 @@
 """Stage smoke tests without Prefect: ``roads.runner.execute`` on tiny data. Losses finite, weights changed, the
-results right where a right answer is known (the SFT arm against itself), determinism, nothing half-written."""
+results right where a right answer is known (the SFT policy against itself), determinism, nothing half-written."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_offline_dpo_moves_away_from_its_reference(gap):
         Path(sft.artifact.path) / "config.json")["vocab_size"]
 
 
-def test_evaluate_sft_arm_is_its_own_reference(gap):
+def test_evaluate_sft_policy_is_its_own_reference(gap):
     m = gap["gap/seed0/evaluate[sft]"].metrics
     assert m["evaluate/kl_to_reference"] == 0.0
     assert m["evaluate/win_rate"] == 0.5
@@ -106,13 +106,13 @@ def test_evaluate_sft_arm_is_its_own_reference(gap):
     assert all(r["logp"] == r["ref_logp"] for r in rows)
 
 
-def test_evaluate_dpo_arm_has_nonzero_kl(gap):
+def test_evaluate_dpo_policy_has_nonzero_kl(gap):
     m = gap["gap/seed0/evaluate[offline_dpo]"].metrics
     assert m["evaluate/kl_to_reference"] != 0.0
     assert 0.0 <= m["evaluate/win_rate"] <= 1.0
     assert 0.0 <= m["evaluate/gold_reward_mean"] <= 1.0
     saved = read_json(Path(gap["gap/seed0/evaluate[offline_dpo]"].artifact.path) / "metrics.json")
-    assert saved["arm"] == "offline_dpo" and saved["task"] == "gap"
+    assert saved["policy"] == "offline_dpo" and saved["task"] == "gap"
 
 
 def test_failing_stage_leaves_nothing(gap, gap_nodes, tmp_path, monkeypatch):
@@ -221,14 +221,14 @@ def test_hh_training_stages(hh):
     assert set(validation) == {"accuracy", "loglik", "margin"}
 
 
-@pytest.mark.parametrize("arm", ["sft", "offline_dpo"])
-def test_hh_evaluate_has_no_gold_reward(hh, arm):
-    result = hh[f"hh-rlhf/seed0/evaluate[{arm}]"]
+@pytest.mark.parametrize("policy", ["sft", "offline_dpo"])
+def test_hh_evaluate_has_no_gold_reward(hh, policy):
+    result = hh[f"hh-rlhf/seed0/evaluate[{policy}]"]
     m = result.metrics
     assert "evaluate/kl_to_reference" in m and "evaluate/length_mean" in m
     assert "evaluate/gold_reward_mean" not in m and "evaluate/win_rate" not in m
     assert 0.0 <= m["evaluate/finished_rate"] <= 1.0
-    if arm == "sft":
+    if policy == "sft":
         assert m["evaluate/kl_to_reference"] == 0.0
     rows = read_jsonl(Path(result.artifact.path) / "samples.jsonl")
     assert rows and all("gold_reward" not in r for r in rows)

@@ -1,4 +1,4 @@
-"""gap: the generation–verification gap of one (task, seed), measured as numbers.
+"""measure_gap: the generation–verification gap of one (task, seed), measured as numbers.
 
 The paper argues that two-stage RLHF (reward model, then RL) can beat one-stage DPO because *verifying* a response
 is easier than *generating* one, but it never measures that gap. This stage does, for the verifiers the study
@@ -53,7 +53,7 @@ import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
 from roads.config import StageSpec
-from roads.settings import GapConfig
+from roads.settings import MeasureGapConfig
 from roads.data import gold_reward_fn, task_of
 from roads.generation import sample
 from roads.models import count_parameters, load_policy
@@ -122,7 +122,7 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_/.-]", "_", name)
 
 
-def _verifiers(inputs: dict[str, ArtifactRef], cfg: GapConfig) -> Iterator[tuple[str, Verifier]]:
+def _verifiers(inputs: dict[str, ArtifactRef], cfg: MeasureGapConfig) -> Iterator[tuple[str, Verifier]]:
     """(entry, verifier) for each ``verifier.<entry>`` input, loaded one at a time (the last is released when the
     next is loaded)."""
     for name, ref in inputs.items():
@@ -151,7 +151,7 @@ def validate(verifier: Verifier, val: list[dict]) -> tuple[dict[str, float], lis
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
-    cfg: GapConfig = spec.config()
+    cfg: MeasureGapConfig = spec.config()
     data = Path(inputs["data"].path)
     task_name, task = task_of(data)
     gold = gold_reward_fn(task)

@@ -14,12 +14,12 @@ import pytest
 
 from roads.artifacts import ArtifactRef, read_json, read_jsonl, write_json
 from roads.config import StageSpec
-from roads.settings import (GapConfig, ModelConfig, OfflineDpoConfig, PrepareDataConfig, RewardModelConfig, SftConfig, TaskConfig)
+from roads.settings import (MeasureGapConfig, ModelConfig, OfflineDpoConfig, PrepareDataConfig, RewardModelConfig, SftConfig, TaskConfig)
 from roads.data import gold_reward_fn, task_of
 from roads.generation import sample
 from roads.models import load_policy
-from roads.stages import gap, offline_dpo, prepare_data, reward_model, sft
-from roads.stages.gap import best_of_n, n_grid
+from roads.stages import measure_gap, offline_dpo, prepare_data, reward_model, sft
+from roads.stages.measure_gap import best_of_n, n_grid
 
 
 def brute_force(gold, scores, n):
@@ -113,7 +113,7 @@ def test_n_grid():
 # trained just enough, lr 1e-2, that its samples earn varied gold rewards)
 
 NS = [1, 2, 4]
-CFG = GapConfig(verifiers=["reward_model", "offline_dpo"], policies=["sft"], max_n=4, n_prompts=4, max_new_tokens=10,
+CFG = MeasureGapConfig(verifiers=["reward_model", "offline_dpo"], policies=["sft"], max_n=4, n_prompts=4, max_new_tokens=10,
                 batch_size=64)
 
 
@@ -142,8 +142,8 @@ def unit(tmp_path_factory):
                            {"data": data, "sft": sft_ref}, root / "offline_dpo")
     inputs = {"data": data, "reference": sft_ref, "verifier.reward_model": rm_ref, "verifier.offline_dpo": dpo_ref,
               "policy.sft": sft_ref}
-    spec = StageSpec(stage="gap", seed=seed, params=CFG.model_dump())
-    result, out = run_stage(gap, spec, inputs, root / "out")
+    spec = StageSpec(stage="measure_gap", seed=seed, params=CFG.model_dump())
+    result, out = run_stage(measure_gap, spec, inputs, root / "out")
     return {"inputs": inputs, "result": result, "out": Path(out.path), "root": root}
 
 
@@ -237,8 +237,8 @@ def test_without_a_gold_reward_only_verification_is_measured(unit, tmp_path):
         (data / f.name).write_bytes(f.read_bytes())
     write_json(data / "task.json", {"name": "real", "family": "preferences", "source": "some/hub-dataset"})
     inputs = {**unit["inputs"], "data": ArtifactRef(path=str(data), digest="real")}
-    spec = StageSpec(stage="gap", seed=0, params=CFG.model_dump())
-    result, out = run_stage(gap, spec, inputs, tmp_path / "out")
+    spec = StageSpec(stage="measure_gap", seed=0, params=CFG.model_dump())
+    result, out = run_stage(measure_gap, spec, inputs, tmp_path / "out")
     summary = read_json(Path(out.path) / "gap.json")
     assert "best_of_n" not in summary and "gold_mean" not in summary["policies"]["sft"]
     assert summary["task"] == "real" and set(summary["verifiers"]) == {"reward_model", "offline_dpo"}
