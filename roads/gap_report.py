@@ -31,6 +31,16 @@ KIND_LABEL = {"global": "global RM", "local": "local RM", "implicit": "DPO impli
 VERIFIER_DIFFS = (("global", "implicit"), ("global", "local"), ("local", "implicit"))
 
 
+def save_figure(fig, path: Path) -> str:
+    """Lay out, write as PNG without a Software tag (the bytes depend on the data alone) and close; the file's name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path.name
+
+
 def is_gap_output(folder: str | Path) -> bool:
     return (Path(folder) / "gap.json").is_file()
 
@@ -357,7 +367,6 @@ def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    meta = {"Software": None}
     written = []
     tasks = list(dict.fromkeys(r["task"] for r in brows))
     if brows:
@@ -380,10 +389,7 @@ def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows
                 if rows:
                     ax.legend(fontsize=7)
         fig.suptitle("Best-of-N: the gold reward of the sample each verifier picks among N")
-        fig.tight_layout()
-        fig.savefig(out_dir / "best_of_n.png", dpi=100, metadata=meta)
-        plt.close(fig)
-        written.append("best_of_n.png")
+        written.append(save_figure(fig, out_dir / "best_of_n.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     pts = [r for r in summary if "loglik_global_minus_implicit" in r]
@@ -404,10 +410,7 @@ def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows
     ax.set_title("Does the measured gap predict the online advantage?")
     if pts:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "gap_vs_online.png", dpi=100, metadata=meta)
-    plt.close(fig)
-    written.append("gap_vs_online.png")
+    written.append(save_figure(fig, out_dir / "gap_vs_online.png"))
 
     # learning curves: verifiers (accuracy) and policies (gold reward) against the pairs they were trained on
     vcurves, pcurves = learning_curves(vrows, policy_points, series)
@@ -426,10 +429,7 @@ def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows
             ax.set_title(f"{title} against the number of preference pairs", fontsize=10)
             if curves:
                 ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "learning_curves.png", dpi=100, metadata=meta)
-        plt.close(fig)
-        written.append("learning_curves.png")
+        written.append(save_figure(fig, out_dir / "learning_curves.png"))
 
     # scale: best-of-N at the largest N with global reward models of several sizes on policies of several sizes
     scale = [r for r in brows if r["kind"] == "global"]
@@ -448,8 +448,5 @@ def write_gap_plots(out_dir: Path, summary: list[dict], vrows: list[dict], brows
         ax.set_ylabel("best-of-N gold reward (largest N)")
         ax.set_title("Verifier size against policy size")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "scale.png", dpi=100, metadata=meta)
-        plt.close(fig)
-        written.append("scale.png")
+        written.append(save_figure(fig, out_dir / "scale.png"))
     return written

@@ -27,3 +27,9 @@ def task_of(data_folder) -> tuple[str, TaskConfig]:
     info = dict(read_json(f"{data_folder}/task.json"))
     name = info.pop("name")
     return name, TaskConfig(**info)
+
+
+def gold_of(data_folder) -> tuple[str, Optional[Callable[[str, str], float]]]:
+    """(task name, gold reward r*(prompt, response) or None) of a data folder: what the stages that score need."""
+    name, task = task_of(data_folder)
+    return name, gold_reward_fn(task)

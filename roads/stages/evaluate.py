@@ -17,7 +17,7 @@ from statistics import fmean
 from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json, write_jsonl
 from roads.config import StageSpec
 from roads.settings import EvaluateConfig
-from roads.data import gold_reward_fn, task_of
+from roads.data import gold_of
 from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy
 from roads.training import NullTracker, Tracker
@@ -33,8 +33,7 @@ def win_rate(policy: list[float], reference: list[float]) -> float:
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: EvaluateConfig = spec.config()
     data = Path(inputs["data"].path)
-    task_name, task = task_of(data)
-    gold = gold_reward_fn(task)
+    task_name, gold = gold_of(data)
     prompts = [r["prompt"] for r in read_jsonl(data / "eval_prompts.jsonl")]
     policy, tokenizer = load_policy(inputs["policy"].path)
     same_model = Path(inputs["policy"].path) == Path(inputs["reference"].path)

@@ -54,7 +54,7 @@ import torch
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
 from roads.config import StageSpec
 from roads.settings import MeasureGapConfig
-from roads.data import gold_reward_fn, task_of
+from roads.data import gold_of
 from roads.generation import sample
 from roads.models import count_parameters, load_policy
 from roads.training import NullTracker, Tracker
@@ -153,8 +153,7 @@ def validate(verifier: Verifier, val: list[dict]) -> tuple[dict[str, float], lis
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: MeasureGapConfig = spec.config()
     data = Path(inputs["data"].path)
-    task_name, task = task_of(data)
-    gold = gold_reward_fn(task)
+    task_name, gold = gold_of(data)
     prompts = [r["prompt"] for r in read_jsonl(data / "eval_prompts.jsonl")][: cfg.n_prompts]
     val = read_jsonl(data / "pairs_val.jsonl")
     ns = n_grid(cfg.max_n)

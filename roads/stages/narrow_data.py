@@ -24,7 +24,7 @@ from typing import Callable
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
 from roads.config import StageSpec
 from roads.settings import NarrowDataConfig
-from roads.data import gold_reward_fn, task_of
+from roads.data import gold_of
 from roads.data.synthetic import bradley_terry_prefers_first
 from roads.errors import RoadsError
 from roads.generation import sample
@@ -57,11 +57,10 @@ def label_pairs(prompts: list[str], completions: list[tuple[str, str]], gold: Ca
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: NarrowDataConfig = spec.config()
     data = Path(inputs["data"].path)
-    task_name, task = task_of(data)
-    gold = gold_reward_fn(task)
+    task_name, gold = gold_of(data)
     if gold is None:
         raise RoadsError(f"narrow_data: needs a task with a gold reward to label the pairs; {task_name!r} "
-                         f"(family {task.family!r}) has none")
+                         "(real preference data) has none")
     prompts = [r["prompt"] for r in read_jsonl(data / "pairs_train.jsonl")]
     if not prompts:
         raise RoadsError(f"narrow_data: {data / 'pairs_train.jsonl'} has no rows, so there are no prompts to sample")

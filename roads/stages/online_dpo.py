@@ -18,7 +18,7 @@ from pathlib import Path
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, write_jsonl
 from roads.config import StageSpec
 from roads.settings import OnlineDpoConfig
-from roads.data import gold_reward_fn, task_of
+from roads.data import gold_of
 from roads.dpo_trainer import train_dpo
 from roads.errors import RoadsError, TrainingError
 from roads.generation import sample, sample_vllm
@@ -57,8 +57,7 @@ def online_prompts(data: Path, multiplier: int, pair_fraction: float = 1.0) -> l
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: OnlineDpoConfig = spec.config()
     data = Path(inputs["data"].path)
-    task_name, task = task_of(data)
-    gold = gold_reward_fn(task)
+    task_name, gold = gold_of(data)
     prompts = online_prompts(data, cfg.prompt_multiplier, cfg.pair_fraction)
     if cfg.verifier == "gold":
         if gold is None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json
-from roads.gap_report import (bon_rows, gap_summary, hypothesis_rows, is_gap_output, load_gap, verifier_diffs,
+from roads.gap_report import (bon_rows, gap_summary, hypothesis_rows, is_gap_output, load_gap, save_figure, verifier_diffs,
                               verifier_rows, write_gap_markdown, write_gap_plots, write_hypotheses)
 from roads.metrics import bootstrap_interval, group_rng
 from roads.config import StageSpec
@@ -223,13 +223,21 @@ def write_csvs(out_dir: Path, rows: list[dict], pairs: list[dict]) -> None:
 # --------------------------------------------------------------------------- the plots
 
 
+def finish_plot(fig, ax, path: Path, title: str, empty: str | None = None) -> None:
+    """Title and save a plot; ``empty``: the plot has no data, say why in its place."""
+    if empty:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
 def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], policies: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    meta = {"Software": None}
     gold_rows = [r for r in rows if "win_rate" in r["metrics"]]
     gold_tasks = [t for t in tasks if any(r["task"] == t for r in gold_rows)]
     gold_policies = [a for a in policies if any(r["policy"] == a for r in gold_rows)]
@@ -253,13 +261,8 @@ def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], policies: lis
         ax.set_ylabel("win rate vs SFT (gold reward)")
         ax.set_ylim(0, 1)
         ax.legend(title="task")
-    else:
-        ax.text(0.5, 0.5, "no gold reward: win rates unavailable", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    ax.set_title("Win rate against SFT by policy and task")
-    fig.tight_layout()
-    fig.savefig(out_dir / "win_rate_by_policy.png", dpi=100, metadata=meta)
-    plt.close(fig)
+    finish_plot(fig, ax, out_dir / "win_rate_by_policy.png", "Win rate against SFT by policy and task",
+                empty=None if gold_rows else "no gold reward: win rates unavailable")
 
     fig, ax = plt.subplots(figsize=(7, 5))
     if gold_rows:
@@ -278,13 +281,8 @@ def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], policies: lis
         ax.set_xlabel("KL(π ‖ π_ref)")
         ax.set_ylabel("gold reward")
         ax.legend(title="task")
-    else:
-        ax.text(0.5, 0.5, "no gold reward", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    ax.set_title("Gold reward against KL to the reference")
-    fig.tight_layout()
-    fig.savefig(out_dir / "gold_vs_kl.png", dpi=100, metadata=meta)
-    plt.close(fig)
+    finish_plot(fig, ax, out_dir / "gold_vs_kl.png", "Gold reward against KL to the reference",
+                empty=None if gold_rows else "no gold reward")
 
 
 # --------------------------------------------------------------------------- the stage
