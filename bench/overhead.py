@@ -8,8 +8,8 @@
     whole `roads run` command in a fresh process, which is what a user waits for (bench/rerun.py measures that
     against its floor on the default study).
 
-One worker runs the stages in this process (no worker process); the local Prefect server is started once, first,
-and stopped at the end.
+The flow runs its stages in a pool of worker processes (one with --workers 1); the local Prefect server is started
+once, first, and stopped at the end.
 
     python bench/overhead.py [--pipeline basic] [--workers 1] [--repeat 3]
 """

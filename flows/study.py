@@ -266,19 +266,16 @@ def default_workers() -> int:
 
 
 def task_runner(kind: str = "process", workers: int | None = None, address: str | None = None):
-    """``process``: a local pool of ``workers`` processes, one torch thread each share of the cores (one worker:
-    this process, every core). ``ray``:
-    prefect-ray's task runner on the cluster at ``address`` (or $RAY_ADDRESS), else on a local cluster of
-    ``workers`` CPUs that lives as long as the flow; Ray sets each task's threads from its ``num_cpus``."""
+    """``process``: a local pool of ``workers`` processes, one torch thread each share of the cores — one worker too:
+    the stages run on a thread of the flow's own process took 27–35% longer than in a one-process pool (``basic``, one
+    worker, the two alternated in one session on an idle 2-core machine: 192.7 / 206.5 s against 151.3 / 153.5 s),
+    presumably the flow's own threads (Prefect's log and event workers, MLflow) competing for the interpreter. ``ray``: prefect-ray's task runner on the cluster at
+    ``address`` (or $RAY_ADDRESS), else on a local cluster of ``workers`` CPUs that lives as long as the flow; Ray sets
+    each task's threads from its ``num_cpus``."""
     if kind == "process":
-        workers = workers or default_workers()
-        if workers == 1:  # one stage at a time: in this process (no worker to spawn, no second import of torch/TRL)
-            from prefect.task_runners import ThreadPoolTaskRunner
-
-            _worker_init(os.cpu_count() or 1)
-            return ThreadPoolTaskRunner(max_workers=1)
         from prefect.task_runners import ProcessPoolTaskRunner
 
+        workers = workers or default_workers()
         threads = max(1, (os.cpu_count() or 1) // workers)
         return ProcessPoolTaskRunner(max_workers=workers, initializer=_worker_init, initargs=(threads, env.log_file()))
     if kind != "ray":
