@@ -172,6 +172,26 @@ def test_nan_loss_fails_the_stage_and_caches_nothing(home, first):
     assert not list((home / "artifacts" / "sft").glob(".tmp-*"))  # no half-written folder left
 
 
+def wait_until_gone(group: int, timeout: float = 20.0) -> None:
+    """Until no process of process group ``group`` is alive (zombies are not)."""
+    from flows.cleanup import pid_alive
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        members = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == group:
+                members.append(int(stat.parent.name))
+        if not any(pid_alive(pid) for pid in members):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes of group {group} still alive after {timeout} s")
+
+
 def test_sigkill_mid_run_then_rerun_recomputes_only_unfinished_and_cleans_up(first, tmp_path, monkeypatch):
     """kill -9 in the middle of a stage leaves RUNNING MLflow runs and a temporary artifact folder; the next run on the
     store marks those runs KILLED, removes the folder, recomputes only what was not finished, and matches."""
@@ -189,6 +209,8 @@ def test_sigkill_mid_run_then_rerun_recomputes_only_unfinished_and_cleans_up(fir
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_until_gone(proc.pid)  # its worker processes too: a SIGKILLed process lingers a moment (the rerun would rightly
+    # leave the folder of a writer still alive)
     finished = {p.name for p in results.iterdir()}
     assert 0 < len(finished) < 12
     client = MlflowClient()
