@@ -53,3 +53,14 @@ def tiny_sft(store, data, seed: int = 0):
     spec = StageSpec(stage="sft", params=SftConfig(epochs=1, batch_size=16).model_dump(), seed=seed,
                      model=ModelConfig())
     return execute(spec, {"data": data}, store).artifact
+
+
+def copy_project(dest):
+    """A copy of the project's code and study file at ``dest`` (to edit, then run with PYTHONPATH=dest)."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    for part in ("roads", "tasks", "flows"):
+        shutil.copytree(root / part, Path(dest) / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "pipelines.yaml", Path(dest) / "pipelines.yaml")
+    return Path(dest)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import copy_project
 
-PROJECT = Path(__file__).resolve().parents[2]
 
 SETTINGS = '''
 
@@ -64,10 +63,7 @@ def add_stage(project: Path) -> None:
 
 @pytest.mark.slow
 def test_a_stage_added_as_settings_module_and_row_runs_through_roads_run(tmp_path):
-    project = tmp_path / "project"
-    for part in ("roads", "tasks", "flows"):
-        shutil.copytree(PROJECT / part, project / part, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(PROJECT / "pipelines.yaml", project / "pipelines.yaml")
+    project = copy_project(tmp_path / "project")
     add_stage(project)
     home = tmp_path / "home"
     environ = {**os.environ, "ROADS_HOME": str(home), "PYTHONPATH": str(project)}

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import copy_project
 
 from roads.stage_table import STAGE_NAMES
 from tasks.keys import ROOT, code_digest, code_files
 
-PROJECT = Path(__file__).resolve().parents[2]
 
 
 def reached(stage: str, root: Path = ROOT) -> set[str]:
@@ -111,10 +111,7 @@ def roads_run(project: Path, home: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_a_rerun_after_an_edit_recomputes_only_what_the_edit_reaches(tmp_path):
-    project = tmp_path / "project"
-    for part in ("roads", "tasks", "flows"):
-        shutil.copytree(PROJECT / part, project / part, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(PROJECT / "pipelines.yaml", project / "pipelines.yaml")
+    project = copy_project(tmp_path / "project")
     home = tmp_path / "home"
     first = roads_run(project, home)
     assert set(first.values()) == {"miss"} and "report" in first, first
