@@ -33,11 +33,16 @@ class ModelConfig(Strict):
 class TaskConfig(Strict):
     """One task: a synthetic gold-reward family, or real preference data (no gold reward)."""
 
-    family: Literal["gap", "short", "hidden", "preferences"]
+    family: Literal["gap", "short", "hidden", "star", "preferences"]
     alphabet: int = Field(8, ge=2, le=26, description="number of symbols (synthetic)")
     min_len: int = Field(4, ge=2, description="shortest prompt, in symbols (synthetic)")
     max_len: int = Field(8, ge=2, description="longest prompt, in symbols (synthetic)")
     secret: int = Field(1234, description="seed of the hidden substitution (family 'hidden')")
+    degree: int = Field(3, ge=2, description="star: arms leaving the centre of the graph")
+    arm_len: int = Field(2, ge=1, description="star: nodes on each arm after the centre")
+    response_vocab: Literal["task", "all"] = Field(
+        "task", description="synthetic: 'task' samples only tokens made of the task's response symbols (and EOS); "
+                            "'all' lets the policy sample any token of its vocabulary (the old families' results)")
     source: Optional[str] = Field(None, description="preferences: a local .jsonl/.jsonl.gz/.json/.parquet or a hub name")
     format: Literal["auto", "standard", "hh-rlhf", "tldr"] = Field("auto", description="preferences: record layout")
     split: str = Field("train", description="preferences: hub split")
@@ -56,6 +61,7 @@ class PrepareDataConfig(Strict):
     n_sft: int = Field(2000, gt=0, description="SFT demonstrations")
     n_pairs: int = Field(2000, gt=0, description="training preference pairs")
     n_val_pairs: int = Field(200, gt=0, description="held-out preference pairs (on held-out prompts)")
+    n_sft_val: int = Field(200, gt=0, description="held-out demonstrations (on held-out prompts): SFT's held-out NLL")
     n_eval_prompts: int = Field(200, gt=0, description="held-out prompts for evaluate")
     demo_noise: float = Field(0.3, ge=0, le=1, description="per-symbol edit probability of the SFT demonstrator")
     behaviour_noise: float = Field(0.5, ge=0, le=1, description="per-symbol edit probability of the behaviour policy")

@@ -67,6 +67,11 @@ class SyntheticTask:
     def symbols(self) -> str:
         return LETTERS[: self.alphabet]
 
+    @property
+    def response_symbols(self) -> str:
+        """The symbols a response is made of (with spaces): what a policy restricted to the task may sample."""
+        return self.symbols
+
     def prompt(self, xs: list[str]) -> str:
         return f"{_VERBS[self.family]}: {' '.join(xs)}{PROMPT_END}"
 
