@@ -199,6 +199,7 @@ def generate(
     demo_noise: float,
     behaviour_noise: float,
     bt_temperature: float,
+    n_sft_val: int = 0,
 ) -> dict[str, list[dict]]:
     """All of a task's data, deterministic from ``seed``. Evaluation and validation prompts never occur in training.
 
@@ -259,9 +260,16 @@ def generate(
             rows.append({"prompt": p, "chosen": y1, "rejected": y2, "chosen_gold": r1, "rejected_gold": r2})
         return rows
 
+    pairs_train = pairs(train_prompts(n_pairs))
+    pairs_val = pairs(val_xs)
+    # held-out demonstrations (SFT's held-out NLL), drawn last so the other splits do not depend on n_sft_val
+    used = seen | {r["prompt"] for r in sft} | {r["prompt"] for r in pairs_train}
+    sft_val = [{"prompt": task.prompt(xs), "completion": task.response(task.demonstrate(xs, demo_noise, rng))}
+               for xs in fresh_prompts(n_sft_val, used)]
     return {
         "sft": sft,
-        "pairs_train": pairs(train_prompts(n_pairs)),
-        "pairs_val": pairs(val_xs),
+        "sft_val": sft_val,
+        "pairs_train": pairs_train,
+        "pairs_val": pairs_val,
         "eval_prompts": [{"prompt": task.prompt(xs), "target": task.response(task.target(xs))} for xs in eval_xs],
     }

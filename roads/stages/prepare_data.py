@@ -2,7 +2,7 @@
 
 Synthetic tasks are generated from the seed (see ``roads.data.synthetic``); real preference data is loaded from a
 file or the hub, shuffled with the seed and split (held-out pairs and evaluation prompts never appear in training).
-Output folder: ``task.json``, ``sft.jsonl``, ``pairs_train.jsonl``, ``pairs_val.jsonl``, ``eval_prompts.jsonl``.
+Output folder: ``task.json``, ``sft.jsonl``, ``sft_val.jsonl`` (held-out demonstrations), ``pairs_train.jsonl``, ``pairs_val.jsonl``, ``eval_prompts.jsonl``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from roads.errors import DataError
 from roads.training import NullTracker, Tracker
 
 VERSION = 1
-SPLITS = ("sft", "pairs_train", "pairs_val", "eval_prompts")
+SPLITS = ("sft", "sft_val", "pairs_train", "pairs_val", "eval_prompts")
 
 
 def _real_splits(task: TaskConfig, cfg: PrepareDataConfig, seed: int) -> dict[str, list[dict]]:
@@ -40,6 +40,7 @@ def _real_splits(task: TaskConfig, cfg: PrepareDataConfig, seed: int) -> dict[st
         "sft": [{"prompt": r["prompt"], "completion": r["chosen"]} for r in train[: cfg.n_sft]],
         "pairs_train": train[: cfg.n_pairs],
         "pairs_val": held_rows[: cfg.n_val_pairs],
+        "sft_val": [{"prompt": r["prompt"], "completion": r["chosen"]} for r in held_rows[-cfg.n_sft_val:]],
         "eval_prompts": [{"prompt": p} for p in eval_prompts],
     }
 
@@ -61,6 +62,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             demo_noise=cfg.demo_noise,
             behaviour_noise=cfg.behaviour_noise,
             bt_temperature=cfg.bt_temperature,
+            n_sft_val=cfg.n_sft_val,
         )
     write_json(out_dir / "task.json", {"name": spec.task_name, **task.model_dump()})
     for name in SPLITS:

@@ -229,9 +229,13 @@ def test_generate_deterministic_from_seed(task):
 
 @pytest.mark.parametrize("task", [GAP, SHORT, HIDDEN], ids=lambda t: t.family)
 def test_generate_sizes_fields_and_held_out_prompts(task):
-    data = small_data(task, seed=0, n_sft=120, n_pairs=90, n_val_pairs=30, n_eval_prompts=40)
-    assert {k: len(v) for k, v in data.items()} == {"sft": 120, "pairs_train": 90, "pairs_val": 30,
+    data = small_data(task, seed=0, n_sft=120, n_pairs=90, n_val_pairs=30, n_eval_prompts=40, n_sft_val=25)
+    assert {k: len(v) for k, v in data.items()} == {"sft": 120, "sft_val": 25, "pairs_train": 90, "pairs_val": 30,
                                                    "eval_prompts": 40}
+    sft_val = {r["prompt"] for r in data["sft_val"]}
+    assert all(set(r) == {"prompt", "completion"} for r in data["sft_val"])
+    assert not sft_val & ({r["prompt"] for r in data["sft"]} | {r["prompt"] for r in data["pairs_train"]})
+    assert not sft_val & ({r["prompt"] for r in data["pairs_val"]} | {r["prompt"] for r in data["eval_prompts"]})
     assert all(set(r) == {"prompt", "completion"} for r in data["sft"])
     pair_keys = {"prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"}
     assert all(set(r) == pair_keys for r in data["pairs_train"] + data["pairs_val"])
