@@ -142,7 +142,7 @@ def resolve_params(entry: str, variants: dict[str, VariantConfig], defaults: Def
     shares = STAGES[stage].shares
     if shares:
         other, shared = shares
-        params.update({k: v for k, v in getattr(defaults, other).model_dump(include=set(shared.model_fields)).items()
+        params.update({k: v for k, v in getattr(defaults, other).model_dump(include=set(shared)).items()
                        if k not in section.model_fields_set})
     if entry in variants:
         params.update(variants[entry].set)

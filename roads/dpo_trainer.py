@@ -18,10 +18,18 @@ from roads.training import StageCallback, Tracker, save_trained, train, trainer_
 from roads.verifiers import VERIFIER_FILE
 
 
+def trl_loss(loss_type: str, rpo_alpha: float = 1.0) -> dict:
+    """TRL DPOConfig's loss arguments for a roads ``loss_type``."""
+    if loss_type == "rpo":
+        return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, rpo_alpha]}
+    return {"loss_type": [loss_type]}
+
+
 def train_dpo(stage: str, cfg: TrainConfig, seed: int, start_policy: str, pairs: list[dict], out_dir: Path,
               tracker: Tracker, *, beta: float, loss_type: str, precompute_ref: bool,
-              reference: str | None = None) -> dict[str, float]:
-    """DPO (β ``beta``, TRL's ``loss_type``; ``precompute_ref``: the reference's log-probs once, before training)
+              reference: str | None = None, rpo_alpha: float = 1.0) -> dict[str, float]:
+    """DPO (β ``beta``, TRL's ``loss_type``, or ``rpo``: TRL's ['sigmoid', 'sft'] with weights [1, ``rpo_alpha``];
+    ``precompute_ref``: the reference's log-probs once, before training)
     from the policy saved at ``start_policy`` against the reference saved at ``reference`` (default: the start
     policy); both are loaded from disk. Saves the result and its ``verifier.json`` (kind ``implicit``) to
     ``out_dir``."""
@@ -31,7 +39,7 @@ def train_dpo(stage: str, cfg: TrainConfig, seed: int, start_policy: str, pairs:
         trainer = SharedReferenceDPOTrainer(
             model=model,
             ref_model=ref_model,
-            args=DPOConfig(**trainer_args(cfg, seed, scratch, beta=beta, loss_type=loss_type,
+            args=DPOConfig(**trainer_args(cfg, seed, scratch, beta=beta, **trl_loss(loss_type, rpo_alpha),
                                           precompute_ref_log_probs=precompute_ref)),
             train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs]),
             processing_class=tokenizer,

@@ -117,21 +117,32 @@ class LocalRmConfig(RewardModelConfig):
 
 
 class DpoConfig(TrainConfig):
-    """What the two DPO roads share, defined once: the DPO objective (β, loss) and its optimisation. ``online_dpo``
-    takes each of these it does not set in its own section from ``offline_dpo``'s (the stage table's ``shares``),
-    so both roads use the same β, loss and optimiser unless told otherwise."""
+    """The DPO objective (β, loss) and its optimisation, defined once for both DPO roads. ``online_dpo`` takes those
+    of ``DPO_SHARED`` it does not set in its own section from ``offline_dpo``'s (the stage table's ``shares``), so
+    both roads use the same β, loss and optimiser unless told otherwise; nothing else (data, pair_fraction,
+    max_length, logging) passes from one road to the other."""
 
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
     beta: float = Field(0.1, gt=0, description="DPO β (the same β is used online)")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="TRL DPO loss")
+    loss_type: Literal["sigmoid", "rpo", "ipo", "hinge", "apo_zero", "sigmoid_norm"] = Field(
+        "sigmoid", description="TRL DPO loss; 'rpo' is DPO plus the chosen response's NLL (RPO: TRL's loss_type "
+                               "['sigmoid', 'sft'], weights [1, rpo_alpha])")
+    rpo_alpha: float = Field(1.0, gt=0, description="rpo: the weight of the chosen response's NLL term")
     precompute_ref: bool = Field(True, description="compute the reference's log-probs once before training (TRL's "
                                  "precompute_ref_log_probs), shared by DPO runs on the same pairs and reference; "
                                  "false: once per step, as TRL does by default")
 
 
+# the DpoConfig fields online_dpo takes from offline_dpo when it does not set them (the test says which)
+DPO_SHARED = ("beta", "loss_type", "rpo_alpha", "lr", "epochs", "batch_size", "precompute_ref")
+
+
 class OfflineDpoConfig(DpoConfig):
     data: str = data_field()
     pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs (learning curves)")
+    labels: Literal["data", "gold"] = Field(
+        "data", description="data: the pairs' own (noisy) labels; gold: the same pairs ordered by the gold reward "
+                            "without noise, ties left out (the offline road's positive control)")
 
 
 class SftChosenConfig(TrainConfig):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from roads.settings import (DpoConfig, EvaluateConfig, GenRmConfig, IvlConfig, LocalRmConfig, MeasureGapConfig,
+from roads.settings import (DPO_SHARED, EvaluateConfig, GenRmConfig, IvlConfig, LocalRmConfig, MeasureGapConfig,
                             NarrowDataConfig, OfflineDpoConfig, OnlineDpoConfig, OnlineRlConfig, PrepareDataConfig,
                             QSftConfig, ReportConfig, RewardModelConfig, SftChosenConfig, SftConfig, Strict)
 
@@ -55,7 +55,7 @@ class Stage:
     inputs: dict[str, Input] = field(default_factory=dict)
     launchable: bool = False  # its training is one TRL/transformers Trainer: can run under `accelerate launch`
     reads: tuple[str, ...] = ()  # the study sections it reads itself: "model" (built from scratch), "task"
-    shares: tuple[str, type[Strict]] | None = None  # (stage, settings class): those settings it does not set itself
+    shares: tuple[str, tuple[str, ...]] | None = None  # (stage, fields): those of the fields it does not set itself
     # come from that stage's section
     per_policy: bool = False  # one node per evaluated policy (input "policy"), not one per entry
 
@@ -82,7 +82,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("online_dpo", OnlineDpoConfig, "policy", roles=("policy", "trainable", "verifier"),
           inputs={"data": DATA, "reference": REFERENCE, "start": Input("trainable", setting="start", default="sft"),
                   "verifier": Input("verifier", setting="verifier", absent=("gold",))},
-          shares=("offline_dpo", DpoConfig)),
+          shares=("offline_dpo", DPO_SHARED)),
     Stage("online_rl", OnlineRlConfig, "policy", roles=("policy", "trainable"),
           inputs={"data": FIRST_DATA, "reference": REFERENCE,
                   "verifier": Input("verifier", setting="verifier", absent=("gold",))}, launchable=True),

@@ -106,7 +106,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             last = round_index == cfg.rounds - 1
             round_dir = out_dir if last else Path(scratch) / f"round{round_index}"
             metrics.update(train_dpo("online_dpo", cfg, spec.seed, policy_path, pairs, round_dir, tracker,
-                                     beta=cfg.beta, loss_type=cfg.loss_type, precompute_ref=cfg.precompute_ref,
+                                     beta=cfg.beta, loss_type=cfg.loss_type, rpo_alpha=cfg.rpo_alpha,
+                                     precompute_ref=cfg.precompute_ref,
                                      reference=inputs["reference"].path))
             policy_path = str(round_dir)
             tracker.log_metrics({"online_dpo/pairs": float(len(pairs))}, step=round_index)

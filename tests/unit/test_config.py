@@ -504,3 +504,19 @@ def test_the_old_name_arms_says_it_is_now_variants(tmp_path):
         load_study_file(old)
     err = config_error(PIPELINES, "smoke", ["arms.offline_dpo_2x.set={epochs: 2}"])
     assert "'arms' is now called 'variants'; write variants.offline_dpo_2x.set" in str(err)
+
+
+def test_online_dpo_shares_only_the_dpo_objective_and_optimiser_with_offline_dpo():
+    from roads.settings import DPO_SHARED
+
+    assert DPO_SHARED == ("beta", "loss_type", "rpo_alpha", "lr", "epochs", "batch_size", "precompute_ref")
+    shared = {"beta": 0.3, "loss_type": "rpo", "rpo_alpha": 0.5, "lr": 1e-4, "epochs": 3.0, "batch_size": 8,
+              "precompute_ref": False}
+    own = {"pair_fraction": 0.5, "data": "narrow_data", "max_length": 32, "logging_steps": 3}
+    study = load_study(PIPELINES, "hypotheses", [f"offline_dpo.{k}={v}" for k, v in {**shared, **own}.items()])
+    online, defaults = study.params("online_dpo_sft"), load_study(PIPELINES, "hypotheses").params("online_dpo_sft")
+    assert {k: online[k] for k in shared} == shared
+    assert {k: online[k] for k in own} == {k: defaults[k] for k in own}  # the offline road's own settings stay there
+    # a setting online_dpo sets itself wins over the shared one
+    study = load_study(PIPELINES, "hypotheses", ["offline_dpo.beta=0.3", "online_dpo.beta=0.05"])
+    assert study.params("online_dpo_sft")["beta"] == 0.05

@@ -233,3 +233,22 @@ def test_hh_evaluate_has_no_gold_reward(hh, policy):
     rows = read_jsonl(Path(result.artifact.path) / "samples.jsonl")
     assert rows and all("gold_reward" not in r for r in rows)
     json.dumps(result.to_json())
+
+
+def test_offline_dpo_rpo_on_gold_labels_trains_on_the_reordered_pairs(gap, gap_nodes, tmp_path):
+    """The offline positive control: the same pairs ordered by the gold reward, trained with DPO + the chosen NLL."""
+    from roads.stages.offline_dpo import gold_labelled
+
+    nodes = {n.id: n for n in build_plan(load_study(PIPELINES, "smoke", SMALL + [
+        "offline_dpo.loss_type=rpo", "offline_dpo.labels=gold"]))}
+    node = nodes["gap/seed0/offline_dpo"]
+    assert node.inputs == gap_nodes["gap/seed0/offline_dpo"].inputs
+    result = execute(node.spec, {k: gap[v].artifact for k, v in node.inputs.items()}, tmp_path)
+    assert math.isfinite(result.metrics["offline_dpo/train_loss"])
+    assert differs(weights(result.artifact.path), weights(gap["gap/seed0/offline_dpo"].artifact.path))
+    pairs = read_jsonl(Path(gap["gap/seed0/prepare_data"].artifact.path) / "pairs_train.jsonl")
+    ordered = gold_labelled(pairs)
+    assert all(r["chosen_gold"] > r["rejected_gold"] for r in ordered)
+    assert len(ordered) == sum(r["chosen_gold"] != r["rejected_gold"] for r in pairs)
+    flipped = sum(r["chosen_gold"] < r["rejected_gold"] for r in pairs)
+    assert flipped > 0  # the noisy labels disagree with the gold reward on some pairs: the control differs
