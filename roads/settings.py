@@ -79,7 +79,10 @@ class TrainConfig(Strict):
 
 
 class SftConfig(TrainConfig):
-    epochs: float = Field(3, gt=0, description="passes over the training data")
+    epochs: float = Field(3, gt=0, description="passes over the training data (with select=val_nll: the most)")
+    select: Literal["val_nll", "last"] = Field(
+        "val_nll", description="val_nll: keep the epoch with the lowest held-out NLL on sft_val.jsonl (the curve and "
+                               "the choice in selection.json); last: keep the last epoch")
     preset: Optional[Literal["tiny", "small", "base"]] = Field(
         None, description="model preset of this SFT (default: model.preset); variants of other sizes serve the scale study")
 

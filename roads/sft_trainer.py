@@ -1,28 +1,80 @@
 """SFT with TRL's SFTTrainer (loss on the completion only), shared by the stages that fine-tune on prompt/completion
-rows: ``sft``, ``sft_chosen``, ``q_sft`` (its behaviour policy) and ``genrm`` (verdicts, STaR rationales)."""
+rows: ``sft``, ``sft_chosen``, ``q_sft`` (its behaviour policy) and ``genrm`` (verdicts, STaR rationales).
+
+With held-out rows, the number of epochs is chosen by a rule, never by the gold evaluation: after every epoch the
+held-out NLL (mean over completion tokens, TRL's eval loss) is measured and the weights of the epoch with the lowest
+one are kept (:class:`KeepBest`); the curve and the choice are written to ``selection.json``."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from roads.artifacts import write_json
+from roads.errors import TrainingError
 from roads.settings import TrainConfig
 from roads.training import StageCallback, Tracker, save_trained, train, trainer_args
 
+SELECTION_FILE = "selection.json"
+
+
+class KeepBest(TrainerCallback):
+    """After each evaluation: the held-out loss on the curve, and a copy of the weights when it is the lowest yet."""
+
+    def __init__(self, stage: str, tracker: Tracker):
+        self.stage, self.tracker = stage, tracker
+        self.curve: list[tuple[float, float]] = []  # (epoch, held-out NLL)
+        self.best: tuple[float, float] | None = None
+        self.weights: dict | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        loss, epoch = float(metrics["eval_loss"]), round(float(state.epoch), 6)
+        self.curve.append((epoch, loss))
+        self.tracker.log_metrics({f"{self.stage}/val_nll": loss}, step=len(self.curve))
+        if math.isfinite(loss) and (self.best is None or loss < self.best[1]):
+            self.best = (epoch, loss)
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _rows(rows: list[dict]) -> Dataset:
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
 
 def train_sft(stage: str, cfg: TrainConfig, seed: int, model, tokenizer, rows: list[dict], out_dir: Path,
-              tracker: Tracker) -> dict[str, float]:
-    """SFT (loss on the completion only) on ``rows`` of prompt/completion; saves model and tokenizer to ``out_dir``."""
+              tracker: Tracker, val_rows: list[dict] | None = None) -> dict[str, float]:
+    """SFT (loss on the completion only) on ``rows`` of prompt/completion; saves model and tokenizer to ``out_dir``.
+    With ``val_rows``: evaluates the held-out NLL after every epoch and keeps the best epoch's weights (see the
+    module docstring); ``selection.json`` and the metrics ``<stage>/selected_epoch``, ``<stage>/val_nll_best``."""
+    extra = {"eval_strategy": "epoch", "per_device_eval_batch_size": 64} if val_rows else {}
+    keep = KeepBest(stage, tracker) if val_rows else None
     with tempfile.TemporaryDirectory() as scratch:
         trainer = SFTTrainer(
             model=model,
-            args=SFTConfig(**trainer_args(cfg, seed, scratch)),
-            train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]),
+            args=SFTConfig(**trainer_args(cfg, seed, scratch, **extra)),
+            train_dataset=_rows(rows),
+            eval_dataset=_rows(val_rows) if val_rows else None,
             processing_class=tokenizer,
-            callbacks=[StageCallback(stage, tracker)],
+            callbacks=[StageCallback(stage, tracker)] + ([keep] if keep else []),
         )
+        if keep and (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
+            raise TrainingError(f"{stage}: choosing the epoch by held-out NLL keeps a copy of the weights, which "
+                                "sharded training (fsdp, deepspeed) does not have; set sft.select=last")
         train(trainer)
-    return save_trained(stage, model, tokenizer, trainer, out_dir)
+        selected = {}
+        if keep and keep.best is not None:
+            model.load_state_dict(keep.weights)
+            selected = {f"{stage}/selected_epoch": keep.best[0], f"{stage}/val_nll_best": keep.best[1]}
+            tracker.progress(f"held-out NLL by epoch: " + ", ".join(f"{e:g}: {v:.4f}" for e, v in keep.curve)
+                             + f" -> keeping epoch {keep.best[0]:g}")
+    metrics = save_trained(stage, model, tokenizer, trainer, out_dir)
+    if keep:
+        write_json(Path(out_dir) / SELECTION_FILE, {
+            "criterion": "held-out NLL per completion token (lowest wins)", "setting": "epochs",
+            "candidates": [e for e, _ in keep.curve], "values": [v for _, v in keep.curve],
+            "selected": keep.best[0] if keep.best else cfg.epochs, "held_out_rows": len(val_rows)})
+    return {**metrics, **selected}

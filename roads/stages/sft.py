@@ -2,7 +2,8 @@
 
 Builds the policy from scratch (a byte-level BPE tokenizer trained on the task text and a tiny Llama preset) or
 starts from ``model.pretrained``. The result is the reference policy of every later stage. Output: the model and
-tokenizer (``save_pretrained``).
+tokenizer (``save_pretrained``); with ``select: val_nll`` the epoch with the lowest held-out NLL on the data's
+``sft_val.jsonl`` and ``selection.json`` (the curve and the choice).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         tokenizer = build_tokenizer(corpus, vocab_size=spec.model.vocab_size)
         model = new_causal_lm(cfg.preset or spec.model.preset, tokenizer, seed=spec.seed, max_positions=max(256, cfg.max_length))
     tracker.progress(f"{count_parameters(model):,} parameters, {len(rows)} demonstrations")
-    metrics = train_sft("sft", cfg, spec.seed, model, tokenizer, rows, out_dir, tracker)
+    val = data / "sft_val.jsonl"
+    val_rows = read_jsonl(val) if cfg.select == "val_nll" and val.is_file() else None
+    metrics = train_sft("sft", cfg, spec.seed, model, tokenizer, rows, out_dir, tracker, val_rows=val_rows or None)
     metrics["sft/parameters"] = float(count_parameters(model))
     return StageResult(metrics=metrics, files=[])
