@@ -252,3 +252,43 @@ def test_offline_dpo_rpo_on_gold_labels_trains_on_the_reordered_pairs(gap, gap_n
     assert len(ordered) == sum(r["chosen_gold"] != r["rejected_gold"] for r in pairs)
     flipped = sum(r["chosen_gold"] < r["rejected_gold"] for r in pairs)
     assert flipped > 0  # the noisy labels disagree with the gold reward on some pairs: the control differs
+
+
+def test_keep_best_keeps_the_weights_of_the_lowest_held_out_loss():
+    """The selection rule on constructed candidates: losses 3, 2, 2.5, nan -> epoch 2 and its weights."""
+    import torch
+    from types import SimpleNamespace
+
+    from roads.sft_trainer import KeepBest
+    from roads.training import NullTracker
+
+    keep, model = KeepBest("sft", NullTracker()), torch.nn.Linear(1, 1, bias=False)
+    for epoch, loss in enumerate([3.0, 2.0, 2.5, float("nan")], start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        keep.on_evaluate(None, SimpleNamespace(epoch=float(epoch)), None, metrics={"eval_loss": loss}, model=model)
+    assert keep.best == (2.0, 2.0) and float(keep.weights["weight"]) == 2.0
+    assert [e for e, _ in keep.curve] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_sft_chooses_its_epoch_by_held_out_nll(tmp_path):
+    nodes = {n.id: n for n in build_plan(load_study(PIPELINES, "smoke", SMALL + [
+        "sft.epochs=3", "prepare_data.n_sft_val=16"]))}
+    data = execute(nodes["gap/seed0/prepare_data"].spec, {}, tmp_path)
+    sft = execute(nodes["gap/seed0/sft"].spec, {"data": data.artifact}, tmp_path)
+    selection = read_json(Path(sft.artifact.path) / "selection.json")
+    assert selection["candidates"] == [1.0, 2.0, 3.0] and selection["held_out_rows"] == 16
+    best = min(range(3), key=lambda i: selection["values"][i])
+    assert selection["selected"] == selection["candidates"][best] == sft.metrics["sft/selected_epoch"]
+    assert sft.metrics["sft/val_nll_best"] == pytest.approx(selection["values"][best])
+    # the saved weights are the selected epoch's: their held-out NLL is the minimum of the curve
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = load_pretrained(sft.artifact.path)
+    rows = read_jsonl(Path(data.artifact.path) / "sft_val.jsonl")
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "eval"), report_to="none",
+                                                     per_device_eval_batch_size=64, max_length=64, bf16=False),
+                         train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(selection["values"][best], rel=1e-4)
