@@ -1,6 +1,7 @@
 """Batched sampling with a KV cache and an explicit random generator (so samples depend only on the seed), the same
-through vLLM on a GPU when it is installed, and sequence log-probabilities and reward-model scores for
-(prompt, completion) batches."""
+through vLLM on a GPU when it is installed (both never sample the ids in the policy's
+``generation_config.suppress_tokens``: its response vocabulary, see :func:`roads.models.restrict_vocab`), and sequence
+log-probabilities and reward-model scores for (prompt, completion) batches."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from roads.errors import RoadsError
+from roads.models import suppressed_tokens
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,15 @@ def _sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperat
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     past, step_ids, step_pos = None, input_ids, positions
+    suppressed = suppressed_tokens(model)  # the policy's response vocabulary: these ids are never sampled
+    suppress_ids = torch.tensor(suppressed, dtype=torch.long, device=device) if suppressed else None
     for t in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos,
                        past_key_values=past, use_cache=True)
         past = logits.past_key_values
         last = logits.logits[:, -1, :].float()  # (batch, vocab)
+        if suppress_ids is not None:
+            last = last.index_fill(-1, suppress_ids, float("-inf"))
         if temperature > 0:
             probs = torch.softmax(last / temperature, dim=-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
@@ -112,8 +118,10 @@ def sample_vllm(model_dir: str, prompts: list[str], *, n: int, max_new_tokens: i
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    allowed = allowed_token_ids(model_dir, len(tokenizer))
     llm = LLM(model=str(model_dir), seed=seed, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True)
-    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
+                            **({"allowed_token_ids": allowed} if allowed is not None else {}))
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in encode(tokenizer, prompts)], params, use_tqdm=False)
     eos = tokenizer.eos_token_id
     groups = [[Completion(text=tokenizer.decode([t for t in c.token_ids if t != eos], skip_special_tokens=True),
@@ -122,6 +130,21 @@ def sample_vllm(model_dir: str, prompts: list[str], *, n: int, max_new_tokens: i
     del llm
     torch.cuda.empty_cache()
     return groups
+
+
+def allowed_token_ids(model_dir, vocab: int) -> list[int] | None:
+    """The ids below ``vocab`` that the policy saved in ``model_dir`` may sample (vLLM's ``allowed_token_ids``): all
+    but its ``generation_config.suppress_tokens``; None when it suppresses nothing."""
+    from transformers import GenerationConfig
+
+    try:
+        suppressed = GenerationConfig.from_pretrained(str(model_dir)).suppress_tokens
+    except OSError:  # no generation_config.json: an unrestricted policy
+        return None
+    if not suppressed:
+        return None
+    out = set(suppressed)
+    return [i for i in range(vocab) if i not in out]
 
 
 @torch.no_grad()

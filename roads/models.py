@@ -3,6 +3,7 @@ config (no download), or a pretrained causal LM and tokenizer by local path or h
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterable
@@ -125,6 +126,76 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# --------------------------------------------------------------------------- the response vocabulary
+def response_token_ids(tokenizer, symbols: str) -> list[int]:
+    """Ids of the tokens a policy restricted to a task's response vocabulary may sample: those whose decoded text is
+    non-empty and made only of ``symbols`` (the characters of the task's response symbols) and spaces, plus EOS. Other
+    special tokens, byte fragments and prompt text are out."""
+    allowed_chars = set(symbols) | {" "}
+    special = set(tokenizer.all_special_ids)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+    ids = [i for i, text in enumerate(texts) if i not in special and text and set(text) <= allowed_chars]
+    return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
+def restrict_vocab(model, tokenizer, symbols: str) -> list[int]:
+    """Restrict ``model`` to the response vocabulary of ``symbols`` as a property of the policy: every other id of its
+    output layer goes into ``model.generation_config.suppress_tokens``, which ``save_pretrained`` saves and every
+    policy loaded from it keeps; roads' sampler, vLLM (``sample_vllm``), HF ``generate`` and online_rl honour it.
+    Returns the suppressed ids."""
+    suppressed = outside_response_vocab(model, tokenizer, symbols)
+    model.generation_config.suppress_tokens = suppressed
+    return suppressed
+
+
+def outside_response_vocab(model, tokenizer, symbols: str) -> list[int]:
+    """Every id of ``model``'s output layer that :func:`response_token_ids` leaves out (what ``restrict_vocab``
+    suppresses)."""
+    allowed = set(response_token_ids(tokenizer, symbols))
+    return [i for i in range(vocab_rows(model)) if i not in allowed]
+
+
+def vocab_rows(model) -> int:
+    """Rows of the model's output layer (can exceed the tokenizer's length for padded pretrained vocabularies)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def suppressed_tokens(model) -> list[int]:
+    """The token ids a policy never samples (its ``generation_config.suppress_tokens``); empty when unrestricted."""
+    return list(getattr(getattr(model, "generation_config", None), "suppress_tokens", None) or [])
+
+
+@torch.no_grad()
+def suppressed_mass(model, tokenizer, rows: list[dict], token_ids: list[int], batch_size: int = 64) -> float:
+    """Mean over the response positions of ``rows`` (prompt/completion; each completion token and the closing EOS,
+    as SFT trains them) of the probability the model puts on ``token_ids``."""
+    if not rows or not token_ids:
+        return 0.0
+    model.eval()
+    device = next(model.parameters()).device
+    ids_of = torch.tensor(sorted(set(token_ids)), device=device)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in chunk]
+        seqs = [p + tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for p, r in zip(prompts, chunk)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        predicts = torch.zeros_like(ids, dtype=torch.bool)  # positions whose next token is a response token
+        for i, (p, s) in enumerate(zip(prompts, seqs)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            predicts[i, len(p) - 1: len(s) - 1] = True
+        probs = torch.softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+        mass = probs.index_select(-1, ids_of).sum(-1)  # (B, T)
+        total += float(mass[predicts.to(device)].sum())
+        count += int(predicts.sum())
+    return total / count if count else 0.0
+
+
 # --------------------------------------------------------------------------- composed policies
 POLICY_FILE = "policy.json"
 TRANSFORMS = ("logits", "log_softmax", "softmax")
@@ -146,6 +217,10 @@ class ComposedLM(torch.nn.Module):
         self.parts = torch.nn.ModuleList(models)
         self.transforms, self.weights = list(transforms), [float(w) for w in weights]
         self.config = models[0].config
+        # a token any part suppresses stays suppressed: the composed policy keeps its parts' response vocabulary
+        self.generation_config = copy.deepcopy(models[0].generation_config)
+        suppressed = sorted({t for m in models for t in suppressed_tokens(m)})
+        self.generation_config.suppress_tokens = suppressed or None
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 **kwargs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from roads.settings import TaskConfig
+from roads.data.star import StarTask
 from roads.data.synthetic import SyntheticTask
 
 
@@ -12,6 +13,9 @@ def synthetic_task(task: TaskConfig) -> Optional[SyntheticTask]:
     """The gold-reward task behind a task config, or None for real data (no gold reward)."""
     if task.family == "preferences":
         return None
+    if task.family == "star":
+        return StarTask(alphabet=task.alphabet, degree=task.degree, arm_len=task.arm_len, min_len=task.min_len,
+                        max_len=task.max_len, secret=task.secret)
     return SyntheticTask(task.family, task.alphabet, task.min_len, task.max_len, task.secret)
 
 

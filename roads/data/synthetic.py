@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from roads.errors import DataError
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-FAMILIES = ("gap", "short", "hidden")
-_VERBS = {"gap": "sort", "short": "min2", "hidden": "code"}
+FAMILIES = ("gap", "short", "hidden", "star")  # star: roads.data.star.StarTask (a graph prompt, not a symbol list)
+_VERBS = {"gap": "sort", "short": "min2", "hidden": "code", "star": "path"}
 PROMPT_END = " ->"
 
 
@@ -57,6 +57,9 @@ class SyntheticTask:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise DataError(f"unknown synthetic family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        if self.family == "star" and type(self).__post_init__ is SyntheticTask.__post_init__:
+            raise DataError("family 'star' is roads.data.star.StarTask (its prompts are graphs); build it with "
+                            "roads.data.synthetic_task or StarTask(...)")
         if not 2 <= self.alphabet <= len(LETTERS):
             raise DataError(f"alphabet must be between 2 and {len(LETTERS)}, got {self.alphabet}")
         if not 2 <= self.min_len <= self.max_len:

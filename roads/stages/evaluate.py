@@ -4,9 +4,12 @@ Samples ``samples_per_prompt`` completions per prompt from the policy and from t
 (common random numbers: the SFT policy's samples are exactly the reference samples). Metrics, where the task has a gold
 reward: ``gold_reward_mean``; ``win_rate`` against the SFT sample of the same prompt and index, judged by the gold
 reward, ties counted half; always: ``kl_to_reference`` (Monte-Carlo estimate of KL(π‖π_ref) = E_y~π[log π(y|x) −
-log π_ref(y|x)]), ``length_mean`` (tokens, EOS excluded) and ``finished_rate``. Output: ``metrics.json`` and
+log π_ref(y|x)]), ``length_mean`` (tokens, EOS excluded), ``finished_rate``, and the gold-free displacement
+check ``val_chosen_logp_change`` / ``val_rejected_logp_change``: the mean change, policy − reference, of the
+log-likelihood of the held-out pairs' chosen (rejected) responses, EOS included. Output: ``metrics.json`` and
 ``samples.jsonl`` (one row per sample: the data for intervals over prompts and seeds). ``metrics.json`` also names
-the stage that trained the policy and on how many examples (from its ``trained.json``), for learning curves.
+the stage that trained the policy and on how many examples (from its ``trained.json``), for learning curves, and
+the policy's ``selection`` (its ``selection.json``: how its epochs were chosen) where it has one.
 """
 
 from __future__ import annotations
@@ -79,12 +82,26 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         metrics["gold_reward_mean"] = fmean(r["gold_reward"] for r in rows)
         metrics["win_rate"] = win_rate([r["gold_reward"] for r in rows], [r["reference_gold_reward"] for r in rows])
         metrics["exact_rate"] = fmean(float(r["gold_reward"] == 1.0) for r in rows)
+    val = read_jsonl(data / "pairs_val.jsonl") if (data / "pairs_val.jsonl").is_file() else []
+    if val:  # the gold-free displacement check: does training make the held-out chosen responses less likely?
+        val_prompts = encode(tokenizer, [r["prompt"] for r in val])
+        for side in ("chosen", "rejected"):
+            responses = [ids + [tokenizer.eos_token_id] for ids in encode(tokenizer, [r[side] for r in val])]
+            if same_model:
+                change = 0.0
+            else:
+                change = fmean((sequence_logps(policy, val_prompts, responses, pad_id=tokenizer.pad_token_id)
+                                - sequence_logps(reference, val_prompts, responses, pad_id=tokenizer.pad_token_id)
+                                ).tolist())
+            metrics[f"val_{side}_logp_change"] = change
     metrics = {k: round(v, 6) for k, v in metrics.items()}
-    trained = Path(inputs["policy"].path) / "trained.json"
-    policy = read_json(trained) if trained.is_file() else {}
+    folder = Path(inputs["policy"].path)
+    trained = read_json(folder / "trained.json") if (folder / "trained.json").is_file() else {}
+    selection = read_json(folder / "selection.json") if (folder / "selection.json").is_file() else None
     write_json(out_dir / "metrics.json", {"policy": spec.policy, "task": task_name, "seed": spec.seed,
-                                          "policy_stage": policy.get("stage"),
-                                          "train_examples": policy.get("train_examples"), **metrics})
+                                          "policy_stage": trained.get("stage"),
+                                          "train_examples": trained.get("train_examples"), **metrics,
+                                          **({"selection": selection} if selection else {})})
     write_jsonl(out_dir / "samples.jsonl", rows)
     tracker.progress(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return StageResult(metrics={f"evaluate/{k}": v for k, v in metrics.items()}, files=["metrics.json", "samples.jsonl"])

@@ -2,7 +2,10 @@
 
 Synthetic tasks are generated from the seed (see ``roads.data.synthetic``); real preference data is loaded from a
 file or the hub, shuffled with the seed and split (held-out pairs and evaluation prompts never appear in training).
-Output folder: ``task.json``, ``sft.jsonl``, ``sft_val.jsonl`` (held-out demonstrations), ``pairs_train.jsonl``, ``pairs_val.jsonl``, ``eval_prompts.jsonl``.
+Output folder: ``task.json``, ``sft.jsonl``, ``sft_val.jsonl`` (held-out demonstrations), ``pairs_train.jsonl``, ``pairs_val.jsonl``, ``eval_prompts.jsonl``,
+and for synthetic tasks ``ceiling.json``: the labels' Bayes ceiling on ``pairs_val`` (the gold reward as a verifier,
+:func:`roads.verifiers.bayes_ceiling`) — {"split": "pairs_val", "tau" (the ``bt_temperature`` the labels were drawn
+with), "n_pairs", "accuracy", "loglik", "expected_accuracy", "expected_loglik", "tie_fraction"}.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from roads.data import synthetic_task
 from roads.data.synthetic import generate
 from roads.errors import DataError
 from roads.training import NullTracker, Tracker
+from roads.verifiers import bayes_ceiling
 
-VERSION = 1
+VERSION = 2
+CEILING_FILE = "ceiling.json"
 SPLITS = ("sft", "sft_val", "pairs_train", "pairs_val", "eval_prompts")
 
 
@@ -68,11 +73,21 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     for name in SPLITS:
         write_jsonl(out_dir / f"{name}.jsonl", splits[name])
     metrics = {f"prepare_data/n_{name}": float(len(splits[name])) for name in SPLITS}
+    files = [f"{n}.jsonl" for n in SPLITS] + ["task.json"]
     if synthetic is not None:
+        val = splits["pairs_val"]
+        ceiling = bayes_ceiling([r["chosen_gold"] for r in val], [r["rejected_gold"] for r in val], cfg.bt_temperature)
+        write_json(out_dir / CEILING_FILE, {"split": "pairs_val", **ceiling})
+        files.append(CEILING_FILE)
+        for key in ("accuracy", "loglik", "expected_accuracy", "expected_loglik", "tie_fraction"):
+            metrics[f"prepare_data/ceiling_{key}"] = ceiling[key]
+        tracker.progress(f"Bayes ceiling on pairs_val (tau {cfg.bt_temperature:g}): accuracy {ceiling['accuracy']:.3f} "
+                         f"(expected {ceiling['expected_accuracy']:.3f}), log-likelihood {ceiling['loglik']:.4f} "
+                         f"(expected {ceiling['expected_loglik']:.4f}), ties {ceiling['tie_fraction']:.3f}")
         sft = splits["sft"]
         pairs = splits["pairs_train"]
         metrics["prepare_data/sft_gold_mean"] = sum(synthetic.gold_reward(r["prompt"], r["completion"]) for r in sft) / len(sft)
         metrics["prepare_data/pairs_gold_agreement"] = sum(r["chosen_gold"] > r["rejected_gold"] for r in pairs) / len(pairs)
         metrics["prepare_data/pairs_gold_ties"] = sum(r["chosen_gold"] == r["rejected_gold"] for r in pairs) / len(pairs)
     tracker.progress(", ".join(f"{len(splits[n])} {n}" for n in SPLITS))
-    return StageResult(metrics=metrics, files=[f"{n}.jsonl" for n in SPLITS] + ["task.json"])
+    return StageResult(metrics=metrics, files=files)

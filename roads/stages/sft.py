@@ -13,7 +13,9 @@ from pathlib import Path
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
 from roads.config import StageSpec
 from roads.settings import SftConfig
-from roads.models import build_tokenizer, count_parameters, load_pretrained, new_causal_lm
+from roads.data import synthetic_task, task_of
+from roads.models import (build_tokenizer, count_parameters, load_pretrained, new_causal_lm, outside_response_vocab,
+                          restrict_vocab, suppressed_mass)
 from roads.sft_trainer import train_sft
 from roads.training import NullTracker, Tracker
 
@@ -31,9 +33,17 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         corpus = [r["prompt"] + r["completion"] for r in rows] + [r["prompt"] + r["chosen"] + r["rejected"] for r in pairs]
         tokenizer = build_tokenizer(corpus, vocab_size=spec.model.vocab_size)
         model = new_causal_lm(cfg.preset or spec.model.preset, tokenizer, seed=spec.seed, max_positions=max(256, cfg.max_length))
+    task = task_of(data)[1]
+    synthetic = synthetic_task(task)
+    if synthetic is not None:  # response_vocab 'task': saved in generation_config.json, inherited by later policies
+        outside = (restrict_vocab(model, tokenizer, synthetic.response_symbols) if task.response_vocab == "task"
+                   else outside_response_vocab(model, tokenizer, synthetic.response_symbols))
     tracker.progress(f"{count_parameters(model):,} parameters, {len(rows)} demonstrations")
     val = data / "sft_val.jsonl"
     val_rows = read_jsonl(val) if cfg.select == "val_nll" and val.is_file() else None
     metrics = train_sft("sft", cfg, spec.seed, model, tokenizer, rows, out_dir, tracker, val_rows=val_rows or None)
     metrics["sft/parameters"] = float(count_parameters(model))
+    if synthetic is not None:  # the mass sampling drops (under response_vocab 'all': the mass it keeps)
+        held_out = read_jsonl(val) if val.is_file() else rows
+        metrics["sft/suppressed_mass"] = suppressed_mass(model, tokenizer, held_out, outside)
     return StageResult(metrics=metrics, files=[])

@@ -104,6 +104,7 @@ def test_evaluate_sft_policy_is_its_own_reference(gap):
     rows = read_jsonl(Path(gap["gap/seed0/evaluate[sft]"].artifact.path) / "samples.jsonl")
     assert rows and all(r["completion"] == r["reference_completion"] for r in rows)
     assert all(r["logp"] == r["ref_logp"] for r in rows)
+    assert m["evaluate/val_chosen_logp_change"] == m["evaluate/val_rejected_logp_change"] == 0.0
 
 
 def test_evaluate_dpo_policy_has_nonzero_kl(gap):
@@ -113,6 +114,9 @@ def test_evaluate_dpo_policy_has_nonzero_kl(gap):
     assert 0.0 <= m["evaluate/gold_reward_mean"] <= 1.0
     saved = read_json(Path(gap["gap/seed0/evaluate[offline_dpo]"].artifact.path) / "metrics.json")
     assert saved["policy"] == "offline_dpo" and saved["task"] == "gap"
+    # DPO pushes the rejected responses down more than the chosen ones (the displacement check measures both)
+    assert m["evaluate/val_chosen_logp_change"] != 0.0
+    assert m["evaluate/val_chosen_logp_change"] > m["evaluate/val_rejected_logp_change"]
 
 
 def test_failing_stage_leaves_nothing(gap, gap_nodes, tmp_path, monkeypatch):
