@@ -23,6 +23,11 @@ is a space-separated sequence of symbols (``" a a c f"``). Each family fixes wha
     knowledge that generating needs (the substitution table), and the horizon is as long as in ``gap``. The gap is
     closed from the verification side.
 
+``star`` (gap from a plan the demonstrations lack; :mod:`roads.data.star`)
+    Path-finding on a star graph (Bachmann & Nagarajan 2024): verifying a path is local, generating it needs a
+    look-up back from the goal that the plan-free demonstrator never makes. Its prompts are graphs, not symbol lists,
+    so it is its own class, ``StarTask``; ``roads.data.synthetic_task`` builds it.
+
 Data is drawn the way the theory assumes: SFT demonstrations come from a noisy demonstrator (the target with
 random substitutions, deletions, insertions and swaps), preference pairs are two independent draws from the
 behaviour policy (the same demonstrator at a higher noise level) labelled y1 ≻ y2 with probability
