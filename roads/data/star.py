@@ -3,9 +3,14 @@ prediction"), a task whose generation–verification gap comes from a plan the d
 
 The prompt describes a star graph: a centre node with ``degree`` arms, each arm a chain of ``arm_len`` further nodes.
 Node names are distinct letters drawn at random from the alphabet (so ``alphabet >= 1 + degree·arm_len``). The prompt
-lists the directed edges parent>child in a shuffled order, then names the centre and the goal (a leaf)::
+lists the directed edges "parent child" in a shuffled order, separated by commas, then names the centre and the goal
+(a leaf)::
 
-    path: d>e a>b a>f b>c a>d f>g | a g ->
+    path: d e , a b , a f , b c , a d , f g | a g ->
+
+Every node is written as a space and its letter, in the edges as in the response, so the byte-level tokenizer gives
+a node one token wherever it occurs (with ``u>v`` the child would be a different token from the same node in a
+response, an arbitrary mapping for a tiny model to learn on top of the look-ups).
 
 The response is the path from the centre to the goal, space-separated (``" a f g"``): the *target*, the one path
 of the graph that starts at the centre and ends at the goal.
@@ -25,7 +30,7 @@ Gold reward. With the target T = [c, t_1, …, t_L] (L = ``arm_len``) and a resp
     r*(x, y) = ⅓·W + ⅔·P
 
 * W, the *walk* score (local checks only): the number of valid steps over max(n, L + 1), where step 1 is valid when
-  y_1 is the centre and step i > 1 when y_{i−1}>y_i is an edge of the prompt. W = 1 exactly for a complete walk from
+  y_1 is the centre and step i > 1 when (y_{i−1}, y_i) is an edge of the prompt. W = 1 exactly for a complete walk from
   the centre to a leaf — down *any* arm. A symbol outside the graph (or the alphabet) is an invalid step; extra
   symbols cost through the denominator (a walk cannot be longer than L + 1 nodes).
 * P, the *plan* score: how far along the target the response is right, past the centre: (ℓ − 1)⁺ / max(L, n − 1)
@@ -50,7 +55,7 @@ from dataclasses import dataclass
 from roads.data.synthetic import LETTERS, PROMPT_END, SyntheticTask, _VERBS
 from roads.errors import DataError
 
-EDGE = ">"
+EDGE_SEP = " , "
 GOAL_SEP = " | "
 
 
@@ -111,14 +116,14 @@ class StarTask(SyntheticTask):
 
     # --- text format -------------------------------------------------------------------------------------------
     def prompt(self, xs: StarGraph) -> str:
-        edges = " ".join(f"{u}{EDGE}{v}" for u, v in xs.edges)
+        edges = EDGE_SEP.join(f"{u} {v}" for u, v in xs.edges)
         return f"{_VERBS['star']}: {edges}{GOAL_SEP}{xs.centre} {xs.goal}{PROMPT_END}"
 
     def parse_prompt(self, prompt: str) -> StarGraph:
         head = f"{_VERBS['star']}: "
 
         def bad(why: str) -> DataError:
-            return DataError(f"prompt {prompt!r} is not a 'star' prompt ({why}; expected '{head}u>v ... | centre goal ->')")
+            return DataError(f"prompt {prompt!r} is not a 'star' prompt ({why}; expected '{head}u v , u v ... | centre goal ->')")
 
         if not (prompt.startswith(head) and prompt.endswith(PROMPT_END)):
             raise bad("wrong head or end")
@@ -127,10 +132,10 @@ class StarTask(SyntheticTask):
             raise bad(f"needs one {GOAL_SEP.strip()!r}")
         edge_text, ends = body.split(GOAL_SEP)
         edges = []
-        for word in edge_text.split():
-            parts = word.split(EDGE)
-            if len(parts) != 2 or not all(parts):
-                raise bad(f"{word!r} is not an edge u{EDGE}v")
+        for pair in edge_text.split(EDGE_SEP):
+            parts = pair.split()
+            if len(parts) != 2:
+                raise bad(f"{pair!r} is not an edge 'u v'")
             edges.append((parts[0], parts[1]))
         names = ends.split()
         if len(names) != 2:

@@ -17,7 +17,7 @@ from roads.settings import TaskConfig
 
 STAR = StarTask(alphabet=12, degree=3, arm_len=2)
 # centre a; arms a>b>c, a>d>e, a>f>g; goal g, so the target is a f g
-PROMPT = "path: d>e a>b a>f b>c a>d f>g | a g ->"
+PROMPT = "path: d e , a b , a f , b c , a d , f g | a g ->"
 
 
 def star_data(task: StarTask = STAR, seed: int = 0, **kw) -> dict[str, list[dict]]:
@@ -106,8 +106,9 @@ def test_star_prompt_round_trips_and_shuffles_the_edges():
     assert 0.35 < first_edges_from_centre / 300 < 0.65
 
 
-@pytest.mark.parametrize("prompt", ["sort: a b ->", "path: a>b a>c ->", "path: ab a>c | a c ->",
-                                    "path: a>b a>c | a ->", "path: a>b | a c ->"])
+@pytest.mark.parametrize("prompt", ["sort: a b ->", "path: a b , a c ->", "path: a b a , a c | a c ->",
+                                    "path: a b , a c | a ->", "path: a b , a c | a e ->",
+                                    "path: a>b a>c | a c ->"])
 def test_star_malformed_prompt_raises(prompt):
     with pytest.raises(DataError):
         STAR.gold_reward(prompt, " a b")
