@@ -13,6 +13,11 @@ The verdict rule (:func:`verdict`), with [lo, hi] the effect's bootstrap interva
 - predicted ``0``: **supported** when −m ≤ lo and hi ≤ m (the interval lies inside the margin: practically no
   difference, even if it excludes zero); else **refuted** when the interval excludes zero (lo > 0 or hi < 0);
   otherwise **inconclusive**.
+
+Before any of these, the controls (:func:`gated_verdict`): a hypothesis whose task failed a validity check that
+gates its kind (``roads/validity.py``: the positive controls, SFT's convergence, the displacement check and the
+resolution for policy effects; the labels' ceiling for verifier effects; and, for H6's control families, the gap
+family's own class checks) is **not testable (which control failed)**, whatever its interval says.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-VERDICTS = ("supported", "refuted", "inconclusive")
+VERDICTS = ("supported", "refuted", "inconclusive", "not testable")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Hypothesis:
     a: str  # the policy (or verifier kind) measured
     b: str  # what it is compared with
     predicted: Literal["+", "0"]  # what the hypothesis predicts for a − b
+    needs_gap: bool = False  # it reads a control family against the gap family: the gap family must carry a gap
 
     @property
     def effect(self) -> str:
@@ -66,10 +72,10 @@ HYPOTHESES: tuple[Hypothesis, ...] = (
                "gap", "verifiers", "global", "local", "+"),
     Hypothesis("H6-short", "the generation–verification gap (control: gap closed on the generation side)",
                "online − offline DPO on the 2-token family; H6 predicts no online advantage",
-               "short", "policies", "online_dpo_sft", "offline_dpo", "0"),
+               "short", "policies", "online_dpo_sft", "offline_dpo", "0", needs_gap=True),
     Hypothesis("H6-hidden", "the generation–verification gap (control: gap closed on the verification side)",
                "online − offline DPO on the hidden-reference family; H6 predicts no online advantage",
-               "hidden", "policies", "online_dpo_sft", "offline_dpo", "0"),
+               "hidden", "policies", "online_dpo_sft", "offline_dpo", "0", needs_gap=True),
 )
 
 
@@ -88,3 +94,10 @@ def verdict(lo: float, hi: float, predicted: str, margin: float) -> str:
             return "supported"
         return "refuted" if lo > 0 or hi < 0 else "inconclusive"
     raise ValueError(f"predicted must be '+' or '0', got {predicted!r}")
+
+
+def gated_verdict(lo: float, hi: float, predicted: str, margin: float, failed_checks: list[str]) -> str:
+    """``verdict``, unless a control failed: then 'not testable (<the failed checks> failed)'."""
+    if failed_checks:
+        return f"not testable ({', '.join(failed_checks)} failed)"
+    return verdict(lo, hi, predicted, margin)

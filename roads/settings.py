@@ -271,6 +271,29 @@ class MeasureGapConfig(Strict):
     batch_size: int = no_fingerprint(256, "sequences per generation or scoring batch")
 
 
+class ValidityConfig(Strict):
+    """The validity checks' thresholds (``roads/validity.py``), pre-registered: the same for every policy and road,
+    set before the run, never tuned to its outcome."""
+
+    reference: str = Field("sft", description="the policy the positive controls must beat")
+    controls: list[str] = Field(["online_dpo_gold", "offline_dpo_gold"], description="positive controls: the "
+                                "gold-oracle arms of both roads; each must beat the reference")
+    min_control_effect: float = Field(0.0, description="a control passes when its paired interval's lower end "
+                                                       "exceeds this (gold reward)")
+    displacement: list[str] = Field(["offline_dpo", "online_dpo_sft"], description="policies whose held-out "
+                                    "chosen log-likelihood must not fall")
+    max_chosen_logp_fall: float = Field(0.0, ge=0, description="nats the held-out chosen log-likelihood may fall")
+    max_half_width: float = Field(0.02, gt=0, description="the primary contrast's interval half-width at most")
+    min_ceiling_headroom: float = Field(0.05, ge=0, description="the labels' Bayes ceiling accuracy above 0.5")
+    verifier: str = Field("reward_model", description="the global verifier whose headroom fraction is checked")
+    min_verifier_headroom: float = Field(0.25, ge=0, le=1, description="its held-out log-likelihood as a fraction "
+                                         "of chance-to-ceiling, at least (gap-class tasks)")
+    max_likelihood_spearman: float = Field(0.5, description="Spearman(log π_SFT, r*) at most (gap-class tasks)")
+    max_greedy_gold: float = Field(0.95, description="greedy SFT's gold reward at most (gap-class tasks)")
+    sft_min_improvement: float = Field(0.005, ge=0, description="SFT converged: the held-out NLL turned up, or its "
+                                       "last epoch improved it by less than this fraction")
+
+
 class ReportConfig(Strict):
     """The study table: every policy × task × seed with bootstrap intervals, and paired online − offline differences.
     ``policies`` and ``series`` default to what the pipeline declares (its ``stages`` order, its variants' ``series``):
@@ -288,6 +311,7 @@ class ReportConfig(Strict):
     bootstrap_seed: int = Field(0, description="seed of the bootstrap")
     equivalence_margin: float = Field(0.02, ge=0, description="hypotheses predicting no difference are supported when "
                                                               "the whole interval lies within ± this")
+    validity: ValidityConfig = Field(ValidityConfig(), description="the validity checks' pre-registered thresholds")
 
 
 class EvaluateConfig(Strict):

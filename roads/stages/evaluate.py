@@ -20,7 +20,7 @@ from statistics import fmean
 from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json, write_jsonl
 from roads.config import StageSpec
 from roads.settings import EvaluateConfig
-from roads.data import gold_of
+from roads.data import gold_of, task_of
 from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy
 from roads.training import NullTracker, Tracker
@@ -98,7 +98,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     folder = Path(inputs["policy"].path)
     trained = read_json(folder / "trained.json") if (folder / "trained.json").is_file() else {}
     selection = read_json(folder / "selection.json") if (folder / "selection.json").is_file() else None
-    write_json(out_dir / "metrics.json", {"policy": spec.policy, "task": task_name, "seed": spec.seed,
+    write_json(out_dir / "metrics.json", {"policy": spec.policy, "task": task_name, "family": task_of(data)[1].family,
+                                          "seed": spec.seed,
                                           "policy_stage": trained.get("stage"),
                                           "train_examples": trained.get("train_examples"), **metrics,
                                           **({"selection": selection} if selection else {})})

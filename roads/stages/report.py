@@ -14,7 +14,9 @@ share, so both policies see the same resample. Each (task, policy) group has its
 
 Output: ``report.md``, ``report.csv`` (one row per task × policy), ``paired.csv`` (task, policy, baseline, metric, diff,
 lo, hi, excludes_zero), ``report.json`` (the same numbers, for programs) and two plots, ``win_rate_by_policy.png`` and
-``gold_vs_kl.png``. Without a gold reward (real data) only KL and length are reported and there are no paired rows.
+``gold_vs_kl.png``. The report opens with the validity section (``roads.validity``: every check per task with its
+value, pre-registered threshold and pass/fail; also ``validity.csv``); a hypothesis whose controls fail is "not
+testable". Without a gold reward (real data) only KL and length are reported and there are no paired rows.
 
 Inputs that are ``gap`` outputs (a ``gap.json``) feed the gap section (``roads.gap_report``): ``gap_summary.md``
 (the gap per task beside online − offline, the verifier table, best-of-N tables) and the plots ``best_of_n.png``,
@@ -40,14 +42,18 @@ from roads.config import StageSpec
 from roads.settings import ReportConfig
 from roads.stage_table import GOLD_METRICS as GOLD_METRICS_OF_TABLE, POLICY_METRICS
 from roads.errors import DataError
+from roads.hypotheses import HYPOTHESES, gated_verdict
 from roads.training import NullTracker, Tracker
+from roads import validity
 
 VERSION = 1
 
 METRICS, GOLD_METRICS = POLICY_METRICS, GOLD_METRICS_OF_TABLE
 PAIRED_METRICS = {"gold_reward_mean": "gold_reward_diff", "win_rate": "win_rate_diff"}
-TASK_FAMILIES = ("gap", "short", "hidden")
-FILES = ["report.md", "report.csv", "paired.csv", "report.json", "win_rate_by_policy.png", "gold_vs_kl.png"]
+TASK_FAMILIES = ("star", "gap", "short", "hidden")
+# the task class each hypothesis' `family` stands for (roads/hypotheses.py)
+HYPOTHESIS_CLASSES = {"gap": "gap", "short": "closed (generation)", "hidden": "closed (verification)"}
+FILES = ["report.md", "report.csv", "paired.csv", "report.json", "validity.csv", "win_rate_by_policy.png", "gold_vs_kl.png"]
 
 
 # --------------------------------------------------------------------------- reading evaluate outputs
@@ -172,11 +178,14 @@ def fmt(cell: dict | None, interval: bool = True) -> str:
     return f"{cell['mean']:.3f} [{cell['lo']:.3f}, {cell['hi']:.3f}]"
 
 
-def write_markdown(path: Path, rows: list[dict], pairs: list[dict], cfg: ReportConfig) -> None:
+def write_markdown(path: Path, rows: list[dict], pairs: list[dict], cfg: ReportConfig,
+                   validity_lines: list[str] = ()) -> None:
     pct = f"{100 * cfg.confidence:g}%"
     lines = [
         "# roads report",
         "",
+        *validity_lines,
+        *(["", "## The roads", ""] if validity_lines else []),
         f"Intervals are {pct} percentile bootstrap intervals over seeds and prompts (seeds resampled, then prompts "
         f"within each seed; {cfg.n_bootstrap} resamples, bootstrap seed {cfg.bootstrap_seed}).",
         "",
@@ -323,18 +332,42 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
 
     vrows, vdiffs, brows = verifier_rows(gap, cfg), verifier_diffs(gap, cfg), bon_rows(gap, cfg)
     summary = gap_summary(gap, vdiffs, brows, lambda task: policy_effect(task, cfg.contrast, cfg.baseline))
-    families = {}
+    # validity first: could this run detect the effect? (roads/validity.py)
+    einfo = validity.evaluate_infos({n: Path(r.path) for n, r in inputs.items() if n not in gap_inputs})
+    classes = {}
     for task in tasks:
-        if task_key(task) < len(TASK_FAMILIES):
-            families.setdefault(TASK_FAMILIES[task_key(task)], task)
+        family = next((i[0].get("family") for (t, _), i in einfo.items() if t == task and i[0].get("family")), None)
+        family = family or (TASK_FAMILIES[task_key(task)] if task_key(task) < len(TASK_FAMILIES) else None)
+        if family in validity.GAP_CLASSES:
+            classes[task] = validity.GAP_CLASSES[family]
+    checks = validity.checks(tasks, classes, einfo, validity.gap_infos(gap_inputs), policy_effect, cfg)
+    families = {}
+    for family, cls in HYPOTHESIS_CLASSES.items():
+        task = next((t for t in tasks if classes.get(t) == cls), None)
+        if task is not None:
+            families[family] = task
     hypotheses = hypothesis_rows(families, policy_effect, vdiffs, cfg.equivalence_margin)
+    by_id = {h.id: h for h in HYPOTHESES}
+    for row in hypotheses:
+        h = by_id[row["id"]]
+        failed = validity.failed(checks, row["task"], ("policies",) if h.kind == "policies" else ("verifiers",))
+        if h.needs_gap:
+            gap_task = families.get("gap")
+            failed += ([f"{gap_task}:{n}" for n in validity.failed(checks, gap_task, ("gap",))] if gap_task
+                       else ["gap family not run"])
+        row["verdict"] = gated_verdict(row["lo"], row["hi"], row["predicted"], cfg.equivalence_margin, failed)
     policy_points = [{"task": r["task"], "policy": g.policy, "stage": g.policy_stage, "train_examples": g.train_examples,
                    "gold": r["metrics"]["gold_reward_mean"]}
                   for g, r in zip(ordered, rows) if g.train_examples and "gold_reward_mean" in r["metrics"]
                   and g.policy_stage not in (None, "sft")]
 
     files = list(FILES)
-    write_markdown(out_dir / "report.md", rows, pairs, cfg)
+    write_markdown(out_dir / "report.md", rows, pairs, cfg, validity.write_markdown(checks, classes))
+    with open(out_dir / "validity.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["task", "class", "check", "value", "threshold", "passed", "gates"])
+        for c in checks:
+            w.writerow([c.task, classes.get(c.task, ""), c.name, c.value, c.threshold, c.passed, c.gates])
     write_csvs(out_dir, rows, pairs)
     write_plots(out_dir, rows, tasks, policies)
     write_hypotheses(out_dir, hypotheses, cfg)
@@ -360,6 +393,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         "best_of_n": brows,
         "learning_curve_points": policy_points,
         "hypotheses": hypotheses,
+        "classes": classes,
+        "validity": [c.row() for c in checks],
     })
 
     metrics: dict[str, float] = {}
@@ -376,6 +411,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             if key in r:
                 for part in ("mean", "lo", "hi"):
                     metrics[metric_key("gap", r["task"], key + ("" if part == "mean" else f"_{part}"))] = r[key][part]
+    for c in checks:
+        metrics[metric_key("validity", c.task, c.name)] = float(c.passed)
     for h in hypotheses:
         metrics[metric_key("hypotheses", h["id"], "effect")] = h["mean"]
         metrics[metric_key("hypotheses", h["id"], "supported")] = float(h["verdict"] == "supported")
@@ -383,6 +420,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     wins = sum(p["excludes_zero"] and p["diff"] > 0 for p in pairs if p["metric"] == "gold_reward_mean")
     losses = sum(p["excludes_zero"] and p["diff"] < 0 for p in pairs if p["metric"] == "gold_reward_mean")
     n_pairs = sum(p["metric"] == "gold_reward_mean" for p in pairs)
+    for c in checks:
+        tracker.progress(f"validity {c.task} {c.name}: {c.value} ({c.threshold}) → {'pass' if c.passed else 'FAIL'}")
     tracker.progress(f"{len(rows)} rows ({len(tasks)} tasks × {len(policies)} policies); against {cfg.baseline}: "
                      f"{wins} better, {losses} worse, {n_pairs - wins - losses} unresolved of {n_pairs}")
     for h in hypotheses:

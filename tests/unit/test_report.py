@@ -26,7 +26,7 @@ def spec(**overrides) -> StageSpec:
 
 
 def write_eval(root: Path, task: str, policy: str, seed: int, gold=None, ref_gold=None, n_prompts: int = 4,
-               samples: int = 2, kl: float = 0.0, length: float = 5.0) -> ArtifactRef:
+               samples: int = 2, kl: float = 0.0, length: float = 5.0, extra: dict | None = None) -> ArtifactRef:
     """A fake evaluate folder. ``gold``/``ref_gold``: arrays of shape (n_prompts, samples), or None (real data)."""
     folder = root / f"{task}-{seed}-{policy}"
     folder.mkdir(parents=True)
@@ -43,6 +43,7 @@ def write_eval(root: Path, task: str, policy: str, seed: int, gold=None, ref_gol
                "finished_rate": 1.0}
     if gold is not None:
         metrics["gold_reward_mean"] = float(np.mean(gold))
+    metrics.update(extra or {})
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return ArtifactRef(path=str(folder), digest=folder.name)
@@ -257,7 +258,7 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path):
 
 def write_gap(root: Path, task: str, seed: int, verifiers: dict[str, tuple[str, float, float]],
               curves: dict[tuple[str, str], list[float]], ns=(1, 2, 4), n_pairs: int = 6, n_prompts: int = 3,
-              train: dict | None = None) -> ArtifactRef:
+              train: dict | None = None, extra: dict | None = None) -> ArtifactRef:
     """A fake gap folder. ``verifiers``: entry -> (kind, per-pair correct, per-pair loglik), constant over pairs;
     ``curves``: (policy, verifier) -> best-of-N values, the same for every prompt."""
     folder = root / f"gap-{task}-{seed}"
@@ -266,7 +267,7 @@ def write_gap(root: Path, task: str, seed: int, verifiers: dict[str, tuple[str, 
     info = {"task": task, "seed": seed, "ns": list(ns), "n_prompts": n_prompts,
             "verifiers": {v: {"kind": k, "parameters": 1000, "train_examples": train.get(v, 100), "val_accuracy": c,
                               "val_loglik": ll, "val_margin": 0.0} for v, (k, c, ll) in verifiers.items()},
-            "policies": {p: {"parameters": 1000, "train_examples": 50} for p, _ in curves}}
+            "policies": {p: {"parameters": 1000, "train_examples": 50} for p, _ in curves}, **(extra or {})}
     (folder / "gap.json").write_text(json.dumps(info))
     (folder / "verifier_pairs.jsonl").write_text("".join(
         json.dumps({"verifier": v, "pair_index": i, "margin": 0.0, "correct": c, "loglik": ll}) + "\n"
@@ -282,15 +283,33 @@ CURVES = {("sft", "gold"): [0.5, 0.7, 0.9], ("sft", "reward_model"): [0.5, 0.6, 
           ("sft", "local_rm"): [0.5, 0.5, 0.5], ("sft", "offline_dpo"): [0.5, 0.55, 0.6]}
 
 
-def test_gap_summary_and_hypotheses_on_known_inputs(tmp_path):
+CONVERGED = {"selection": {"candidates": [1.0, 2.0, 3.0], "values": [2.0, 1.5, 1.6], "selected": 2.0}}
+NOT_DISPLACED = {"val_chosen_logp_change": 0.1}
+CEILING = {"ceiling": {"accuracy": 0.8, "loglik": -0.4}}
+
+
+def study_inputs(tmp_path: Path, online_gold: float = 0.7, offline_gold: float = 0.7, sft_extra=CONVERGED,
+                 gap_extra=CEILING, controls: bool = True) -> dict:
+    """A two-seed run on the gap family: SFT 0.5, offline DPO 0.5, online DPO 0.6, the gold-oracle controls."""
     inputs = {}
     for seed in (0, 1):
-        inputs[f"gap/seed{seed}/measure_gap"] = write_gap(tmp_path, "gap", seed, VERIFIERS, CURVES)
+        inputs[f"gap/seed{seed}/measure_gap"] = write_gap(tmp_path, "gap", seed, VERIFIERS, CURVES, extra=gap_extra)
         ones = np.ones((4, 2))
-        inputs[f"e-sft-{seed}"] = write_eval(tmp_path, "gap", "sft", seed, 0.5 * ones, 0.5 * ones)
-        inputs[f"e-off-{seed}"] = write_eval(tmp_path, "gap", "offline_dpo", seed, 0.5 * ones, 0.5 * ones)
-        inputs[f"e-on-{seed}"] = write_eval(tmp_path, "gap", "online_dpo_sft", seed, 0.6 * ones, 0.5 * ones)
-    result, out = run_report(tmp_path, inputs, n_bootstrap=200)
+        inputs[f"e-sft-{seed}"] = write_eval(tmp_path, "gap", "sft", seed, 0.5 * ones, 0.5 * ones, extra=sft_extra)
+        inputs[f"e-off-{seed}"] = write_eval(tmp_path, "gap", "offline_dpo", seed, 0.5 * ones, 0.5 * ones,
+                                             extra=NOT_DISPLACED)
+        inputs[f"e-on-{seed}"] = write_eval(tmp_path, "gap", "online_dpo_sft", seed, 0.6 * ones, 0.5 * ones,
+                                            extra=NOT_DISPLACED)
+        if controls:
+            inputs[f"e-ong-{seed}"] = write_eval(tmp_path, "gap", "online_dpo_gold", seed, online_gold * ones,
+                                                 0.5 * ones)
+            inputs[f"e-offg-{seed}"] = write_eval(tmp_path, "gap", "offline_dpo_gold", seed, offline_gold * ones,
+                                                  0.5 * ones)
+    return inputs
+
+
+def test_gap_summary_and_hypotheses_on_known_inputs(tmp_path):
+    result, out = run_report(tmp_path, study_inputs(tmp_path), n_bootstrap=200)
     assert {"gap_summary.md", "hypotheses.md", "best_of_n.png", "gap_vs_online.png"} <= set(result.files)
     assert "learning_curves.png" not in result.files and "scale.png" not in result.files  # nothing varies
     doc = read_json(out / "report.json")
@@ -310,6 +329,40 @@ def test_gap_summary_and_hypotheses_on_known_inputs(tmp_path):
     assert "| H5 |" in text and "**supported**" in text and "| H1 |" not in text
     assert (out / "best_of_n.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "[gap_summary.md](gap_summary.md)" in (out / "report.md").read_text()
+    checks = {c["name"]: c for c in doc["validity"]}
+    assert all(checks[n]["passed"] for n in ("sft_converged", "control:online_dpo_gold", "control:offline_dpo_gold",
+                                             "displacement:offline_dpo", "displacement:online_dpo_sft", "resolution",
+                                             "labels_informative"))
+    assert checks["control:online_dpo_gold"]["value"] == "+0.200 [+0.200, +0.200]"
+    text = (out / "report.md").read_text()
+    assert text.index("## Validity") < text.index("| task | policy | seeds |")  # the validity section comes first
+    assert read_csv(out / "validity.csv")[0]["check"] == "sft_converged"
+
+
+@pytest.mark.parametrize("case, failed", [
+    ({"online_gold": 0.5}, "control:online_dpo_gold"),  # the online oracle does not beat SFT
+    ({"offline_gold": 0.4}, "control:offline_dpo_gold"),
+    ({"controls": False}, "control:online_dpo_gold, control:offline_dpo_gold"),  # not run: not checked
+    ({"sft_extra": {"selection": {"candidates": [1.0, 2.0], "values": [2.0, 1.5], "selected": 2.0}}},
+     "sft_converged"),  # still improving at its last epoch
+])
+def test_a_failed_control_makes_the_policy_hypotheses_not_testable(tmp_path, case, failed):
+    result, out = run_report(tmp_path, study_inputs(tmp_path, **case), n_bootstrap=200)
+    doc = read_json(out / "report.json")
+    verdicts = {h["id"]: h["verdict"] for h in doc["hypotheses"]}
+    assert verdicts["H2"] == f"not testable ({failed} failed)"  # the interval alone would say "refuted"
+    assert verdicts["H5"] == "supported"  # a verifier effect: gated by the labels' ceiling, not the policy controls
+    assert "**FAIL**" in (out / "report.md").read_text()
+    assert "not testable" in (out / "hypotheses.md").read_text()
+    assert result.metrics[f"report/validity/gap/{failed.split(',')[0].replace(':', '_')}"] == 0.0
+
+
+def test_uninformative_labels_make_the_verifier_hypotheses_not_testable(tmp_path):
+    _, out = run_report(tmp_path, study_inputs(tmp_path, gap_extra={"ceiling": {"accuracy": 0.52, "loglik": -0.69}}),
+                        n_bootstrap=200)
+    verdicts = {h["id"]: h["verdict"] for h in read_json(out / "report.json")["hypotheses"]}
+    assert verdicts["H5"] == verdicts["H5b"] == "not testable (labels_informative failed)"
+    assert verdicts["H2"] == "refuted"
 
 
 def test_learning_curves_and_scale_plots_appear_when_the_run_varies_them(tmp_path):
