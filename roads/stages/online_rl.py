@@ -15,6 +15,9 @@ How it is wired:
   scores with :func:`roads.generation.reward_scores` (prompt + completion + EOS, the tokenisation the RM was trained
   on; TRL's own reward-model path omits the EOS) and is logged as ``rewards/verifier/mean``; with the gold reward it
   applies the task's r*(x, y) and is logged as ``rewards/gold/mean``.
+* **Response vocabulary**: the ids the SFT policy suppresses (``generation_config.suppress_tokens``, see
+  :func:`roads.models.restrict_vocab`) reach TRL's sampler as ``generation_kwargs`` — ``suppress_tokens`` for
+  transformers' ``generate``, ``allowed_token_ids`` for vLLM — so no sample contains one; the saved policy keeps them.
 * **Batch size**: ``batch_size`` counts completions per optimiser step. TRL needs the generation batch to hold whole
   prompt groups, so it is rounded *up* to a multiple of ``num_generations`` (8 with 4 generations → 2 prompts × 4).
   Under ``accelerate launch`` that is the global batch, split evenly over the processes.
@@ -41,7 +44,7 @@ from roads.settings import OnlineRlConfig, TaskConfig
 from roads.data import gold_reward_fn, task_of
 from roads.errors import ConfigError, DataError, RoadsError
 from roads.generation import reward_scores, vllm_problem
-from roads.models import load_policy, load_reward_model
+from roads.models import load_policy, load_reward_model, suppressed_tokens
 from roads.training import NullTracker, StageCallback, Tracker, per_device_batch, save_trained, train, trainer_args
 
 VERSION = 1
@@ -109,9 +112,24 @@ def group_batch_size(batch_size: int, num_generations: int) -> int:
     return math.ceil(batch_size / num_generations) * num_generations
 
 
-def rl_config(cfg: OnlineRlConfig, seed: int, output_dir: str):
+def restriction_kwargs(suppressed: list[int], vocab: int, use_vllm: bool) -> dict | None:
+    """TRL's ``generation_kwargs`` that keep the policy's response vocabulary (its ``suppress_tokens``): for
+    transformers' ``generate`` the ids to suppress, for vLLM's SamplingParams the ids below ``vocab`` it may sample;
+    None for an unrestricted policy."""
+    if not suppressed:
+        return None
+    if use_vllm:
+        out = set(suppressed)
+        return {"allowed_token_ids": [i for i in range(vocab) if i not in out]}
+    return {"suppress_tokens": sorted(set(suppressed))}
+
+
+def rl_config(cfg: OnlineRlConfig, seed: int, output_dir: str, suppressed: list[int] | None = None,
+              vocab: int | None = None):
     """TRL's RLOOConfig or GRPOConfig: the shared trainer arguments (less ``max_length``, which neither has) plus β,
-    the group size and the sampling settings."""
+    the group size and the sampling settings; with ``suppressed`` (the policy's ``suppress_tokens``) and ``vocab``
+    (its tokenizer's length), generation kwargs that keep those ids out of every sample (:func:`restriction_kwargs`;
+    transformers' ``generate`` would also read them from the model's generation config, vLLM would not)."""
     args = trainer_args(cfg, seed, output_dir)
     args.pop("max_length")
     args["per_device_train_batch_size"] = per_device_batch(group_batch_size(cfg.batch_size, cfg.num_generations),
@@ -123,6 +141,9 @@ def rl_config(cfg: OnlineRlConfig, seed: int, output_dir: str):
         if problem:
             raise RoadsError(f"{STAGE}.use_vllm: {problem}; or set {STAGE}.use_vllm=false")
         args.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    restriction = restriction_kwargs(suppressed or [], vocab or 0, cfg.use_vllm)
+    if restriction:
+        args["generation_kwargs"] = restriction
     return (RLOOConfig if cfg.algorithm == "rloo" else GRPOConfig)(**args)
 
 
@@ -148,7 +169,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     prompts, dropped = training_prompts(data, tokenizer, cfg)
     counts = {"completions": 0, "tokens_generated": 0}
     with tempfile.TemporaryDirectory() as scratch:
-        args = rl_config(cfg, spec.seed, scratch)
+        args = rl_config(cfg, spec.seed, scratch, suppressed_tokens(policy), len(tokenizer))
         if cfg.verifier == "gold":
             reward = gold_reward_func(task_of(data)[1])
         else:

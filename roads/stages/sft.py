@@ -4,6 +4,11 @@ Builds the policy from scratch (a byte-level BPE tokenizer trained on the task t
 starts from ``model.pretrained``. The result is the reference policy of every later stage. Output: the model and
 tokenizer (``save_pretrained``); with ``select: val_nll`` the epoch with the lowest held-out NLL on the data's
 ``sft_val.jsonl`` and ``selection.json`` (the curve and the choice).
+
+For a synthetic task with ``response_vocab: task`` the policy may sample only the tokens made of the task's response
+symbols (and EOS): the others are its ``generation_config.suppress_tokens``, saved with it and kept by every policy
+trained from it. ``sft/suppressed_mass``: the probability the trained policy puts on those tokens per response position
+of the held-out demonstrations (``sft_val.jsonl``, else ``sft.jsonl``).
 """
 
 from __future__ import annotations
