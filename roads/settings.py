@@ -62,6 +62,8 @@ class PrepareDataConfig(Strict):
     n_pairs: int = Field(2000, gt=0, description="training preference pairs")
     n_val_pairs: int = Field(200, gt=0, description="held-out preference pairs (on held-out prompts)")
     n_sft_val: int = Field(200, gt=0, description="held-out demonstrations (on held-out prompts): SFT's held-out NLL")
+    n_select_pairs: int = Field(200, ge=0, description="held-out pairs (on held-out prompts) for choosing "
+                                "hyperparameters (select_dpo); never reported")
     n_eval_prompts: int = Field(200, gt=0, description="held-out prompts for evaluate")
     demo_noise: float = Field(0.3, ge=0, le=1, description="per-symbol edit probability of the SFT demonstrator")
     behaviour_noise: float = Field(0.5, ge=0, le=1, description="per-symbol edit probability of the behaviour policy")

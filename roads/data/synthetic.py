@@ -208,6 +208,7 @@ def generate(
     behaviour_noise: float,
     bt_temperature: float,
     n_sft_val: int = 0,
+    n_select_pairs: int = 0,
 ) -> dict[str, list[dict]]:
     """All of a task's data, deterministic from ``seed``. Evaluation and validation prompts never occur in training.
 
@@ -274,10 +275,13 @@ def generate(
     used = seen | {r["prompt"] for r in sft} | {r["prompt"] for r in pairs_train}
     sft_val = [{"prompt": task.prompt(xs), "completion": task.response(task.demonstrate(xs, demo_noise, rng))}
                for xs in fresh_prompts(n_sft_val, used)]
+    # held-out pairs for choosing hyperparameters (never reported), drawn after everything else
+    pairs_select = pairs(fresh_prompts(n_select_pairs, used))
     return {
         "sft": sft,
         "sft_val": sft_val,
         "pairs_train": pairs_train,
         "pairs_val": pairs_val,
+        "pairs_select": pairs_select,
         "eval_prompts": [{"prompt": task.prompt(xs), "target": task.response(task.target(xs))} for xs in eval_xs],
     }

@@ -32,7 +32,7 @@ from roads.models import load_policy
 from roads.training import NullTracker, Tracker
 
 VERSION = 1
-COPIED = ("task.json", "sft.jsonl", "sft_val.jsonl", "pairs_val.jsonl", "eval_prompts.jsonl")
+COPIED = ("task.json", "sft.jsonl", "sft_val.jsonl", "pairs_val.jsonl", "pairs_select.jsonl", "eval_prompts.jsonl")
 
 
 def prefers_first(r1: float, r2: float, temperature: float, rng: random.Random) -> bool:
@@ -88,5 +88,5 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     }
     tracker.progress(f"{n} pairs, gold agreement {metrics['narrow_data/pairs_gold_agreement']:.2f}, "
                      f"ties {metrics['narrow_data/pairs_gold_ties']:.2f}, {tokens_generated} tokens")
-    return StageResult(metrics=metrics, files=["sft.jsonl", "sft_val.jsonl", "pairs_train.jsonl", "pairs_val.jsonl",
+    return StageResult(metrics=metrics, files=["sft.jsonl", "sft_val.jsonl", "pairs_select.jsonl", "pairs_train.jsonl", "pairs_val.jsonl",
                                                "eval_prompts.jsonl", "task.json", "budget.json"])

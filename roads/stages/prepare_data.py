@@ -2,7 +2,8 @@
 
 Synthetic tasks are generated from the seed (see ``roads.data.synthetic``); real preference data is loaded from a
 file or the hub, shuffled with the seed and split (held-out pairs and evaluation prompts never appear in training).
-Output folder: ``task.json``, ``sft.jsonl``, ``sft_val.jsonl`` (held-out demonstrations), ``pairs_train.jsonl``, ``pairs_val.jsonl``, ``eval_prompts.jsonl``,
+Output folder: ``task.json``, ``sft.jsonl``, ``sft_val.jsonl`` (held-out demonstrations), ``pairs_train.jsonl``, ``pairs_val.jsonl``, ``pairs_select.jsonl`` (held-out pairs for
+choosing hyperparameters, never reported), ``eval_prompts.jsonl``,
 and for synthetic tasks ``ceiling.json``: the labels' Bayes ceiling on ``pairs_val`` (the gold reward as a verifier,
 :func:`roads.verifiers.bayes_ceiling`) — {"split": "pairs_val", "tau" (the ``bt_temperature`` the labels were drawn
 with), "n_pairs", "accuracy", "loglik", "expected_accuracy", "expected_loglik", "tie_fraction"}.
@@ -24,7 +25,7 @@ from roads.verifiers import bayes_ceiling
 
 VERSION = 2
 CEILING_FILE = "ceiling.json"
-SPLITS = ("sft", "sft_val", "pairs_train", "pairs_val", "eval_prompts")
+SPLITS = ("sft", "sft_val", "pairs_train", "pairs_val", "pairs_select", "eval_prompts")
 
 
 def _real_splits(task: TaskConfig, cfg: PrepareDataConfig, seed: int) -> dict[str, list[dict]]:
@@ -46,6 +47,7 @@ def _real_splits(task: TaskConfig, cfg: PrepareDataConfig, seed: int) -> dict[st
         "pairs_train": train[: cfg.n_pairs],
         "pairs_val": held_rows[: cfg.n_val_pairs],
         "sft_val": [{"prompt": r["prompt"], "completion": r["chosen"]} for r in held_rows[-cfg.n_sft_val:]],
+        "pairs_select": held_rows[cfg.n_val_pairs:][: cfg.n_select_pairs],
         "eval_prompts": [{"prompt": p} for p in eval_prompts],
     }
 
@@ -68,6 +70,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             behaviour_noise=cfg.behaviour_noise,
             bt_temperature=cfg.bt_temperature,
             n_sft_val=cfg.n_sft_val,
+            n_select_pairs=cfg.n_select_pairs,
         )
     write_json(out_dir / "task.json", {"name": spec.task_name, **task.model_dump()})
     for name in SPLITS:

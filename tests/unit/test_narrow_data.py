@@ -15,7 +15,7 @@ from roads.errors import RoadsError
 from roads.runner import execute
 from roads.stages.narrow_data import COPIED, label_pairs, prefers_first
 
-DATA_FILES = ("task.json", "sft.jsonl", "sft_val.jsonl", "pairs_train.jsonl", "pairs_val.jsonl", "eval_prompts.jsonl")
+DATA_FILES = ("task.json", "sft.jsonl", "sft_val.jsonl", "pairs_select.jsonl", "pairs_train.jsonl", "pairs_val.jsonl", "eval_prompts.jsonl")
 
 
 def narrow_spec(seed: int = 0, **params) -> StageSpec:

@@ -229,9 +229,13 @@ def test_generate_deterministic_from_seed(task):
 
 @pytest.mark.parametrize("task", [GAP, SHORT, HIDDEN], ids=lambda t: t.family)
 def test_generate_sizes_fields_and_held_out_prompts(task):
-    data = small_data(task, seed=0, n_sft=120, n_pairs=90, n_val_pairs=30, n_eval_prompts=40, n_sft_val=25)
+    data = small_data(task, seed=0, n_sft=120, n_pairs=90, n_val_pairs=30, n_eval_prompts=40, n_sft_val=25,
+                      n_select_pairs=15)
     assert {k: len(v) for k, v in data.items()} == {"sft": 120, "sft_val": 25, "pairs_train": 90, "pairs_val": 30,
-                                                   "eval_prompts": 40}
+                                                   "pairs_select": 15, "eval_prompts": 40}
+    select = {r["prompt"] for r in data["pairs_select"]}
+    assert not select & ({r["prompt"] for r in data["sft"] + data["sft_val"] + data["pairs_train"]
+                          + data["pairs_val"] + data["eval_prompts"]})
     sft_val = {r["prompt"] for r in data["sft_val"]}
     assert all(set(r) == {"prompt", "completion"} for r in data["sft_val"])
     assert not sft_val & ({r["prompt"] for r in data["sft"]} | {r["prompt"] for r in data["pairs_train"]})
