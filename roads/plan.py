@@ -71,7 +71,7 @@ def build_plan(study: Study) -> list[Node]:
 
             def add(node_id: str, spec: StageSpec, inputs: dict[str, str]) -> None:
                 nodes.append(Node(f"{unit}/{node_id}", spec, {k: f"{unit}/{v}" for k, v in inputs.items()}))
-                if STAGES[spec.stage].kind == "measure":
+                if STAGES[spec.stage].kind in ("measure", "select"):
                     reported.append(nodes[-1].id)
 
             for entry in entries:

@@ -133,13 +133,15 @@ class DpoConfig(TrainConfig):
         "sigmoid", description="TRL DPO loss; 'rpo' is DPO plus the chosen response's NLL (RPO: TRL's loss_type "
                                "['sigmoid', 'sft'], weights [1, rpo_alpha])")
     rpo_alpha: float = Field(1.0, gt=0, description="rpo: the weight of the chosen response's NLL term")
+    select: str = Field("", description="a select_dpo entry: take β, loss and lr from the choice of its rule (the "
+                                        "same for both roads); empty: the settings here")
     precompute_ref: bool = Field(True, description="compute the reference's log-probs once before training (TRL's "
                                  "precompute_ref_log_probs), shared by DPO runs on the same pairs and reference; "
                                  "false: once per step, as TRL does by default")
 
 
 # the DpoConfig fields online_dpo takes from offline_dpo when it does not set them (the test says which)
-DPO_SHARED = ("beta", "loss_type", "rpo_alpha", "lr", "epochs", "batch_size", "precompute_ref")
+DPO_SHARED = ("beta", "loss_type", "rpo_alpha", "lr", "epochs", "batch_size", "precompute_ref", "select")
 
 
 class OfflineDpoConfig(DpoConfig):
@@ -148,6 +150,29 @@ class OfflineDpoConfig(DpoConfig):
     labels: Literal["data", "gold"] = Field(
         "data", description="data: the pairs' own (noisy) labels; gold: the same pairs ordered by the gold reward "
                             "without noise, ties left out (the offline road's positive control)")
+
+
+class SelectDpoConfig(TrainConfig):
+    """The rule that chooses the DPO settings both roads share (``roads/stages/select_dpo.py``): every candidate of
+    ``betas × losses × lrs`` trained as offline DPO, the best held-out implicit-reward log-likelihood on
+    ``pairs_select`` among those passing the guards. Epochs, batch size, rpo_alpha and precompute_ref come from
+    ``offline_dpo`` unless set here."""
+
+    data: str = data_field()
+    pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs")
+    betas: list[float] = Field([0.1], min_length=1, description="candidate DPO β")
+    losses: list[Literal["sigmoid", "rpo", "ipo", "hinge", "apo_zero", "sigmoid_norm"]] = Field(
+        ["sigmoid", "rpo"], min_length=1, description="candidate DPO losses")
+    lrs: list[float] = Field([5e-5, 5e-4], min_length=1, description="candidate learning rates")
+    rpo_alpha: float = Field(1.0, gt=0, description="rpo: the weight of the chosen response's NLL term")
+    precompute_ref: bool = Field(True, description="compute the reference's log-probs once (shared between "
+                                                   "candidates)")
+    max_chosen_logp_fall: float = Field(0.0, ge=0, description="guard: nats the held-out chosen log-likelihood "
+                                                               "may fall")
+    max_kl: float = Field(2.0, gt=0, description="guard: the most KL(π‖π_SFT) on the selection prompts, in nats")
+    kl_prompts: int = Field(100, gt=0, description="selection prompts sampled for the KL guard")
+    kl_samples: int = Field(2, gt=0, description="samples per prompt for the KL guard")
+    max_new_tokens: int = Field(16, gt=0, description="generation limit of the KL samples")
 
 
 class SftChosenConfig(TrainConfig):

@@ -14,9 +14,11 @@ Roles (what an entry's output can serve as, matched against an input's ``accepts
   start from, and the reference of every DPO/RL road;
 - ``policy``: a policy ``evaluate`` scores (every policy is evaluated once per unit);
 - ``trainable``: a policy that can be trained further (``online_dpo.start``); composed policies are not;
-- ``verifier``: something that scores responses (``verifier.json`` in its output).
+- ``verifier``: something that scores responses (``verifier.json`` in its output);
+- ``selection``: settings chosen by a rule (``select_dpo``), read by the stages that name it in ``select``.
 
-Kinds: ``data``, ``policy``, ``verifier``, ``measure`` (reads policies and verifiers: ``evaluate``, ``measure_gap``; the
+Kinds: ``data``, ``policy``, ``verifier``, ``select`` (chooses settings by a rule; the report shows the choice),
+``measure`` (reads policies and verifiers: ``evaluate``, ``measure_gap``; the
 report's inputs) and ``report``.
 """
 
@@ -27,10 +29,11 @@ from typing import Any
 
 from roads.settings import (DPO_SHARED, EvaluateConfig, GenRmConfig, IvlConfig, LocalRmConfig, MeasureGapConfig,
                             NarrowDataConfig, OfflineDpoConfig, OnlineDpoConfig, OnlineRlConfig, PrepareDataConfig,
-                            QSftConfig, ReportConfig, RewardModelConfig, SftChosenConfig, SftConfig, Strict)
+                            QSftConfig, ReportConfig, RewardModelConfig, SelectDpoConfig, SftChosenConfig, SftConfig,
+                            Strict)
 
-KINDS = ("data", "policy", "verifier", "measure", "report")
-ROLES = ("data", "base", "policy", "trainable", "verifier")
+KINDS = ("data", "policy", "verifier", "select", "measure", "report")
+ROLES = ("data", "base", "policy", "trainable", "verifier", "selection")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ DATA = Input("data", setting="data", default="prepare_data")
 FIRST_DATA = Input("data", default="prepare_data")  # stages without a `data` setting read the task's own data
 START = Input("base", setting="start", default="sft")
 REFERENCE = Input("base", default="sft")
+SELECTION = Input("selection", setting="select", absent=("",))  # the DPO settings chosen by a select_dpo entry
 
 # The order is the one `roads show` and `--help` list; a study's own order is its pipeline's `stages`.
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -77,11 +81,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           launchable=True),
     Stage("local_rm", LocalRmConfig, "verifier", roles=("verifier",), inputs={"data": DATA, "sft": START}),
     Stage("genrm", GenRmConfig, "verifier", roles=("verifier",), inputs={"data": DATA, "sft": START}),
+    Stage("select_dpo", SelectDpoConfig, "select", roles=("selection",), inputs={"data": DATA, "sft": REFERENCE},
+          shares=("offline_dpo", ("epochs", "batch_size", "rpo_alpha", "precompute_ref"))),
     Stage("offline_dpo", OfflineDpoConfig, "policy", roles=("policy", "trainable", "verifier"),
-          inputs={"data": DATA, "sft": REFERENCE}, launchable=True),
+          inputs={"data": DATA, "sft": REFERENCE, "selection": SELECTION}, launchable=True),
     Stage("online_dpo", OnlineDpoConfig, "policy", roles=("policy", "trainable", "verifier"),
           inputs={"data": DATA, "reference": REFERENCE, "start": Input("trainable", setting="start", default="sft"),
-                  "verifier": Input("verifier", setting="verifier", absent=("gold",))},
+                  "verifier": Input("verifier", setting="verifier", absent=("gold",)), "selection": SELECTION},
           shares=("offline_dpo", DPO_SHARED)),
     Stage("online_rl", OnlineRlConfig, "policy", roles=("policy", "trainable"),
           inputs={"data": FIRST_DATA, "reference": REFERENCE,

@@ -194,3 +194,39 @@ def write_markdown(checks_: list[Check], classes: dict[str, str]) -> list[str]:
     n_fail = sum(not c.passed for c in checks_)
     lines += ["", f"{len(checks_) - n_fail} of {len(checks_)} checks pass." if checks_ else "No checks (no tasks)."]
     return lines
+
+
+def selection_lines(evaluate_info: dict[tuple[str, str], list[dict]], select_folders: dict[str, Path], cfg) -> list[str]:
+    """The report's "chosen by rule" section: SFT's epochs by held-out NLL (the curve), and each select_dpo
+    output's candidates, criterion, guards and choice — per task and seed."""
+    lines: list[str] = []
+    sft = sorted(((t, i) for (t, p), infos in evaluate_info.items() if p == cfg.validity.reference for i in infos
+                  if i.get("selection")), key=lambda x: (x[0], x[1]["seed"]))
+    if sft:
+        lines += ["", "## Settings chosen by rule (never by the gold reward)", "",
+                  f"**{cfg.validity.reference} epochs**: the epoch with the lowest held-out NLL (per completion token, "
+                  "on `sft_val.jsonl`).", "", "| task | seed | chosen | held-out NLL by epoch |", "|---|---:|---:|---|"]
+        for task, info in sft:
+            s = info["selection"]
+            curve = ", ".join(f"{e:g}: {v:.3f}" for e, v in zip(s["candidates"], s["values"]))
+            lines.append(f"| {task} | {info['seed']} | {s['selected']:g} | {curve} |")
+    docs = []
+    for folder in select_folders.values():
+        doc = read_json(Path(folder) / "dpo_selection.json")
+        meta = read_json(Path(folder) / "select.json") if (Path(folder) / "select.json").is_file() else {}
+        docs.append((meta.get("task", "?"), meta.get("seed", 0), doc))
+    if docs:
+        g = docs[0][2]["guards"]
+        lines += ["", "**DPO settings of both roads** (`select_dpo`): the highest held-out implicit-reward "
+                  f"log-likelihood on `pairs_select.jsonl` among the candidates whose held-out chosen log-likelihood "
+                  f"falls by at most {g['max_chosen_logp_fall']:g} nats and whose KL to SFT is at most "
+                  f"{g['max_kl']:g} nats.", "",
+                  "| task | seed | β | loss | lr | held-out log-lik | chosen log-lik change | KL | guards | chosen |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
+        for task, seed, doc in sorted(docs, key=lambda x: (x[0], x[1])):
+            for c in doc["candidates"]:
+                pick = all(c[k] == doc["selected"][k] for k in ("beta", "loss_type", "lr"))
+                lines.append(f"| {task} | {seed} | {c['beta']:g} | {c['loss_type']} | {c['lr']:g} | "
+                             f"{c['val_loglik']:.4f} | {c['chosen_logp_change']:+.3f} | {c['kl']:.3f} | "
+                             f"{'pass' if c['passed'] else 'fail'} | {'**chosen**' if pick else ''} |")
+    return lines

@@ -13,7 +13,7 @@ from pathlib import Path
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
 from roads.config import StageSpec
 from roads.settings import OfflineDpoConfig
-from roads.dpo_trainer import train_dpo
+from roads.dpo_trainer import selected_settings, train_dpo
 from roads.errors import DataError
 from roads.training import NullTracker, Tracker, first_fraction
 
@@ -39,6 +39,9 @@ def gold_labelled(pairs: list[dict]) -> list[dict]:
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: OfflineDpoConfig = spec.config()
+    if "selection" in inputs:  # β, loss and lr chosen by the select_dpo rule (the same for both roads)
+        cfg = cfg.model_copy(update=selected_settings(inputs["selection"].path))
+        tracker.progress(f"DPO settings chosen by {cfg.select}: beta {cfg.beta:g}, loss {cfg.loss_type}, lr {cfg.lr:g}")
     pairs = first_fraction(read_jsonl(Path(inputs["data"].path) / "pairs_train.jsonl"), cfg.pair_fraction)
     if cfg.labels == "gold":
         pairs = gold_labelled(pairs)

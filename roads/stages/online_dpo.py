@@ -19,7 +19,7 @@ from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, wr
 from roads.config import StageSpec
 from roads.settings import OnlineDpoConfig
 from roads.data import gold_of
-from roads.dpo_trainer import train_dpo
+from roads.dpo_trainer import selected_settings, train_dpo
 from roads.errors import RoadsError, TrainingError
 from roads.generation import sample, sample_vllm
 from roads.models import load_policy
@@ -56,6 +56,9 @@ def online_prompts(data: Path, multiplier: int, pair_fraction: float = 1.0) -> l
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: OnlineDpoConfig = spec.config()
+    if "selection" in inputs:  # β, loss and lr chosen by the select_dpo rule (the same for both roads)
+        cfg = cfg.model_copy(update=selected_settings(inputs["selection"].path))
+        tracker.progress(f"DPO settings chosen by {cfg.select}: beta {cfg.beta:g}, loss {cfg.loss_type}, lr {cfg.lr:g}")
     data = Path(inputs["data"].path)
     task_name, gold = gold_of(data)
     prompts = online_prompts(data, cfg.prompt_multiplier, cfg.pair_fraction)

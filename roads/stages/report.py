@@ -42,6 +42,7 @@ from roads.config import StageSpec
 from roads.settings import ReportConfig
 from roads.stage_table import GOLD_METRICS as GOLD_METRICS_OF_TABLE, POLICY_METRICS
 from roads.errors import DataError
+from roads.dpo_trainer import SELECTION_FILE
 from roads.hypotheses import HYPOTHESES, gated_verdict
 from roads.training import NullTracker, Tracker
 from roads import validity
@@ -303,7 +304,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     if not inputs:
         raise DataError("report: no evaluate or gap outputs to report on")
     gap_inputs = {name: Path(ref.path) for name, ref in inputs.items() if is_gap_output(ref.path)}
-    groups = load_groups({name: ref for name, ref in inputs.items() if name not in gap_inputs})
+    select_inputs = {name: Path(ref.path) for name, ref in inputs.items() if (Path(ref.path) / SELECTION_FILE).is_file()}
+    groups = load_groups({name: ref for name, ref in inputs.items() if name not in gap_inputs | select_inputs})
     gap = load_gap(gap_inputs)
     first_seen = list(dict.fromkeys([*(task for task, _ in groups), *gap.info]))
     tasks = sorted(first_seen, key=task_key)  # stable: first-seen order within a family
@@ -333,7 +335,9 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     vrows, vdiffs, brows = verifier_rows(gap, cfg), verifier_diffs(gap, cfg), bon_rows(gap, cfg)
     summary = gap_summary(gap, vdiffs, brows, lambda task: policy_effect(task, cfg.contrast, cfg.baseline))
     # validity first: could this run detect the effect? (roads/validity.py)
-    einfo = validity.evaluate_infos({n: Path(r.path) for n, r in inputs.items() if n not in gap_inputs})
+    einfo = validity.evaluate_infos({n: Path(r.path) for n, r in inputs.items()
+                                     if n not in gap_inputs | select_inputs})
+    chosen = validity.selection_lines(einfo, select_inputs, cfg)
     classes = {}
     for task in tasks:
         family = next((i[0].get("family") for (t, _), i in einfo.items() if t == task and i[0].get("family")), None)
@@ -362,7 +366,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
                   and g.policy_stage not in (None, "sft")]
 
     files = list(FILES)
-    write_markdown(out_dir / "report.md", rows, pairs, cfg, validity.write_markdown(checks, classes))
+    write_markdown(out_dir / "report.md", rows, pairs, cfg, validity.write_markdown(checks, classes) + chosen)
     with open(out_dir / "validity.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["task", "class", "check", "value", "threshold", "passed", "gates"])

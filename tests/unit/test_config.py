@@ -509,7 +509,7 @@ def test_the_old_name_arms_says_it_is_now_variants(tmp_path):
 def test_online_dpo_shares_only_the_dpo_objective_and_optimiser_with_offline_dpo():
     from roads.settings import DPO_SHARED
 
-    assert DPO_SHARED == ("beta", "loss_type", "rpo_alpha", "lr", "epochs", "batch_size", "precompute_ref")
+    assert DPO_SHARED == ("beta", "loss_type", "rpo_alpha", "lr", "epochs", "batch_size", "precompute_ref", "select")
     shared = {"beta": 0.3, "loss_type": "rpo", "rpo_alpha": 0.5, "lr": 1e-4, "epochs": 3.0, "batch_size": 8,
               "precompute_ref": False}
     own = {"pair_fraction": 0.5, "data": "narrow_data", "max_length": 32, "logging_steps": 3}

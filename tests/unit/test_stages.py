@@ -296,3 +296,39 @@ def test_sft_chooses_its_epoch_by_held_out_nll(tmp_path):
                          train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(selection["values"][best], rel=1e-4)
+
+
+def test_the_dpo_rule_chooses_by_held_out_loglik_within_the_guards():
+    """The selection rule on constructed candidates: the best criterion among those that pass both guards."""
+    from roads.stages.select_dpo import choose
+
+    c = [{"val_loglik": -0.60, "chosen_logp_change": 0.1, "kl": 0.5},   # passes
+         {"val_loglik": -0.50, "chosen_logp_change": -0.4, "kl": 0.5},  # best criterion, displaces the chosen
+         {"val_loglik": -0.55, "chosen_logp_change": 0.0, "kl": 3.0},   # over-optimised
+         {"val_loglik": -0.58, "chosen_logp_change": 0.2, "kl": 1.0}]   # passes, better than the first
+    assert choose(c, 0.0, 2.0) == (3, True)
+    assert choose(c, 0.5, 2.0) == (1, True)  # a looser guard admits the displacing candidate
+    assert choose(c[1:3], 0.0, 2.0) == (0, False)  # none passes: the least violation (0.4 < 1.0)
+    assert choose([c[0], dict(c[0])], 0.0, 2.0) == (0, True)  # ties: the first in grid order
+
+
+def test_select_dpo_chooses_settings_that_both_roads_then_use(gap, gap_nodes, tmp_path):
+    from roads.dpo_trainer import selected_settings
+
+    extra = ["select_dpo.lrs=[5e-5, 5e-3]", "select_dpo.losses=[sigmoid]", "select_dpo.kl_prompts=4",
+             "select_dpo.max_new_tokens=6", "prepare_data.n_select_pairs=8", "offline_dpo.select=select_dpo",
+             "pipeline.stages=[prepare_data, sft, reward_model, select_dpo, offline_dpo, online_dpo_sft, evaluate]",
+             "online_dpo.k=2", "online_dpo.max_new_tokens=4"]
+    nodes = {n.id: n for n in build_plan(load_study(PIPELINES, "smoke", SMALL + extra))}
+    assert nodes["gap/seed0/offline_dpo"].inputs["selection"] == "gap/seed0/select_dpo"
+    assert nodes["gap/seed0/online_dpo_sft"].inputs["selection"] == "gap/seed0/select_dpo"  # shared by both roads
+    data = execute(nodes["gap/seed0/prepare_data"].spec, {}, tmp_path)
+    sft = execute(nodes["gap/seed0/sft"].spec, {"data": data.artifact}, tmp_path)
+    sel = execute(nodes["gap/seed0/select_dpo"].spec, {"data": data.artifact, "sft": sft.artifact}, tmp_path)
+    doc = read_json(Path(sel.artifact.path) / "dpo_selection.json")
+    assert [c["lr"] for c in doc["candidates"]] == [5e-5, 5e-3] and doc["selection_pairs"] == 8
+    assert all(math.isfinite(c[k]) for c in doc["candidates"] for k in ("val_loglik", "chosen_logp_change", "kl"))
+    assert doc["selected"] == selected_settings(sel.artifact.path)
+    offline = execute(nodes["gap/seed0/offline_dpo"].spec, {"data": data.artifact, "sft": sft.artifact,
+                                                            "selection": sel.artifact}, tmp_path)
+    assert read_json(Path(offline.artifact.path) / "verifier.json")["beta"] == doc["selected"]["beta"]
