@@ -9,6 +9,13 @@ then pairs). A positive gap says the pairs are explained better by a separate ve
 likelihood ratio: verifying is the easier function to learn from this data. Beside it: how much of the gold
 best-of-N headroom each verifier recovers from SFT samples, and the online − offline DPO difference it is meant to
 explain.
+
+**Validity numbers** (where ``measure_gap`` wrote them; older gap outputs simply lack the columns): the verifier
+table sets the labels' Bayes ceiling (verifier ``gold``: r*/τ on the same held-out pairs) beside every learnt
+verifier, with each verifier's headroom = (value − chance)/(ceiling − chance), a ratio of means paired by pair and
+bootstrapped like the rest, and its on-policy accuracy on pairs of the first policy's samples ordered by r*. The
+validity table per task: the ceiling, the Spearman correlation of log π_SFT with r*, each policy's greedy gold reward,
+and the relative gap (Song et al. 2024) = the best-of-N headroom with its interval.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from roads.errors import DataError
 from roads.hypotheses import HYPOTHESES, verdict
 from roads.metrics import bootstrap_interval, group_rng
 
-GAP_FILES = ("gap.json", "verifier_pairs.jsonl", "best_of_n.jsonl")
+GAP_FILES = ("gap.json", "verifier_pairs.jsonl", "best_of_n.jsonl")  # required; onpolicy_pairs.jsonl is read if there
+GOLD = "gold"
+CHANCE_ACCURACY, CHANCE_LOGLIK = 0.5, -float(np.log(2.0))
 KIND_ORDER = ("global", "local", "implicit", "gold")
 KIND_LABEL = {"global": "global RM", "local": "local RM", "implicit": "DPO implicit", "gold": "gold (upper bound)"}
 VERIFIER_DIFFS = (("global", "implicit"), ("global", "local"), ("local", "implicit"))
@@ -66,6 +75,9 @@ class GapData:
     ns: dict[str, list[int]] = field(default_factory=dict)
     verifiers: dict[tuple[str, str], Series] = field(default_factory=dict)  # (task, verifier) -> [correct, loglik]
     bon: dict[tuple[str, str, str], Series] = field(default_factory=dict)  # (task, policy, verifier) -> curve
+    infos: dict[str, list[dict]] = field(default_factory=dict)  # task -> the gap.json of every seed
+    # (task, verifier) -> on-policy pairs [correct, expected_correct, loglik, label_p] (NaN where τ was unknown)
+    onpolicy: dict[tuple[str, str], Series] = field(default_factory=dict)
 
 
 def load_gap(folders: dict[str, Path]) -> GapData:
@@ -83,6 +95,7 @@ def load_gap(folders: dict[str, Path]) -> GapData:
         if data.ns.setdefault(task, ns) != ns:
             raise DataError(f"report: task {task!r} has gap outputs with different N grids ({data.ns[task]} and {ns})")
         data.info.setdefault(task, info)
+        data.infos.setdefault(task, []).append(info)
         rows: dict[str, list[dict]] = {}
         for r in read_jsonl(folder / "verifier_pairs.jsonl"):
             rows.setdefault(r["verifier"], []).append(r)
@@ -99,6 +112,16 @@ def load_gap(folders: dict[str, Path]) -> GapData:
             if values.shape[1] != len(ns):
                 raise DataError(f"{folder / 'best_of_n.jsonl'}: curves have {values.shape[1]} points, ns has {len(ns)}")
             data.bon.setdefault((task, policy, verifier), Series()).add(seed, ids, values, f"{task}/{policy}/{verifier}")
+        pairs: dict[str, list[dict]] = {}
+        if (folder / "onpolicy_pairs.jsonl").is_file():
+            for r in read_jsonl(folder / "onpolicy_pairs.jsonl"):
+                pairs.setdefault(r["verifier"], []).append(r)
+        num = lambda v: np.nan if v is None else float(v)  # noqa: E731
+        for verifier, pr in pairs.items():
+            ids = np.array([r["pair_index"] for r in pr], dtype=np.int64)
+            values = np.array([[num(r["correct"]), num(r["expected_correct"]), num(r["loglik"]), num(r["label_p"])]
+                               for r in pr], dtype=np.float64)
+            data.onpolicy.setdefault((task, verifier), Series()).add(seed, ids, values, f"{task}/onpolicy/{verifier}")
     return data
 
 
@@ -117,6 +140,59 @@ def paired_series(a: Series, b: Series) -> Series:
         if len(common):
             out.seeds[seed] = (common, va[ja] - vb[jb])
     return out
+
+
+def ratio_interval(num: Series, den: Series, cfg, *labels: str) -> Optional[dict]:
+    """mean(num)/mean(den) — means over seeds of means over the items both have (paired by id) — with the
+    hierarchical bootstrap of :func:`roads.metrics.bootstrap_interval` (seeds, then items, numerator and denominator
+    drawn together); None when the denominator is not positive."""
+    per_seed = []
+    for seed in sorted(set(num.seeds) & set(den.seeds)):
+        (i_n, v_n), (i_d, v_d) = num.seeds[seed], den.seeds[seed]
+        common, jn, jd = np.intersect1d(i_n, i_d, return_indices=True)
+        if len(common):
+            per_seed.append((np.asarray(v_n, np.float64)[jn].reshape(-1), np.asarray(v_d, np.float64)[jd].reshape(-1)))
+    if not per_seed or any(np.isnan(a).any() or np.isnan(b).any() for a, b in per_seed):
+        return None
+    top = float(np.mean([a.mean() for a, _ in per_seed]))
+    bottom = float(np.mean([b.mean() for _, b in per_seed]))
+    if not bottom > 1e-12:
+        return None
+    rng = group_rng(cfg.bootstrap_seed, *labels)
+    n_seeds, draws = len(per_seed), cfg.n_bootstrap
+    chosen = rng.integers(0, n_seeds, size=(draws, n_seeds))
+    nums, dens = np.empty((draws, n_seeds)), np.empty((draws, n_seeds))
+    for s, (a, b) in enumerate(per_seed):  # each (replicate, slot) gets its own draw of the seed's items
+        index = rng.integers(0, len(a), size=(draws, n_seeds, len(a)))
+        mask = chosen == s
+        nums[mask], dens[mask] = a[index].mean(-1)[mask], b[index].mean(-1)[mask]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stats = nums.mean(1) / dens.mean(1)
+    stats = stats[np.isfinite(stats)]
+    alpha = (1 - cfg.confidence) / 2
+    lo, hi = np.quantile(stats, [alpha, 1 - alpha]) if len(stats) else (np.nan, np.nan)
+    return {"mean": round(top / bottom, 6), "lo": round(float(lo), 6), "hi": round(float(hi), 6)}
+
+
+def column(series: Series, j: int, shift: float = 0.0) -> Series:
+    """Column ``j`` of a series, minus ``shift``."""
+    out = Series()
+    for seed, (ids, values) in series.seeds.items():
+        out.seeds[seed] = (ids, values[:, j] - shift)
+    return out
+
+
+def mapped(series: Series, fn: Callable[[np.ndarray], np.ndarray]) -> Series:
+    out = Series()
+    for seed, (ids, values) in series.seeds.items():
+        out.seeds[seed] = (ids, fn(values))
+    return out
+
+
+def seed_mean(values: list) -> Optional[float]:
+    """The mean of the numbers among ``values`` (one per seed), or None."""
+    values = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return round(float(np.mean(values)), 6) if values else None
 
 
 def cell(point, lo, hi, i: int) -> dict:
@@ -142,13 +218,35 @@ def canonical(data: GapData, task: str, kind: str) -> Optional[str]:
 
 
 def verifier_rows(data: GapData, cfg) -> list[dict]:
+    """One row per (task, verifier) on the held-out pairs, the Bayes ceiling (verifier ``gold``) among them where the
+    gap outputs carry it. Beside accuracy and log-likelihood: ``accuracy_headroom`` / ``loglik_headroom`` =
+    Σ(value − chance)/Σ(ceiling − chance) over the same pairs (chance ½ and log ½; None without a ceiling), and on
+    the on-policy pairs ``onpolicy_accuracy`` (agreement with the gold order), ``onpolicy_loglik`` (expected under
+    the labels' τ) and ``onpolicy_accuracy_headroom`` (expected accuracy against the expected ceiling)."""
     rows = []
     for (task, verifier), series in data.verifiers.items():
         point, lo, hi = interval(series, cfg, task, "verifier", verifier)
         meta = verifier_meta(data, task, verifier)
-        rows.append({"task": task, "verifier": verifier, "kind": meta["kind"], "parameters": meta.get("parameters"),
-                     "train_examples": meta.get("train_examples"), "seeds": sorted(series.seeds),
-                     "accuracy": cell(point, lo, hi, 0), "loglik": cell(point, lo, hi, 1)})
+        row = {"task": task, "verifier": verifier, "kind": meta["kind"], "parameters": meta.get("parameters"),
+               "train_examples": meta.get("train_examples"), "seeds": sorted(series.seeds),
+               "accuracy": cell(point, lo, hi, 0), "loglik": cell(point, lo, hi, 1),
+               "accuracy_headroom": None, "loglik_headroom": None,
+               "onpolicy_accuracy": None, "onpolicy_loglik": None, "onpolicy_accuracy_headroom": None}
+        ceiling = data.verifiers.get((task, GOLD))
+        if ceiling is not None and verifier != GOLD:
+            for j, name, chance in ((0, "accuracy_headroom", CHANCE_ACCURACY), (1, "loglik_headroom", CHANCE_LOGLIK)):
+                row[name] = ratio_interval(column(series, j, chance), column(ceiling, j, chance), cfg, task,
+                                           "headroom", verifier, name)
+        on = data.onpolicy.get((task, verifier))
+        if on is not None:
+            point, lo, hi = interval(on, cfg, task, "onpolicy", verifier)
+            row["onpolicy_accuracy"] = cell(point, lo, hi, 0)
+            if all(np.isfinite(v[:, 1:]).all() for _, v in on.seeds.values()):
+                row["onpolicy_loglik"] = cell(point, lo, hi, 2)
+                row["onpolicy_accuracy_headroom"] = ratio_interval(
+                    column(on, 1, CHANCE_ACCURACY), column(on, 3, CHANCE_ACCURACY), cfg, task, "onpolicy-headroom",
+                    verifier)
+        rows.append(row)
     return rows
 
 
@@ -170,15 +268,24 @@ def verifier_diffs(data: GapData, cfg) -> list[dict]:
 
 
 def bon_rows(data: GapData, cfg) -> list[dict]:
+    """One row per (task, policy, verifier): the best-of-N curve, and ``relative_gap`` (Song et al. 2024) =
+    Σ(pick at the largest N − a random sample) / the same for the gold reward, over the same prompts (None for the
+    gold row and without one)."""
+    gain = lambda v: v[:, -1] - v[:, 0]  # noqa: E731
     rows = []
     for (task, policy, verifier), series in data.bon.items():
         point, lo, hi = interval(series, cfg, task, "bon", policy, verifier)
         meta = verifier_meta(data, task, verifier)
         pmeta = data.info[task].get("policies", {}).get(policy, {})
+        gold = data.bon.get((task, policy, GOLD))
+        relative = None
+        if gold is not None and verifier != GOLD:
+            relative = ratio_interval(mapped(series, gain), mapped(gold, gain), cfg, task, "relative-gap", policy,
+                                      verifier)
         rows.append({"task": task, "policy": policy, "verifier": verifier, "kind": meta["kind"],
                      "verifier_parameters": meta.get("parameters"), "policy_parameters": pmeta.get("parameters"),
                      "ns": data.ns[task], "seeds": sorted(series.seeds),
-                     "curve": [cell(point, lo, hi, i) for i in range(len(data.ns[task]))]})
+                     "curve": [cell(point, lo, hi, i) for i in range(len(data.ns[task]))], "relative_gap": relative})
     return rows
 
 
@@ -206,16 +313,44 @@ def gap_summary(data: GapData, vdiffs: list[dict], brows: list[dict],
             base = curves.get("gold", next(iter(curves.values())))[0]["mean"]  # N = 1: a random sample
             row["bon_at_1"] = base
             gold_top = curves["gold"][-1]["mean"] if "gold" in curves else None
+            relative = {r["verifier"]: r.get("relative_gap") for r in brows
+                        if r["task"] == task and r["policy"] == policy}
             for kind in ("gold", "global", "local", "implicit"):
                 v = "gold" if kind == "gold" else canonical(data, task, kind)
                 if v in curves:
                     row[f"bon_{kind}"] = curves[v][-1]
                     if gold_top is not None and gold_top > base and kind != "gold":
                         row[f"headroom_{kind}"] = round((curves[v][-1]["mean"] - base) / (gold_top - base), 4)
+                    if kind != "gold" and relative.get(v) is not None:
+                        row[f"relative_gap_{kind}"] = relative[v]
+        row.update(validity(data, task))
         effect = online_effect(task)
         if effect is not None:
             row["online_minus_offline"] = effect
         out.append(row)
+    return out
+
+
+def validity(data: GapData, task: str) -> dict:
+    """The validity numbers of a task's gap outputs, each the mean over seeds of what ``measure_gap`` wrote (absent
+    keys where no seed has them): ``ceiling_*`` (the labels' Bayes ceiling on the held-out pairs: realised accuracy
+    and log-likelihood, their expectations over the label noise, tie fraction, τ), ``likelihood_spearman`` /
+    ``likelihood_spearman_within`` (ρ of log π_SFT with r*, pooled / mean within prompts) and ``greedy_gold``
+    ({policy: mean gold reward of its greedy output})."""
+    infos = data.infos.get(task, [])
+    out: dict = {}
+    for key in ("accuracy", "loglik", "expected_accuracy", "expected_loglik", "tie_fraction", "tau"):
+        value = seed_mean([(i.get("ceiling") or {}).get(key) for i in infos])
+        if value is not None:
+            out[f"ceiling_{key}"] = value
+    for key, name in (("pooled", "likelihood_spearman"), ("within_prompt_mean", "likelihood_spearman_within")):
+        value = seed_mean([(i.get("likelihood_spearman") or {}).get(key) for i in infos])
+        if value is not None:
+            out[name] = value
+    greedy = {p: seed_mean([(i.get("greedy_gold") or {}).get(p) for i in infos])
+              for p in dict.fromkeys(p for i in infos for p in (i.get("greedy_gold") or {}))}
+    if greedy:
+        out["greedy_gold"] = greedy
     return out
 
 
@@ -297,12 +432,40 @@ def write_gap_markdown(path: Path, summary: list[dict], vrows: list[dict], vdiff
         lines.append(f"| {r['task']} | {_fmt(r.get('loglik_global_minus_implicit'))} | "
                      f"{_fmt(r.get('loglik_global_minus_local'))} | {acc} | {head} | "
                      f"{_fmt(r.get('online_minus_offline'))} |")
+    valid = [r for r in summary if any(k.startswith(("ceiling_", "likelihood_spearman", "greedy_gold",
+                                                      "relative_gap_")) for k in r)]
+    if valid:
+        lines += ["", "## Validity per task", "",
+                  "**ceiling** = the gold reward r*/τ as a verifier on the held-out pairs (the labels' Bayes ceiling): "
+                  "realised (expected over the label noise). **ρ(log π_SFT, r*)** = Spearman correlation of the SFT "
+                  "policy's log-likelihood with the gold reward on its own samples, pooled / mean within prompts: "
+                  "near 1, the generator's likelihood already carries the reward (no gap to measure). **greedy gold** "
+                  "= each policy's greedy output. **relative gap** (Song et al. 2024) = the best-of-N headroom above, "
+                  "with its interval.",
+                  "", "| task | τ | ties | ceiling accuracy | ceiling log-lik | ρ(log π_SFT, r*) pooled / within | "
+                  "greedy gold | relative gap global / local / implicit |", "|---|---|---|---|---|---|---|---|"]
+        num = lambda r, k, f=".3f": "–" if r.get(k) is None else format(r[k], f)  # noqa: E731
+        for r in valid:
+            greedy = ", ".join(f"{p} {v:.3f}" for p, v in (r.get("greedy_gold") or {}).items() if v is not None)
+            rel = " / ".join(_fmt(r.get(f"relative_gap_{k}")) for k in ("global", "local", "implicit"))
+            lines.append(f"| {r['task']} | {num(r, 'ceiling_tau', 'g')} | {num(r, 'ceiling_tie_fraction')} | "
+                         f"{num(r, 'ceiling_accuracy')} ({num(r, 'ceiling_expected_accuracy')}) | "
+                         f"{num(r, 'ceiling_loglik')} ({num(r, 'ceiling_expected_loglik')}) | "
+                         f"{num(r, 'likelihood_spearman')} / {num(r, 'likelihood_spearman_within')} | "
+                         f"{greedy or '–'} | {rel} |")
     lines += ["", "## Verifiers on held-out pairs", "",
-              "| task | verifier | kind | params | train pairs | accuracy | log-likelihood |", "|---|---|---|---|---:|---|---|"]
+              "**headroom** = (value − chance) / (Bayes ceiling − chance) on the same pairs (chance: accuracy ½, "
+              "log-likelihood log ½; the ceiling is the row `gold`). **on-policy** = on pairs of the first policy's "
+              "own samples ordered by r*: accuracy = agreement with the gold order; its headroom = the accuracy "
+              "expected under the labels' τ against the expected ceiling.", "",
+              "| task | verifier | kind | params | train pairs | accuracy | log-likelihood | accuracy headroom | "
+              "log-lik headroom | on-policy accuracy | on-policy headroom |", "|---|---|---|---|---:|---|---|---|---|---|---|"]
     for r in vrows:
-        lines.append(f"| {r['task']} | {r['verifier']} | {r['kind']} | {_size(r['parameters'])} | "
+        name = f"{r['verifier']} (Bayes ceiling)" if r["kind"] == "gold" else r["verifier"]
+        lines.append(f"| {r['task']} | {name} | {r['kind']} | {_size(r['parameters'])} | "
                      f"{r['train_examples'] if r['train_examples'] is not None else '–'} | {_fmt(r['accuracy'])} | "
-                     f"{_fmt(r['loglik'])} |")
+                     f"{_fmt(r['loglik'])} | {_fmt(r.get('accuracy_headroom'))} | {_fmt(r.get('loglik_headroom'))} | "
+                     f"{_fmt(r.get('onpolicy_accuracy'))} | {_fmt(r.get('onpolicy_accuracy_headroom'))} |")
     if vdiffs:
         lines += ["", "## Paired verifier differences", "", "| task | a − b | accuracy | log-likelihood |",
                   "|---|---|---|---|"]

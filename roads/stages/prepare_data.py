@@ -5,7 +5,7 @@ file or the hub, shuffled with the seed and split (held-out pairs and evaluation
 Output folder: ``task.json``, ``sft.jsonl``, ``sft_val.jsonl`` (held-out demonstrations), ``pairs_train.jsonl``, ``pairs_val.jsonl``, ``pairs_select.jsonl`` (held-out pairs for
 choosing hyperparameters, never reported), ``eval_prompts.jsonl``,
 and for synthetic tasks ``ceiling.json``: the labels' Bayes ceiling on ``pairs_val`` (the gold reward as a verifier,
-:func:`roads.verifiers.bayes_ceiling`) — {"split": "pairs_val", "tau" (the ``bt_temperature`` the labels were drawn
+:func:`roads.ceiling.bayes_ceiling`) — {"split": "pairs_val", "tau" (the ``bt_temperature`` the labels were drawn
 with), "n_pairs", "accuracy", "loglik", "expected_accuracy", "expected_loglik", "tie_fraction"}.
 """
 
@@ -21,7 +21,7 @@ from roads.data import synthetic_task
 from roads.data.synthetic import generate
 from roads.errors import DataError
 from roads.training import NullTracker, Tracker
-from roads.verifiers import bayes_ceiling
+from roads.ceiling import bayes_ceiling
 
 VERSION = 2
 CEILING_FILE = "ceiling.json"

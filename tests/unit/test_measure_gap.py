@@ -149,7 +149,8 @@ def unit(tmp_path_factory):
 
 def test_stage_writes_its_files(unit):
     result, out = unit["result"], unit["out"]
-    assert result.files == ["gap.json", "verifier_pairs.jsonl", "best_of_n.jsonl"]
+    assert result.files == ["gap.json", "verifier_pairs.jsonl", "best_of_n.jsonl", "onpolicy_pairs.jsonl",
+                            "likelihood.jsonl", "greedy.jsonl"]
     assert all((out / f).is_file() for f in result.files)
     assert all(re.fullmatch(r"[A-Za-z0-9_/.-]+", k) for k in result.metrics)
     assert all(math.isfinite(v) for v in result.metrics.values())
@@ -242,8 +243,308 @@ def test_without_a_gold_reward_only_verification_is_measured(unit, tmp_path):
     summary = read_json(Path(out.path) / "gap.json")
     assert "best_of_n" not in summary and "gold_mean" not in summary["policies"]["sft"]
     assert summary["task"] == "real" and set(summary["verifiers"]) == {"reward_model", "offline_dpo"}
-    assert read_jsonl(Path(out.path) / "best_of_n.jsonl") == []
+    for f in ("best_of_n.jsonl", "onpolicy_pairs.jsonl", "likelihood.jsonl", "greedy.jsonl"):
+        assert read_jsonl(Path(out.path) / f) == []
+    assert not {"ceiling", "onpolicy", "relative_gap", "likelihood_spearman", "greedy_gold"} & set(summary)
+    pair_rows = read_jsonl(Path(out.path) / "verifier_pairs.jsonl")
+    assert {r["verifier"] for r in pair_rows} == {"reward_model", "offline_dpo"}  # no ceiling rows
     assert set(result.metrics) == {f"gap/{v}/val_{k}" for v in ("reward_model", "offline_dpo")
                                    for k in ("accuracy", "loglik")}
-    # the same verifiers score the same held-out pairs the same way
-    assert summary["verifiers"] == read_json(unit["out"] / "gap.json")["verifiers"]
+    # the same verifiers score the same held-out pairs the same way (the gold-only keys aside)
+    synthetic = read_json(unit["out"] / "gap.json")["verifiers"]
+    assert summary["verifiers"] == {v: {k: info[k] for k in summary["verifiers"][v]} for v, info in synthetic.items()}
+    assert set(summary["verifiers"]["reward_model"]) == {"kind", "parameters", "train_examples", "val_accuracy",
+                                                         "val_loglik", "val_margin"}
+
+
+# --------------------------------------------------------------------------- validity numbers: the ceiling, on-policy
+# verification, the relative gap, the likelihood–reward rank correlation, greedy gold
+
+
+@pytest.fixture(scope="module")
+def resampled(unit):
+    """The SFT policy's samples of the stage, drawn again with its seed (sampling is deterministic)."""
+    data = unit["inputs"]["data"].path
+    gold = gold_reward_fn(task_of(data)[1])
+    prompts = [r["prompt"] for r in read_jsonl(Path(data) / "eval_prompts.jsonl")][:4]
+    model, tokenizer = load_policy(unit["inputs"]["policy.sft"].path)
+    groups = sample(model, tokenizer, prompts, n=4, max_new_tokens=CFG.max_new_tokens, temperature=CFG.temperature,
+                    seed=0, batch_size=CFG.batch_size)
+    texts = [[c.text for c in g] for g in groups]
+    greedy = sample(model, tokenizer, prompts, n=1, max_new_tokens=CFG.max_new_tokens, temperature=0.0, seed=0)
+    return {"prompts": prompts, "texts": texts, "golds": [[gold(p, c) for c in g] for p, g in zip(prompts, texts)],
+            "greedy_golds": [gold(p, g[0].text) for p, g in zip(prompts, greedy)], "model": model,
+            "tokenizer": tokenizer}
+
+
+def test_the_ceiling_comes_from_the_data_folder_and_bounds_the_headroom(unit):
+    out, data = unit["out"], Path(unit["inputs"]["data"].path)
+    summary, metrics = read_json(out / "gap.json"), unit["result"].metrics
+    written = read_json(data / "ceiling.json")
+    ceiling = summary["ceiling"]
+    assert ceiling["source"] == "ceiling.json" and ceiling["tau"] == 0.1 == written["tau"]
+    assert {k: ceiling[k] for k in written} == pytest.approx(written)
+    assert metrics["gap/ceiling/accuracy"] == pytest.approx(written["accuracy"], abs=1e-6)
+    assert metrics["gap/ceiling/loglik"] == pytest.approx(written["loglik"], abs=1e-6)
+    # the gold reward r*/τ as a verifier on the held-out pairs: its rows in verifier_pairs.jsonl are the ceiling
+    rows = [r for r in read_jsonl(out / "verifier_pairs.jsonl") if r["verifier"] == "gold"]
+    val = read_jsonl(data / "pairs_val.jsonl")
+    assert [r["pair_index"] for r in rows] == list(range(len(val)))
+    for r, v in zip(rows, val):
+        assert r["margin"] == pytest.approx((v["chosen_gold"] - v["rejected_gold"]) / 0.1, abs=1e-6)
+        assert r["loglik"] == pytest.approx(-math.log1p(math.exp(-r["margin"])), abs=2e-6)
+    assert statistics.fmean(r["correct"] for r in rows) == pytest.approx(written["accuracy"])
+    assert statistics.fmean(r["loglik"] for r in rows) == pytest.approx(written["loglik"], abs=1e-5)
+    for v in ("reward_model", "offline_dpo"):
+        info = summary["verifiers"][v]
+        if written["accuracy"] > 0.5:
+            assert info["val_accuracy_headroom"] == pytest.approx(
+                (info["val_accuracy"] - 0.5) / (written["accuracy"] - 0.5), abs=1e-5)
+            assert metrics[f"gap/{v}/val_accuracy_headroom"] == info["val_accuracy_headroom"]
+        assert info["val_loglik_headroom"] == pytest.approx(
+            (info["val_loglik"] + math.log(2)) / (written["loglik"] + math.log(2)), abs=1e-4)
+
+
+def test_onpolicy_pairs_are_the_sft_samples_ordered_by_gold(unit, resampled):
+    out, summary = unit["out"], read_json(unit["out"] / "gap.json")
+    golds = resampled["golds"]
+    expected = [(i, a, b) if g[a] > g[b] else (i, b, a) for i, g in enumerate(golds) for a, b in ((0, 1), (2, 3))
+                if g[a] != g[b]]
+    on = summary["onpolicy"]
+    assert on["policy"] == "sft" and on["tau"] == 0.1
+    assert on["n_pairs"] == len(expected) and on["n_pairs"] + on["n_gold_ties"] == 4 * 2
+    rows = read_jsonl(out / "onpolicy_pairs.jsonl")
+    assert on["n_pairs"] > 0 and {r["verifier"] for r in rows} == {"reward_model", "offline_dpo"}
+    assert on["ceiling"]["accuracy"] == 1.0
+    assert on["ceiling"]["expected_accuracy"] == pytest.approx(
+        statistics.fmean(1 / (1 + math.exp(-(golds[i][a] - golds[i][b]) / 0.1)) for i, a, b in expected), abs=1e-6)
+    for v in ("reward_model", "offline_dpo"):
+        mine = [r for r in rows if r["verifier"] == v]
+        assert [(r["prompt_index"], r["better"], r["worse"]) for r in mine] == expected
+        for r in mine:
+            i, a, b = r["prompt_index"], r["better"], r["worse"]
+            assert r["gold_margin"] == pytest.approx(golds[i][a] - golds[i][b], abs=1e-6) and r["gold_margin"] > 0
+            p, c, m = r["label_p"], r["correct"], r["margin"]
+            assert c == (1.0 if m > 0 else 0.5 if m == 0 else 0.0)
+            assert r["expected_correct"] == pytest.approx(p * c + (1 - p) * (1 - c), abs=1e-6)
+            assert r["loglik"] == pytest.approx(p * -math.log1p(math.exp(-m)) + (1 - p) * -math.log1p(math.exp(m)),
+                                                abs=1e-5)
+        info = summary["verifiers"][v]
+        assert info["onpolicy_accuracy"] == pytest.approx(statistics.fmean(r["correct"] for r in mine), abs=1e-6)
+        assert info["onpolicy_expected_accuracy"] == pytest.approx(
+            statistics.fmean(r["expected_correct"] for r in mine), abs=1e-5)
+        assert info["onpolicy_loglik"] == pytest.approx(statistics.fmean(r["loglik"] for r in mine), abs=1e-5)
+        assert info["onpolicy_accuracy_headroom"] == pytest.approx(
+            (info["onpolicy_expected_accuracy"] - 0.5) / (on["ceiling"]["expected_accuracy"] - 0.5), abs=1e-4)
+        assert info["onpolicy_loglik_headroom"] == pytest.approx(
+            (info["onpolicy_loglik"] + math.log(2)) / (on["ceiling"]["expected_loglik"] + math.log(2)), abs=1e-4)
+        assert unit["result"].metrics[f"gap/{v}/onpolicy_accuracy"] == info["onpolicy_accuracy"]
+
+
+def test_relative_gap_is_the_share_of_the_gold_improvement(unit):
+    summary = read_json(unit["out"] / "gap.json")
+    rows = read_jsonl(unit["out"] / "best_of_n.jsonl")
+    for r in rows:
+        assert r["gain_at_max_n"] == pytest.approx(r["values"][-1] - r["values"][0], abs=2e-6)
+    gain = lambda v: sum(r["gain_at_max_n"] for r in rows if r["verifier"] == v)  # noqa: E731
+    curves = summary["best_of_n"]["sft"]
+    assert gain("gold") > 0
+    assert set(summary["relative_gap"]["sft"]) == {"reward_model", "offline_dpo"}
+    for v in ("reward_model", "offline_dpo"):
+        value = summary["relative_gap"]["sft"][v]
+        assert value == pytest.approx(gain(v) / gain("gold"), abs=1e-4)
+        assert value == pytest.approx((curves[v][-1] - curves[v][0]) / (curves["gold"][-1] - curves["gold"][0]),
+                                      abs=1e-4)
+        assert value <= 1 + 1e-6
+        assert unit["result"].metrics[f"gap/sft/{v}/relative_gap"] == value
+
+
+def test_likelihood_spearman_on_the_sft_samples(unit, resampled):
+    from scipy.stats import spearmanr
+
+    from roads.verifiers import summed_logps
+
+    summary = read_json(unit["out"] / "gap.json")
+    rows = read_jsonl(unit["out"] / "likelihood.jsonl")
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(i, j) for i in range(4) for j in range(4)]
+    flat_prompts = [p for p in resampled["prompts"] for _ in range(4)]
+    logps = summed_logps(resampled["model"], resampled["tokenizer"], flat_prompts,
+                         [c for g in resampled["texts"] for c in g]).tolist()
+    assert [r["logp"] for r in rows] == pytest.approx(logps, abs=1e-4)
+    assert [r["gold"] for r in rows] == pytest.approx([g for gs in resampled["golds"] for g in gs], abs=1e-6)
+    rho = summary["likelihood_spearman"]
+    assert rho["policy"] == "sft" and rho["n_samples"] == 16
+    assert rho["pooled"] == pytest.approx(spearmanr([r["logp"] for r in rows], [r["gold"] for r in rows]).statistic,
+                                          abs=1e-5)
+    within = [spearmanr(lp, g).statistic for lp, g in
+              ((logps[4 * i:4 * i + 4], resampled["golds"][i]) for i in range(4))
+              if len(set(g)) > 1 and len(set(lp)) > 1]
+    assert rho["within_prompt_n"] == len(within)
+    if within:
+        assert rho["within_prompt_mean"] == pytest.approx(statistics.fmean(within), abs=1e-5)
+        assert unit["result"].metrics["gap/likelihood_spearman_within"] == rho["within_prompt_mean"]
+
+
+def test_greedy_gold_of_each_policy(unit, resampled):
+    summary = read_json(unit["out"] / "gap.json")
+    rows = read_jsonl(unit["out"] / "greedy.jsonl")
+    assert [(r["policy"], r["prompt_index"]) for r in rows] == [("sft", i) for i in range(4)]
+    assert [r["gold"] for r in rows] == pytest.approx(resampled["greedy_golds"], abs=1e-6)
+    assert summary["greedy_gold"] == {"sft": pytest.approx(statistics.fmean(resampled["greedy_golds"]), abs=1e-6)}
+    assert unit["result"].metrics["gap/sft/greedy_gold"] == summary["greedy_gold"]["sft"]
+
+
+# --------------------------------------------------------------------------- the helpers on known answers
+
+
+def test_onpolicy_pairs_leave_gold_ties_out():
+    pairs, ties = measure_gap.onpolicy_pairs([[0.1, 0.9, 0.5, 0.5, 0.3], [0.7, 0.2, 0.4, 0.6]])
+    assert pairs == [(0, 1, 0), (1, 0, 1), (1, 3, 2)] and ties == 1  # the fifth sample has no partner
+
+
+def test_onpolicy_metrics_by_hand():
+    ln3 = math.log(3)
+    # noiseless labels: agreement and log σ(m)
+    summary, rows = measure_gap.onpolicy_metrics([2.0, 0.0, -1.0], [0.5, 0.1, 0.2], 0.0)
+    assert summary["accuracy"] == pytest.approx(0.5) and summary["expected_accuracy"] == pytest.approx(0.5)
+    assert summary["loglik"] == pytest.approx((-math.log1p(math.exp(-2)) - math.log(2) - math.log1p(math.exp(1))) / 3,
+                                              abs=1e-6)
+    assert [r["correct"] for r in rows] == [1.0, 0.5, 0.0] and [r["label_p"] for r in rows] == [1.0, 1.0, 1.0]
+    # τ = 1, gold margins ln 3: each label agrees with the gold order with probability ¾
+    summary, rows = measure_gap.onpolicy_metrics([ln3, 0.0, -ln3], [ln3] * 3, 1.0)
+    assert [r["expected_correct"] for r in rows] == pytest.approx([0.75, 0.5, 0.25])
+    best, worst = 0.75 * math.log(0.75) + 0.25 * math.log(0.25), 0.75 * math.log(0.25) + 0.25 * math.log(0.75)
+    assert [r["loglik"] for r in rows] == pytest.approx([best, -math.log(2), worst], abs=1e-6)
+    assert summary["accuracy"] == pytest.approx(0.5) and summary["expected_accuracy"] == pytest.approx(0.5)
+    # τ unknown: only the agreement
+    summary, rows = measure_gap.onpolicy_metrics([1.0], [0.3], None)
+    assert summary == {"accuracy": 1.0, "expected_accuracy": None, "loglik": None}
+    assert measure_gap.onpolicy_metrics([], [], 0.1)[0] == {"accuracy": None, "expected_accuracy": None, "loglik": None}
+
+
+def test_likelihood_spearman_by_hand():
+    rho = measure_gap.likelihood_spearman([[-1.0, -2.0, -3.0], [-1.0, -1.0, -2.0]], [[0.9, 0.5, 0.1], [0.2, 0.2, 0.2]])
+    # within: the second prompt's gold is constant (left out), the first is perfectly monotone
+    assert rho["within_prompt_mean"] == 1.0 and rho["within_prompt_n"] == 1 and rho["n_samples"] == 6
+    # pooled, by hand: ranks x (5, 2.5, 1, 5, 5, 2.5) and y (6, 5, 1, 3, 3, 3): Σdxdy 7.5, Σdx² 15, Σdy² 15.5
+    assert rho["pooled"] == pytest.approx(7.5 / math.sqrt(15 * 15.5), abs=1e-6)
+    assert measure_gap.likelihood_spearman([[0.0, 0.0]], [[0.1, 0.2]])["pooled"] is None
+
+
+def test_ceiling_from_a_folder_without_ceiling_json(tmp_path):
+    """narrow_data copies pairs_val but not ceiling.json: the ceiling is recomputed from the pairs, τ unknown."""
+    val = [{"chosen_gold": 1.0, "rejected_gold": 0.0}, {"chosen_gold": 0.5, "rejected_gold": 0.5}]
+    c = measure_gap.load_ceiling(tmp_path, val)
+    assert c["source"] == "pairs_val" and c["tau"] is None and c["loglik"] is None
+    assert c["accuracy"] == 0.75 and c["tie_fraction"] == 0.5
+    assert measure_gap.load_ceiling(tmp_path, [{"prompt": "x", "chosen": "a", "rejected": "b"}]) is None
+    write_json(tmp_path / "ceiling.json", {"tau": 0.0, "accuracy": 0.75})
+    assert measure_gap.load_ceiling(tmp_path, val) == {"source": "ceiling.json", "tau": 0.0, "accuracy": 0.75}
+
+
+def test_ceiling_rows_by_hand():
+    val = [{"chosen_gold": 0.6, "rejected_gold": 0.4}, {"chosen_gold": 0.3, "rejected_gold": 0.3},
+           {"chosen_gold": 0.1, "rejected_gold": 0.5}]
+    rows = measure_gap.ceiling_rows(val, 0.1)
+    assert [r["margin"] for r in rows] == pytest.approx([2.0, 0.0, -4.0])
+    assert [r["correct"] for r in rows] == [1.0, 0.5, 0.0]
+    assert [r["loglik"] for r in rows] == pytest.approx([-math.log1p(math.exp(-2)), -math.log(2),
+                                                         -math.log1p(math.exp(4))], abs=1e-6)
+    noiseless = measure_gap.ceiling_rows(val[:2], 0.0)
+    assert [r["loglik"] for r in noiseless] == pytest.approx([0.0, -math.log(2)])
+
+
+# --------------------------------------------------------------------------- the report's validity columns
+# (roads.gap_report on hand-made gap folders)
+
+
+def fake_gap(folder: Path, seed: int, ceiling_rows: bool = True) -> Path:
+    """Two verifiers on four held-out pairs and a gold ceiling; best-of-N on two prompts; on-policy pairs."""
+    import json
+
+    folder.mkdir(parents=True)
+    info = {"task": "gap", "seed": seed, "ns": [1, 4], "n_prompts": 2,
+            "verifiers": {"rm": {"kind": "global", "parameters": 10, "train_examples": 8},
+                          "dpo": {"kind": "implicit", "parameters": 10, "train_examples": 8}},
+            "policies": {"sft": {"parameters": 10, "train_examples": 8}},
+            "ceiling": {"accuracy": 0.75, "loglik": -0.4, "expected_accuracy": 0.8, "expected_loglik": -0.35,
+                        "tie_fraction": 0.25, "tau": 0.1},
+            "likelihood_spearman": {"pooled": 0.2 + seed, "within_prompt_mean": 0.1},
+            "greedy_gold": {"sft": 0.5 + 0.1 * seed}}
+    (folder / "gap.json").write_text(json.dumps(info))
+    rows = [{"verifier": v, "pair_index": i, "margin": 0.0, "correct": c, "loglik": ll}
+            for v, cs, lls in (("rm", [1, 1, 0, 0.5], [-0.5] * 4), ("dpo", [1, 0, 0, 0.5], [-0.6] * 4),
+                               *((("gold", [1, 1, 0.5, 0.5], [-0.4] * 4),) if ceiling_rows else ()))
+            for i, (c, ll) in enumerate(zip(cs, lls))]
+    (folder / "verifier_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = {"gold": [[0.4, 0.8], [0.5, 0.7]], "rm": [[0.4, 0.6], [0.5, 0.6]], "dpo": [[0.4, 0.4], [0.5, 0.5]]}
+    (folder / "best_of_n.jsonl").write_text("".join(
+        json.dumps({"policy": "sft", "verifier": v, "prompt_index": i, "values": vals}) + "\n"
+        for v, per in curves.items() for i, vals in enumerate(per)))
+    (folder / "onpolicy_pairs.jsonl").write_text("".join(  # label_p 0.9: expected correct 0.9 (right) or 0.1 (wrong)
+        json.dumps({"verifier": v, "pair_index": k, "correct": c, "expected_correct": 0.9 * c + 0.1 * (1 - c),
+                    "loglik": -0.5, "label_p": 0.9}) + "\n"
+        for v, cs in (("rm", [1.0, 0.0]), ("dpo", [1.0, 1.0])) for k, c in enumerate(cs)))
+    return folder
+
+
+def test_report_validity_columns_on_known_inputs(tmp_path):
+    from types import SimpleNamespace
+
+    from roads import gap_report
+
+    cfg = SimpleNamespace(n_bootstrap=200, confidence=0.95, bootstrap_seed=0, series={})
+    data = gap_report.load_gap({"a": fake_gap(tmp_path / "a", 0), "b": fake_gap(tmp_path / "b", 1)})
+    vrows = {r["verifier"]: r for r in gap_report.verifier_rows(data, cfg)}
+    assert set(vrows) == {"rm", "dpo", "gold"} and vrows["gold"]["kind"] == "gold"
+    # accuracy headroom: Σ(correct − ½)/Σ(ceiling − ½) = (½ + ½ − ½ + 0)/(½ + ½ + 0 + 0) = ½ for rm,
+    # (½ − ½ − ½ + 0)/1 = −½ for dpo
+    assert vrows["rm"]["accuracy_headroom"]["mean"] == pytest.approx(0.5)
+    assert vrows["dpo"]["accuracy_headroom"]["mean"] == pytest.approx(-0.5)
+    ln2 = math.log(2)
+    assert vrows["rm"]["loglik_headroom"] == pytest.approx({"mean": (ln2 - 0.5) / (ln2 - 0.4)} | {
+        "lo": (ln2 - 0.5) / (ln2 - 0.4), "hi": (ln2 - 0.5) / (ln2 - 0.4)}, abs=1e-5)  # constant over pairs
+    assert vrows["gold"]["accuracy_headroom"] is None
+    # on-policy: agreement, and the expected accuracy (0.9 or 0.1) against the expected ceiling (0.9)
+    assert vrows["rm"]["onpolicy_accuracy"]["mean"] == pytest.approx(0.5)
+    assert vrows["rm"]["onpolicy_accuracy_headroom"]["mean"] == pytest.approx(0.0)  # (0.4 − 0.4)/(0.4 + 0.4)
+    assert vrows["dpo"]["onpolicy_accuracy_headroom"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
+    # relative gap: Σ gain / Σ gold gain = (0.2 + 0.1)/(0.4 + 0.2) = ½ for rm, 0 for dpo
+    brows = gap_report.bon_rows(data, cfg)
+    rel = {r["verifier"]: r["relative_gap"] for r in brows}
+    assert rel["gold"] is None and rel["rm"]["mean"] == pytest.approx(0.5) and rel["dpo"]["mean"] == pytest.approx(0.0)
+    assert rel["rm"]["lo"] <= 0.5 <= rel["rm"]["hi"]
+    (row,) = gap_report.gap_summary(data, gap_report.verifier_diffs(data, cfg), brows, lambda task: None)
+    assert row["relative_gap_global"] == rel["rm"] and row["headroom_global"] == pytest.approx(0.5)
+    assert row["ceiling_accuracy"] == 0.75 and row["ceiling_expected_loglik"] == -0.35 and row["ceiling_tau"] == 0.1
+    assert row["likelihood_spearman"] == pytest.approx(0.7) and row["likelihood_spearman_within"] == pytest.approx(0.1)
+    assert row["greedy_gold"] == {"sft": pytest.approx(0.55)}
+    gap_report.write_gap_markdown(tmp_path / "gap.md", [row], list(vrows.values()), [], brows, cfg)
+    text = (tmp_path / "gap.md").read_text()
+    assert "## Validity per task" in text and "| gap | 0.1 | 0.250 | 0.750 (0.800) |" in text
+    assert "| gap | gold (Bayes ceiling) | gold |" in text and "sft 0.550" in text
+
+
+def test_report_reads_gap_outputs_without_the_validity_files(tmp_path):
+    """An older gap output (no ceiling rows, no on-policy pairs, no validity keys) still reports, without them."""
+    from types import SimpleNamespace
+
+    import json
+
+    from roads import gap_report
+
+    folder = fake_gap(tmp_path / "old", 0, ceiling_rows=False)
+    (folder / "onpolicy_pairs.jsonl").unlink()
+    info = json.loads((folder / "gap.json").read_text())
+    for key in ("ceiling", "likelihood_spearman", "greedy_gold"):
+        del info[key]
+    (folder / "gap.json").write_text(json.dumps(info))
+    cfg = SimpleNamespace(n_bootstrap=200, confidence=0.95, bootstrap_seed=0, series={})
+    data = gap_report.load_gap({"old": folder})
+    vrows = gap_report.verifier_rows(data, cfg)
+    assert all(r["accuracy_headroom"] is None and r["onpolicy_accuracy"] is None for r in vrows)
+    brows = gap_report.bon_rows(data, cfg)
+    (row,) = gap_report.gap_summary(data, [], brows, lambda task: None)
+    assert not any(k.startswith(("ceiling_", "likelihood_spearman", "greedy_gold")) for k in row)
+    gap_report.write_gap_markdown(tmp_path / "gap.md", [row], vrows, [], brows, cfg)
+    assert "## Verifiers on held-out pairs" in (tmp_path / "gap.md").read_text()
