@@ -10,25 +10,12 @@ from pathlib import Path
 from datasets import Dataset
 from trl import DPOConfig
 
-from roads.artifacts import read_json, write_json
-from roads.errors import DataError
+from roads.artifacts import write_json
 from roads.settings import TrainConfig
 from roads.models import load_policy
 from roads.reference import SharedReferenceDPOTrainer
 from roads.training import StageCallback, Tracker, save_trained, train, trainer_args
 from roads.verifiers import VERIFIER_FILE
-
-
-SELECTION_FILE = "dpo_selection.json"  # select_dpo's output: the DPO settings its rule chose
-CHOSEN = ("beta", "loss_type", "lr")
-
-
-def selected_settings(folder: str | Path) -> dict:
-    """The {beta, loss_type, lr} a select_dpo output chose."""
-    path = Path(folder) / SELECTION_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing: the `select` entry is not a select_dpo output")
-    return dict(read_json(path)["selected"])
 
 
 def trl_loss(loss_type: str, rpo_alpha: float = 1.0) -> dict:

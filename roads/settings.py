@@ -33,7 +33,7 @@ class ModelConfig(Strict):
 class TaskConfig(Strict):
     """One task: a synthetic gold-reward family, or real preference data (no gold reward)."""
 
-    family: Literal["gap", "short", "hidden", "star", "preferences"]
+    family: Literal["shuffle", "gap", "short", "hidden", "star", "preferences"]
     alphabet: int = Field(8, ge=2, le=26, description="number of symbols (synthetic)")
     min_len: int = Field(4, ge=2, description="shortest prompt, in symbols (synthetic)")
     max_len: int = Field(8, ge=2, description="longest prompt, in symbols (synthetic)")

@@ -43,7 +43,7 @@ from typing import Callable, Optional
 from roads.artifacts import read_json
 
 # the class of each synthetic family: where its generation–verification gap is (roads/data/synthetic.py)
-GAP_CLASSES = {"star": "gap", "gap": "gap", "short": "closed (generation)", "hidden": "closed (verification)"}
+GAP_CLASSES = {"shuffle": "gap", "star": "gap", "gap": "gap", "short": "closed (generation)", "hidden": "closed (verification)"}
 
 
 @dataclass(frozen=True)

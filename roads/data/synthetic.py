@@ -26,7 +26,19 @@ is a space-separated sequence of symbols (``" a a c f"``). Each family fixes wha
 ``star`` (gap from a plan the demonstrations lack; :mod:`roads.data.star`)
     Path-finding on a star graph (Bachmann & Nagarajan 2024): verifying a path is local, generating it needs a
     look-up back from the goal that the plan-free demonstrator never makes. Its prompts are graphs, not symbol lists,
-    so it is its own class, ``StarTask``; ``roads.data.synthetic_task`` builds it.
+    so it is its own class, ``StarTask``; ``roads.data.synthetic_task`` builds it. (Measured: the tiny and small
+    presets do not learn even to walk an arm from 2000 demonstrations — SFT 0.04–0.29 gold — so the default study
+    does not use it yet.)
+
+``shuffle`` (gap from a plan the demonstrator lacks, on a task the study's models can learn; the default gap family)
+    The ``gap`` task (sort the prompt's symbols; the same r*), but the demonstrator writes a *uniformly random
+    permutation* of the prompt's symbols (then the same edits): it never sorts. Verifying stays local (count the
+    adjacent pairs out of order, count the symbols); generating the sorted order needs the plan — at each step the
+    smallest symbol not yet written — which no demonstration shows. Every permutation of a prompt is equally likely
+    under the demonstrator while r* ranges from ½ (coverage only) to 1, so the demonstrator's likelihood cannot
+    express the reward (``gap``'s demonstrator edits the *sorted* target, so there log π_SFT ranks pairs almost as
+    r* does: the paper's equivalence regime, measured Spearman 0.84). The preference pairs, two shuffles labelled
+    by r*, carry the plan signal; the models can represent it (SFT on ``gap``'s sorted demonstrations reaches 0.85).
 
 Data is drawn the way the theory assumes: SFT demonstrations come from a noisy demonstrator (the target with
 random substitutions, deletions, insertions and swaps), preference pairs are two independent draws from the
@@ -44,8 +56,8 @@ from dataclasses import dataclass
 from roads.errors import DataError
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-FAMILIES = ("gap", "short", "hidden", "star")  # star: roads.data.star.StarTask (a graph prompt, not a symbol list)
-_VERBS = {"gap": "sort", "short": "min2", "hidden": "code", "star": "path"}
+FAMILIES = ("gap", "short", "hidden", "star", "shuffle")  # star: roads.data.star.StarTask (a graph prompt, not a symbol list)
+_VERBS = {"gap": "sort", "short": "min2", "hidden": "code", "star": "path", "shuffle": "order"}
 PROMPT_END = " ->"
 
 
@@ -101,7 +113,7 @@ class SyntheticTask:
         return dict(zip(self.symbols, perm))
 
     def target(self, xs: list[str]) -> list[str]:
-        if self.family == "gap":
+        if self.family in ("gap", "shuffle"):
             return sorted(xs)
         if self.family == "short":
             return sorted(xs)[:2]
@@ -124,8 +136,12 @@ class SyntheticTask:
 
     def demonstrate(self, xs: list[str], noise: float, rng: random.Random) -> list[str]:
         """The noisy demonstrator: the target with, at each position and with probability ``noise``, one random
-        edit (substitute, delete, insert, or swap with the next symbol)."""
+        edit (substitute, delete, insert, or swap with the next symbol). ``shuffle``: a uniformly random
+        permutation of the prompt's symbols instead of the target (the demonstrator has no plan), then the edits."""
         ys = list(self.target(xs))
+        if self.family == "shuffle":
+            ys = list(xs)
+            rng.shuffle(ys)
         out: list[str] = []
         i = 0
         while i < len(ys):

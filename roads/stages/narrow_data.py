@@ -75,6 +75,9 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
 
     for name in COPIED:
         shutil.copyfile(data / name, out_dir / name)
+    extra = [name for name in ("ceiling.json",) if (data / name).is_file()]  # pairs_val unchanged: same ceiling
+    for name in extra:
+        shutil.copyfile(data / name, out_dir / name)
     write_jsonl(out_dir / "pairs_train.jsonl", pairs)
     write_json(out_dir / "budget.json", {"tokens_generated": tokens_generated})
 
@@ -88,5 +91,4 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     }
     tracker.progress(f"{n} pairs, gold agreement {metrics['narrow_data/pairs_gold_agreement']:.2f}, "
                      f"ties {metrics['narrow_data/pairs_gold_ties']:.2f}, {tokens_generated} tokens")
-    return StageResult(metrics=metrics, files=["sft.jsonl", "sft_val.jsonl", "pairs_select.jsonl", "pairs_train.jsonl", "pairs_val.jsonl",
-                                               "eval_prompts.jsonl", "task.json", "budget.json"])
+    return StageResult(metrics=metrics, files=[*COPIED, "pairs_train.jsonl", "budget.json", *extra])

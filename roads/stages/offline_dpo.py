@@ -13,7 +13,8 @@ from pathlib import Path
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl
 from roads.config import StageSpec
 from roads.settings import OfflineDpoConfig
-from roads.dpo_trainer import selected_settings, train_dpo
+from roads.dpo_trainer import train_dpo
+from roads.selection import selected_settings
 from roads.errors import DataError
 from roads.training import NullTracker, Tracker, first_fraction
 

@@ -19,7 +19,8 @@ from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json, wr
 from roads.config import StageSpec
 from roads.settings import OnlineDpoConfig
 from roads.data import gold_of
-from roads.dpo_trainer import selected_settings, train_dpo
+from roads.dpo_trainer import train_dpo
+from roads.selection import selected_settings
 from roads.errors import RoadsError, TrainingError
 from roads.generation import sample, sample_vllm
 from roads.models import load_policy

@@ -42,7 +42,7 @@ from roads.config import StageSpec
 from roads.settings import ReportConfig
 from roads.stage_table import GOLD_METRICS as GOLD_METRICS_OF_TABLE, POLICY_METRICS
 from roads.errors import DataError
-from roads.dpo_trainer import SELECTION_FILE
+from roads.selection import SELECTION_FILE
 from roads.hypotheses import HYPOTHESES, gated_verdict
 from roads.training import NullTracker, Tracker
 from roads import validity
@@ -51,7 +51,7 @@ VERSION = 1
 
 METRICS, GOLD_METRICS = POLICY_METRICS, GOLD_METRICS_OF_TABLE
 PAIRED_METRICS = {"gold_reward_mean": "gold_reward_diff", "win_rate": "win_rate_diff"}
-TASK_FAMILIES = ("star", "gap", "short", "hidden")
+TASK_FAMILIES = ("shuffle", "star", "gap", "short", "hidden")
 # the task class each hypothesis' `family` stands for (roads/hypotheses.py)
 HYPOTHESIS_CLASSES = {"gap": "gap", "short": "closed (generation)", "hidden": "closed (verification)"}
 FILES = ["report.md", "report.csv", "paired.csv", "report.json", "validity.csv", "win_rate_by_policy.png", "gold_vs_kl.png"]

@@ -32,7 +32,8 @@ import torch
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
 from roads.config import StageSpec
 from roads.data import task_of
-from roads.dpo_trainer import CHOSEN, SELECTION_FILE, train_dpo
+from roads.dpo_trainer import train_dpo
+from roads.selection import CHOSEN, SELECTION_FILE
 from roads.errors import DataError
 from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy

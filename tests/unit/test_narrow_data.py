@@ -15,7 +15,8 @@ from roads.errors import RoadsError
 from roads.runner import execute
 from roads.stages.narrow_data import COPIED, label_pairs, prefers_first
 
-DATA_FILES = ("task.json", "sft.jsonl", "sft_val.jsonl", "pairs_select.jsonl", "pairs_train.jsonl", "pairs_val.jsonl", "eval_prompts.jsonl")
+DATA_FILES = ("task.json", "sft.jsonl", "sft_val.jsonl", "pairs_select.jsonl", "pairs_train.jsonl", "pairs_val.jsonl", "eval_prompts.jsonl",
+              "ceiling.json")
 
 
 def narrow_spec(seed: int = 0, **params) -> StageSpec:
@@ -49,7 +50,7 @@ def test_output_is_a_complete_data_folder(narrow, inputs):
     for name in COPIED:
         assert (out / name).read_bytes() == (data / name).read_bytes(), name
     assert task_of(out) == task_of(data)
-    assert set(narrow.files) == set(DATA_FILES) | {"budget.json"}
+    assert set(narrow.files) == set(DATA_FILES) | {"budget.json", "ceiling.json"}
 
 
 def test_pairs_have_the_same_prompts_in_order_and_the_prepare_data_columns(narrow, inputs):

@@ -313,7 +313,7 @@ def test_the_dpo_rule_chooses_by_held_out_loglik_within_the_guards():
 
 
 def test_select_dpo_chooses_settings_that_both_roads_then_use(gap, gap_nodes, tmp_path):
-    from roads.dpo_trainer import selected_settings
+    from roads.selection import selected_settings
 
     extra = ["select_dpo.lrs=[5e-5, 5e-3]", "select_dpo.losses=[sigmoid]", "select_dpo.kl_prompts=4",
              "select_dpo.max_new_tokens=6", "prepare_data.n_select_pairs=8", "offline_dpo.select=select_dpo",

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import Counter
 import random
 
 import pytest
@@ -363,3 +365,40 @@ def test_invalid_task_raises_data_error(kwargs, match):
 def test_task_is_frozen():
     with pytest.raises(AttributeError):
         GAP.alphabet = 3  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- shuffle: the plan-free sorting demonstrator
+
+SHUFFLE = SyntheticTask("shuffle")
+
+
+def test_shuffle_scores_like_gap_by_hand():
+    xs = ["c", "a", "b", "a"]
+    prompt = SHUFFLE.prompt(xs)
+    assert prompt == "order: c a b a ->"
+    assert SHUFFLE.gold_reward(prompt, " a a b c") == 1.0  # the target: sorted
+    assert SHUFFLE.gold_reward(prompt, " c b a a") == pytest.approx(0.5 * (1 / 3) + 0.5)  # all there, 1 of 3 in order
+    assert SHUFFLE.gold_reward(prompt, " a b c") == pytest.approx(0.5 + 0.5 * 3 / 4)  # ordered, one symbol missing
+    for response in (" a a b c", " c b a a", " b a", " z a"):
+        assert SHUFFLE.gold_reward(prompt, response) == GAP.gold_reward(GAP.prompt(xs), response)
+
+
+def test_the_shuffle_demonstrator_has_no_plan():
+    """Why shuffle is a gap-class family: at noise 0 the demonstrator writes every permutation of the prompt's
+    symbols equally often, so its likelihood is the same for all of them, while r* runs from its minimum to 1."""
+    rng = random.Random(0)
+    xs = ["d", "b", "a", "c"]
+    counts = Counter(tuple(SHUFFLE.demonstrate(xs, 0.0, rng)) for _ in range(24000))
+    assert set(counts) == set(itertools.permutations(xs))  # all 24 orders, nothing else
+    assert max(counts.values()) / min(counts.values()) < 1.2  # uniform: 1000 each, within noise
+    rewards = {SHUFFLE.gold_reward(SHUFFLE.prompt(xs), SHUFFLE.response(list(p))) for p in counts}
+    assert min(rewards) == 0.5 and max(rewards) == 1.0  # same likelihood, rewards from 0.5 to 1
+    assert sum(p == ("a", "b", "c", "d") for p in counts) == 1  # the target is one order among 24
+
+
+def test_shuffle_data_differs_from_gap_only_in_the_demonstrations():
+    s, g = small_data(SHUFFLE, n_sft=200), small_data(GAP, n_sft=200)
+    assert [r["prompt"].split(":", 1)[1] for r in s["eval_prompts"]] == [r["prompt"].split(":", 1)[1]
+                                                                          for r in g["eval_prompts"]]
+    mean = lambda task, rows: sum(task.gold_reward(r["prompt"], r["completion"]) for r in rows) / len(rows)
+    assert mean(SHUFFLE, s["sft"]) < mean(GAP, g["sft"]) - 0.1  # shuffled demonstrations are far from sorted
