@@ -85,6 +85,8 @@ class SftConfig(TrainConfig):
     select: Literal["val_nll", "last"] = Field(
         "val_nll", description="val_nll: keep the epoch with the lowest held-out NLL on sft_val.jsonl (the curve and "
                                "the choice in selection.json); last: keep the last epoch")
+    patience: int = Field(3, ge=0, description="select=val_nll: stop after this many epochs without a lower held-out "
+                                               "NLL (0: train every epoch)")
     preset: Optional[Literal["tiny", "small", "base"]] = Field(
         None, description="model preset of this SFT (default: model.preset); variants of other sizes serve the scale study")
 

@@ -24,12 +24,14 @@ SELECTION_FILE = "selection.json"
 
 
 class KeepBest(TrainerCallback):
-    """After each evaluation: the held-out loss on the curve, and a copy of the weights when it is the lowest yet."""
+    """After each evaluation: the held-out loss on the curve, a copy of the weights when it is the lowest yet, and
+    (``patience`` > 0) the end of training after ``patience`` evaluations without a lower one."""
 
-    def __init__(self, stage: str, tracker: Tracker):
-        self.stage, self.tracker = stage, tracker
+    def __init__(self, stage: str, tracker: Tracker, patience: int = 0):
+        self.stage, self.tracker, self.patience = stage, tracker, patience
         self.curve: list[tuple[float, float]] = []  # (epoch, held-out NLL)
         self.best: tuple[float, float] | None = None
+        self.best_at = 0  # the number of evaluations when the best one came
         self.weights: dict | None = None
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
@@ -37,8 +39,10 @@ class KeepBest(TrainerCallback):
         self.curve.append((epoch, loss))
         self.tracker.log_metrics({f"{self.stage}/val_nll": loss}, step=len(self.curve))
         if math.isfinite(loss) and (self.best is None or loss < self.best[1]):
-            self.best = (epoch, loss)
+            self.best, self.best_at = (epoch, loss), len(self.curve)
             self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.patience and len(self.curve) - self.best_at >= self.patience:
+            control.should_training_stop = True  # no better epoch in `patience` evaluations: the curve turned up
 
 
 def _rows(rows: list[dict]) -> Dataset:
@@ -46,12 +50,13 @@ def _rows(rows: list[dict]) -> Dataset:
 
 
 def train_sft(stage: str, cfg: TrainConfig, seed: int, model, tokenizer, rows: list[dict], out_dir: Path,
-              tracker: Tracker, val_rows: list[dict] | None = None) -> dict[str, float]:
+              tracker: Tracker, val_rows: list[dict] | None = None, patience: int = 0) -> dict[str, float]:
     """SFT (loss on the completion only) on ``rows`` of prompt/completion; saves model and tokenizer to ``out_dir``.
     With ``val_rows``: evaluates the held-out NLL after every epoch and keeps the best epoch's weights (see the
-    module docstring); ``selection.json`` and the metrics ``<stage>/selected_epoch``, ``<stage>/val_nll_best``."""
+    module docstring), stopping after ``patience`` epochs without a better one (0: never early); ``selection.json``
+    and the metrics ``<stage>/selected_epoch``, ``<stage>/val_nll_best``."""
     extra = {"eval_strategy": "epoch", "per_device_eval_batch_size": 64} if val_rows else {}
-    keep = KeepBest(stage, tracker) if val_rows else None
+    keep = KeepBest(stage, tracker, patience) if val_rows else None
     with tempfile.TemporaryDirectory() as scratch:
         trainer = SFTTrainer(
             model=model,

@@ -273,6 +273,13 @@ def test_keep_best_keeps_the_weights_of_the_lowest_held_out_loss():
         keep.on_evaluate(None, SimpleNamespace(epoch=float(epoch)), None, metrics={"eval_loss": loss}, model=model)
     assert keep.best == (2.0, 2.0) and float(keep.weights["weight"]) == 2.0
     assert [e for e, _ in keep.curve] == [1.0, 2.0, 3.0, 4.0]
+    # patience 2: after two epochs without a better one the training stops
+    keep, control = KeepBest("sft", NullTracker(), patience=2), SimpleNamespace(should_training_stop=False)
+    for epoch, loss in enumerate([3.0, 2.0, 2.5], start=1):
+        keep.on_evaluate(None, SimpleNamespace(epoch=float(epoch)), control, metrics={"eval_loss": loss}, model=model)
+    assert not control.should_training_stop
+    keep.on_evaluate(None, SimpleNamespace(epoch=4.0), control, metrics={"eval_loss": 2.4}, model=model)
+    assert control.should_training_stop and keep.best == (2.0, 2.0)
 
 
 def test_sft_chooses_its_epoch_by_held_out_nll(tmp_path):
