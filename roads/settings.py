@@ -315,8 +315,8 @@ class ValidityConfig(Strict):
     max_half_width: float = Field(0.02, gt=0, description="the primary contrast's interval half-width at most")
     min_ceiling_headroom: float = Field(0.05, ge=0, description="the labels' Bayes ceiling accuracy above 0.5")
     verifier: str = Field("reward_model", description="the global verifier whose headroom fraction is checked")
-    min_verifier_headroom: float = Field(0.25, ge=0, le=1, description="its held-out log-likelihood as a fraction "
-                                         "of chance-to-ceiling, at least (gap-class tasks)")
+    min_verifier_headroom: float = Field(0.25, ge=0, le=1, description="its held-out accuracy as a fraction of "
+                                         "chance-to-ceiling, at least (gap-class tasks)")
     max_likelihood_spearman: float = Field(0.5, description="Spearman(log π_SFT, r*) at most (gap-class tasks)")
     max_greedy_gold: float = Field(0.95, description="greedy SFT's gold reward at most (gap-class tasks)")
     sft_min_improvement: float = Field(0.005, ge=0, description="SFT converged: the held-out NLL turned up, or its "

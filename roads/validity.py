@@ -18,9 +18,10 @@ The checks, per task (``gates``: the kinds of hypothesis a failure makes untesta
                           the minimum detectable effect — is at most ``max_half_width``. (policies)
 ``labels_informative``    the labels' Bayes ceiling (the gold reward as a verifier on the held-out pairs) is above
                           chance by at least ``min_ceiling_headroom`` in accuracy. (verifiers)
-``verifier_headroom``     the global reward model's held-out log-likelihood as a fraction of the headroom between
+``verifier_headroom``     the global reward model's held-out accuracy as a fraction of the headroom between
                           chance and the ceiling, at least ``min_verifier_headroom`` on gap-class tasks (reported on
-                          all). (gap)
+                          all, with the log-likelihood fraction beside it — not the threshold, because an untuned
+                          reward model's log-likelihood measures its scale as much as its ranking). (gap)
 ``likelihood_spearman``   Spearman(log π_SFT, r*) on SFT's samples: on a gap-class task at most
                           ``max_likelihood_spearman`` (the policy's own likelihood must not already express the
                           reward — else the paper's theory predicts offline = online). Reported on all. (gap)
@@ -143,12 +144,12 @@ def checks(tasks: list[str], classes: dict[str, str], evaluate_info: dict[tuple[
             acc_h = _mean(r.get("val_accuracy_headroom") for r in rm)
             ll_h = _mean(r.get("val_loglik_headroom") for r in rm)
             onp = _mean(r.get("onpolicy_accuracy") for r in rm)
-            value = ("not run" if ll_h is None else f"log-lik {ll_h:.2f}, accuracy {acc_h:.2f} of the headroom"
+            value = ("not run" if acc_h is None else f"accuracy {acc_h:.2f}, log-lik {ll_h:.2f} of the headroom"
                      + ("" if onp is None else f"; on-policy accuracy {onp:.3f}"))
             out.append(Check(task, "verifier_headroom", value,
-                             f"{v.verifier} log-lik ≥ {v.min_verifier_headroom:g} of the headroom"
+                             f"{v.verifier} accuracy ≥ {v.min_verifier_headroom:g} of the headroom"
                              + ("" if gap_class else " (gap class only)"),
-                             (ll_h is not None and ll_h >= v.min_verifier_headroom) or not gap_class, "gap"))
+                             (acc_h is not None and acc_h >= v.min_verifier_headroom) or not gap_class, "gap"))
             rho = _mean(_spearman(i) for i in infos)
             out.append(Check(task, "likelihood_spearman", _fmt(rho),
                              f"≤ {v.max_likelihood_spearman:g}" + ("" if gap_class else " (gap class only)"),

@@ -5,8 +5,10 @@ Each candidate of the grid ``betas × losses × lrs`` is trained as offline DPO 
 policy (the optimiser's other settings — epochs, batch size, ``rpo_alpha``, … — are offline_dpo's). Each is then
 measured on data no report uses, the held-out ``pairs_select.jsonl`` of the data folder:
 
-- the **criterion**: the held-out preference log-likelihood of its implicit reward β·log π/π_SFT (how well the
-  policy's own reward explains preferences it did not train on);
+- the **criterion**: the held-out preference accuracy of its implicit reward β·log π/π_SFT (how well the policy's
+  own reward ranks preferences it did not train on; ties half), its log-likelihood breaking ties. Accuracy, not
+  log-likelihood: the log-likelihood of σ(β·Δ log-ratio) measures the reward's scale as much as its ranking (measured
+  on shuffle: every candidate within 0.01 nats of chance, log ½, while accuracies differed by 0.08);
 - the **guards**, the same for both roads: the held-out chosen responses' mean log-likelihood must not fall by more
   than ``max_chosen_logp_fall`` nats (likelihood displacement), and the KL to SFT on the selection prompts
   (``kl_samples`` samples each) must stay under ``max_kl`` nats (over-optimisation).
@@ -45,9 +47,9 @@ VERSION = 1
 
 
 def choose(candidates: list[dict], max_chosen_logp_fall: float, max_kl: float) -> tuple[int, bool]:
-    """(index of the winner, whether it passed the guards): the highest ``val_loglik`` among the candidates whose
-    ``chosen_logp_change`` ≥ −max_chosen_logp_fall and ``kl`` ≤ max_kl (the first on a tie); if none passes, the
-    smallest total violation."""
+    """(index of the winner, whether it passed the guards): the highest ``val_accuracy`` (then ``val_loglik``) among
+    the candidates whose ``chosen_logp_change`` ≥ −max_chosen_logp_fall and ``kl`` ≤ max_kl (the first on a tie);
+    if none passes, the smallest total violation."""
     if not candidates:
         raise ValueError("no candidates")
 
@@ -56,7 +58,7 @@ def choose(candidates: list[dict], max_chosen_logp_fall: float, max_kl: float) -
 
     passing = [i for i, c in enumerate(candidates) if violation(c) == 0]
     if passing:
-        return max(passing, key=lambda i: (candidates[i]["val_loglik"], -i)), True
+        return max(passing, key=lambda i: (candidates[i]["val_accuracy"], candidates[i]["val_loglik"], -i)), True
     return min(range(len(candidates)), key=lambda i: (violation(candidates[i]), i)), False
 
 
@@ -113,7 +115,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     selected = {k: candidates[best][k] for k in CHOSEN}
     write_json(out_dir / "select.json", {"task": task_of(data)[0], "seed": spec.seed})
     write_json(out_dir / SELECTION_FILE, {
-        "criterion": "held-out preference log-likelihood of the implicit reward on pairs_select (highest wins)",
+        "criterion": "held-out preference accuracy of the implicit reward on pairs_select (highest wins; "
+                     "log-likelihood breaks ties)",
         "guards": {"max_chosen_logp_fall": cfg.max_chosen_logp_fall, "max_kl": cfg.max_kl},
         "candidates": candidates, "selected": selected, "passed": passed, "selection_pairs": len(held)})
     tracker.progress(f"selected beta {selected['beta']:g}, loss {selected['loss_type']}, lr {selected['lr']:g}"

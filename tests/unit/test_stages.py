@@ -309,11 +309,12 @@ def test_the_dpo_rule_chooses_by_held_out_loglik_within_the_guards():
     """The selection rule on constructed candidates: the best criterion among those that pass both guards."""
     from roads.stages.select_dpo import choose
 
-    c = [{"val_loglik": -0.60, "chosen_logp_change": 0.1, "kl": 0.5},   # passes
-         {"val_loglik": -0.50, "chosen_logp_change": -0.4, "kl": 0.5},  # best criterion, displaces the chosen
-         {"val_loglik": -0.55, "chosen_logp_change": 0.0, "kl": 3.0},   # over-optimised
-         {"val_loglik": -0.58, "chosen_logp_change": 0.2, "kl": 1.0}]   # passes, better than the first
+    c = [{"val_accuracy": 0.60, "val_loglik": -0.60, "chosen_logp_change": 0.1, "kl": 0.5},   # passes
+         {"val_accuracy": 0.70, "val_loglik": -0.50, "chosen_logp_change": -0.4, "kl": 0.5},  # best, displaces
+         {"val_accuracy": 0.65, "val_loglik": -0.55, "chosen_logp_change": 0.0, "kl": 3.0},   # over-optimised
+         {"val_accuracy": 0.62, "val_loglik": -0.70, "chosen_logp_change": 0.2, "kl": 1.0}]   # passes, better
     assert choose(c, 0.0, 2.0) == (3, True)
+    assert choose([c[0], {**c[3], "val_accuracy": 0.60}], 0.0, 2.0) == (0, True)  # equal accuracy: log-lik decides
     assert choose(c, 0.5, 2.0) == (1, True)  # a looser guard admits the displacing candidate
     assert choose(c[1:3], 0.0, 2.0) == (0, False)  # none passes: the least violation (0.4 < 1.0)
     assert choose([c[0], dict(c[0])], 0.0, 2.0) == (0, True)  # ties: the first in grid order
