@@ -194,23 +194,35 @@ def write_markdown(checks_: list[Check], classes: dict[str, str]) -> list[str]:
                      f"{'pass' if c.passed else '**FAIL**'}{' — ' + c.detail if c.detail else ''} |")
     n_fail = sum(not c.passed for c in checks_)
     lines += ["", f"{len(checks_) - n_fail} of {len(checks_)} checks pass." if checks_ else "No checks (no tasks)."]
+    if lines:
+        lines = ["", "## Settings chosen by rule (never by the gold reward)", *lines]
     return lines
 
 
-def selection_lines(evaluate_info: dict[tuple[str, str], list[dict]], select_folders: dict[str, Path], cfg) -> list[str]:
+def selection_lines(evaluate_info: dict[tuple[str, str], list[dict]], select_folders: dict[str, Path], cfg,
+                    gap_infos_: dict[str, list[dict]] | None = None) -> list[str]:
     """The report's "chosen by rule" section: SFT's epochs by held-out NLL (the curve), and each select_dpo
     output's candidates, criterion, guards and choice — per task and seed."""
     lines: list[str] = []
     sft = sorted(((t, i) for (t, p), infos in evaluate_info.items() if p == cfg.validity.reference for i in infos
                   if i.get("selection")), key=lambda x: (x[0], x[1]["seed"]))
     if sft:
-        lines += ["", "## Settings chosen by rule (never by the gold reward)", "",
+        lines += ["",
                   f"**{cfg.validity.reference} epochs**: the epoch with the lowest held-out NLL (per completion token, "
                   "on `sft_val.jsonl`).", "", "| task | seed | chosen | held-out NLL by epoch |", "|---|---:|---:|---|"]
         for task, info in sft:
             s = info["selection"]
             curve = ", ".join(f"{e:g}: {v:.3f}" for e, v in zip(s["candidates"], s["values"]))
             lines.append(f"| {task} | {info['seed']} | {s['selected']:g} | {curve} |")
+    rms = sorted(((t, i["seed"], e, v["selection"]) for t, infos in (gap_infos_ or {}).items() for i in infos
+                  for e, v in i.get("verifiers", {}).items() if v.get("selection")), key=lambda x: x[:3])
+    if rms:
+        lines += ["", "**Reward-model learning rate**: the candidate with the best held-out accuracy on "
+                  "`pairs_select.jsonl` (log-likelihood breaks ties).", "",
+                  "| task | seed | verifier | candidates (lr: accuracy) | chosen |", "|---|---:|---|---|---:|"]
+        for task, seed, entry, sel in rms:
+            cands = ", ".join(f"{c['lr']:g}: {c['select_accuracy']:.3f}" for c in sel["candidates"])
+            lines.append(f"| {task} | {seed} | {entry} | {cands} | {sel['selected']:g} |")
     docs = []
     for folder in select_folders.values():
         doc = read_json(Path(folder) / "dpo_selection.json")
@@ -230,4 +242,6 @@ def selection_lines(evaluate_info: dict[tuple[str, str], list[dict]], select_fol
                 lines.append(f"| {task} | {seed} | {c['beta']:g} | {c['loss_type']} | {c['lr']:g} | "
                              f"{c['val_loglik']:.4f} | {c['chosen_logp_change']:+.3f} | {c['kl']:.3f} | "
                              f"{'pass' if c['passed'] else 'fail'} | {'**chosen**' if pick else ''} |")
+    if lines:
+        lines = ["", "## Settings chosen by rule (never by the gold reward)", *lines]
     return lines

@@ -431,6 +431,9 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
                     "onpolicy_accuracy_headroom", "onpolicy_loglik_headroom"):
             if out.get(key) is not None:
                 metrics[f"gap/{metric_name(entry)}/{key}"] = out[key]
+        chosen_by_rule = Path(inputs[f"verifier.{entry}"].path) / "selection.json"
+        if chosen_by_rule.is_file():  # how its settings were chosen (reward_model.lrs): shown by the report
+            out["selection"] = read_json(chosen_by_rule)
         verifiers_out[entry] = out
         del verifier  # release its models before the next verifier is loaded
     if gold is not None:

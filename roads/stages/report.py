@@ -337,14 +337,15 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     # validity first: could this run detect the effect? (roads/validity.py)
     einfo = validity.evaluate_infos({n: Path(r.path) for n, r in inputs.items()
                                      if n not in gap_inputs | select_inputs})
-    chosen = validity.selection_lines(einfo, select_inputs, cfg)
+    ginfos = validity.gap_infos(gap_inputs)
+    chosen = validity.selection_lines(einfo, select_inputs, cfg, ginfos)
     classes = {}
     for task in tasks:
         family = next((i[0].get("family") for (t, _), i in einfo.items() if t == task and i[0].get("family")), None)
         family = family or (TASK_FAMILIES[task_key(task)] if task_key(task) < len(TASK_FAMILIES) else None)
         if family in validity.GAP_CLASSES:
             classes[task] = validity.GAP_CLASSES[family]
-    checks = validity.checks(tasks, classes, einfo, validity.gap_infos(gap_inputs), policy_effect, cfg)
+    checks = validity.checks(tasks, classes, einfo, ginfos, policy_effect, cfg)
     families = {}
     for family, cls in HYPOTHESIS_CLASSES.items():
         task = next((t for t in tasks if classes.get(t) == cls), None)

@@ -1,7 +1,9 @@
 """reward_model: the global verifier — the SFT model with its LM head replaced by a scalar head, trained with the
 Bradley–Terry loss (TRL's RewardTrainer) on the training pairs (the first ``pair_fraction`` of them). Logs
 validation accuracy and preference log-likelihood, mean log σ(r(x, y+) − r(x, y−)), on held-out pairs. Output: the
-reward model and tokenizer, ``validation.json`` and ``verifier.json`` (kind ``global``).
+reward model and tokenizer, ``validation.json`` and ``verifier.json`` (kind ``global``). With ``lrs``, the learning
+rate is chosen by a rule: one reward model per candidate, the best held-out accuracy on ``pairs_select.jsonl``
+(never reported) kept, the candidates and the choice in ``selection.json``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from roads.artifacts import ArtifactRef, StageResult, read_jsonl, write_json
+from roads.errors import DataError
 from roads.config import StageSpec
 from roads.settings import RewardModelConfig
 from roads.generation import reward_scores
@@ -31,22 +34,55 @@ def score_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[to
     return chosen, rejected
 
 
+def _train(cfg: RewardModelConfig, seed: int, sft: str, rows: list[dict], tracker: Tracker):
+    model, tokenizer = reward_model_from_policy(sft, seed=seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = RewardTrainer(
+            model=model,
+            args=RewardConfig(**trainer_args(cfg, seed, scratch)),
+            train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
+            processing_class=tokenizer,
+            callbacks=[StageCallback("reward_model", tracker)],
+        )
+        train(trainer)
+    return model, tokenizer, trainer
+
+
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: RewardModelConfig = spec.config()
     data = Path(inputs["data"].path)
     train_rows = first_fraction(read_jsonl(data / "pairs_train.jsonl"), cfg.pair_fraction)
     val = read_jsonl(data / "pairs_val.jsonl")
-    model, tokenizer = reward_model_from_policy(inputs["sft"].path, seed=spec.seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = RewardTrainer(
-            model=model,
-            args=RewardConfig(**trainer_args(cfg, spec.seed, scratch)),
-            train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows]),
-            processing_class=tokenizer,
-            callbacks=[StageCallback("reward_model", tracker)],
-        )
-        train(trainer)
+    selection = None
+    if cfg.lrs:  # the learning rate chosen by a rule: held-out accuracy on pairs_select (log-lik breaks ties)
+        held = read_jsonl(data / "pairs_select.jsonl") if (data / "pairs_select.jsonl").is_file() else []
+        if not held:
+            raise DataError(f"reward_model.lrs: {data / 'pairs_select.jsonl'} has no pairs; set "
+                            "prepare_data.n_select_pairs above 0, or leave reward_model.lrs empty")
+        candidates, best = [], None
+        for lr in cfg.lrs:
+            model, tokenizer, trainer = _train(cfg.model_copy(update={"lr": lr}), spec.seed, inputs["sft"].path,
+                                               train_rows, NullTracker())
+            m = preference_metrics(*score_pairs(model, tokenizer, held, cfg.val_batch_size))
+            candidates.append({"lr": lr, "select_accuracy": round(m["accuracy"], 6), "select_loglik": round(m["loglik"], 6)})
+            tracker.progress(f"lr {lr:g}: accuracy {m['accuracy']:.3f}, log-likelihood {m['loglik']:.4f} on "
+                             f"{len(held)} selection pairs")
+            key = (m["accuracy"], m["loglik"])
+            if best is None or key > best[0]:
+                best = (key, lr, model, tokenizer, trainer)
+        _, lr, model, tokenizer, trainer = best
+        selection = {"criterion": "held-out preference accuracy on pairs_select (highest wins; log-likelihood breaks "
+                                  "ties)", "setting": "lr", "candidates": candidates, "selected": lr,
+                     "selection_pairs": len(held)}
+        tracker.progress(f"keeping lr {lr:g}")
+    else:
+        model, tokenizer, trainer = _train(cfg, spec.seed, inputs["sft"].path, train_rows, tracker)
     metrics = save_trained("reward_model", model, tokenizer, trainer, out_dir)
+    files = ["validation.json"]
+    if selection:
+        write_json(out_dir / "selection.json", selection)
+        metrics["reward_model/selected_lr"] = float(selection["selected"])
+        files.append("selection.json")
     chosen, rejected = score_pairs(model, tokenizer, val, cfg.val_batch_size)
     val_metrics = preference_metrics(chosen, rejected)
     metrics.update({f"reward_model/val_{k}": v for k, v in val_metrics.items()})
@@ -54,4 +90,4 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     tracker.progress(f"held-out accuracy {val_metrics['accuracy']:.3f}, log-likelihood {val_metrics['loglik']:.4f}")
     write_json(out_dir / "validation.json", {k: round(v, 6) for k, v in val_metrics.items()})
     write_json(out_dir / VERIFIER_FILE, {"kind": "global"})
-    return StageResult(metrics=metrics, files=["validation.json"])
+    return StageResult(metrics=metrics, files=files)

@@ -340,3 +340,15 @@ def test_select_dpo_chooses_settings_that_both_roads_then_use(gap, gap_nodes, tm
     offline = execute(nodes["gap/seed0/offline_dpo"].spec, {"data": data.artifact, "sft": sft.artifact,
                                                             "selection": sel.artifact}, tmp_path)
     assert read_json(Path(offline.artifact.path) / "verifier.json")["beta"] == doc["selected"]["beta"]
+
+
+def test_reward_model_chooses_its_lr_on_the_selection_pairs(tmp_path):
+    nodes = {n.id: n for n in build_plan(load_study(PIPELINES, "smoke", SMALL + [
+        "reward_model.lrs=[1e-5, 1e-3]", "prepare_data.n_select_pairs=16"]))}
+    data = execute(nodes["gap/seed0/prepare_data"].spec, {}, tmp_path)
+    sft = execute(nodes["gap/seed0/sft"].spec, {"data": data.artifact}, tmp_path)
+    rm = execute(nodes["gap/seed0/reward_model"].spec, {"data": data.artifact, "sft": sft.artifact}, tmp_path)
+    sel = read_json(Path(rm.artifact.path) / "selection.json")
+    assert [c["lr"] for c in sel["candidates"]] == [1e-5, 1e-3] and sel["selection_pairs"] == 16
+    best = max(sel["candidates"], key=lambda c: (c["select_accuracy"], c["select_loglik"]))
+    assert sel["selected"] == best["lr"] == rm.metrics["reward_model/selected_lr"]
