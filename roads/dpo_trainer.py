@@ -7,11 +7,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
+
 from datasets import Dataset
 from trl import DPOConfig
 
 from roads.artifacts import write_json
 from roads.settings import TrainConfig
+from roads.generation import encode, sequence_logps
 from roads.models import load_policy
 from roads.reference import SharedReferenceDPOTrainer
 from roads.training import StageCallback, Tracker, save_trained, train, trainer_args
@@ -31,8 +34,9 @@ def train_dpo(stage: str, cfg: TrainConfig, seed: int, start_policy: str, pairs:
     """DPO (β ``beta``, TRL's ``loss_type``, or ``rpo``: TRL's ['sigmoid', 'sft'] with weights [1, ``rpo_alpha``];
     ``precompute_ref``: the reference's log-probs once, before training)
     from the policy saved at ``start_policy`` against the reference saved at ``reference`` (default: the start
-    policy); both are loaded from disk. Saves the result and its ``verifier.json`` (kind ``implicit``) to
-    ``out_dir``."""
+    policy); both are loaded from disk. Saves the result, its ``verifier.json`` (kind ``implicit``) and
+    ``displacement.json`` (the mean change, start → trained, of the log-likelihood of the first 256 training pairs'
+    chosen and rejected responses, and the fraction of chosen ones made more likely) to ``out_dir``."""
     model, tokenizer = load_policy(start_policy)
     ref_model, _ = load_policy(reference or start_policy)
     with tempfile.TemporaryDirectory() as scratch:
@@ -47,7 +51,27 @@ def train_dpo(stage: str, cfg: TrainConfig, seed: int, start_policy: str, pairs:
         )
         if precompute_ref:
             tracker.log_metrics({f"{stage}/ref_logps_shared": float(trainer.ref_logps_shared)})
+        probe = pairs[:DISPLACEMENT_PAIRS]
+        before = _pair_logps(model, tokenizer, probe)
         train(trainer)
     metrics = save_trained(stage, model, tokenizer, trainer, out_dir)
+    after = _pair_logps(model, tokenizer, probe)
+    displacement = {f"{side}_logp_change": round(float((after[side] - before[side]).mean()), 6) for side in after}
+    displacement["chosen_more_likely"] = round(float((after["chosen"] > before["chosen"]).double().mean()), 6)
+    write_json(Path(out_dir) / DISPLACEMENT_FILE, {**displacement, "pairs": len(probe)})
+    metrics.update({f"{stage}/{k}": v for k, v in displacement.items()})
     write_json(Path(out_dir) / VERIFIER_FILE, {"kind": "implicit", "beta": beta})  # β·log π/π_ref is a verifier
     return metrics
+
+
+DISPLACEMENT_FILE = "displacement.json"  # the mean change of its training pairs' log-likelihoods (displacement)
+DISPLACEMENT_PAIRS = 256
+
+
+def _pair_logps(model, tokenizer, pairs: list[dict]) -> dict:
+    """log π(y|x) of each pair's chosen and rejected response (EOS included), for the displacement record."""
+    prompts = encode(tokenizer, [r["prompt"] for r in pairs])
+    return {side: sequence_logps(model, prompts, [ids + [tokenizer.eos_token_id]
+                                                  for ids in encode(tokenizer, [r[side] for r in pairs])],
+                                 pad_id=tokenizer.pad_token_id).to(torch.float64)
+            for side in ("chosen", "rejected")}

@@ -12,8 +12,12 @@ The checks, per task (``gates``: the kinds of hypothesis a failure makes untesta
                           reference (SFT) in gold reward with a paired interval above ``min_control_effect``. If the
                           roads' optimisers cannot use a perfect signal, no comparison of them means anything.
                           (policies)
-``displacement:<policy>`` a gold-free check: the held-out chosen responses' log-likelihood does not fall by more
-                          than ``max_chosen_logp_fall`` nats (mean over seeds) for the compared DPO policies. (policies)
+``displacement:<policy>`` a gold-free check: the log-likelihood of the chosen responses of the policy's own
+                          training pairs (the offline pairs; for online DPO the pairs it sampled) does not fall by
+                          more than ``max_chosen_logp_fall`` nats (mean over seeds) — DPO's likelihood displacement.
+                          (The change on the held-out *offline* pairs, ``val_chosen_logp_change``, is reported by
+                          evaluate too; it is not the check, because an online policy rightly leaves the behaviour
+                          policy's distribution.) (policies)
 ``resolution``            the primary contrast's (``report.contrast`` − ``report.baseline``) interval half-width —
                           the minimum detectable effect — is at most ``max_half_width``. (policies)
 ``labels_informative``    the labels' Bayes ceiling (the gold reward as a verifier on the held-out pairs) is above
@@ -119,9 +123,9 @@ def checks(tasks: list[str], classes: dict[str, str], evaluate_info: dict[tuple[
         # displacement (gold-free)
         for policy in v.displacement:
             infos = evaluate_info.get((task, policy), [])
-            change = _mean(i.get("val_chosen_logp_change") for i in infos)
+            change = _mean(i.get("train_chosen_logp_change") for i in infos)
             out.append(Check(task, f"displacement:{policy}", "not run" if change is None else f"{change:+.3f} nats",
-                             "held-out chosen log-lik change ≥ "
+                             "its training pairs' chosen log-lik change ≥ "
                              + (f"−{v.max_chosen_logp_fall:g}" if v.max_chosen_logp_fall else "0"),
                              change is not None and change >= -v.max_chosen_logp_fall, "policies"))
         # resolution of the primary contrast

@@ -6,7 +6,9 @@ reward: ``gold_reward_mean``; ``win_rate`` against the SFT sample of the same pr
 reward, ties counted half; always: ``kl_to_reference`` (Monte-Carlo estimate of KL(π‖π_ref) = E_y~π[log π(y|x) −
 log π_ref(y|x)]), ``length_mean`` (tokens, EOS excluded), ``finished_rate``, and the gold-free displacement
 check ``val_chosen_logp_change`` / ``val_rejected_logp_change``: the mean change, policy − reference, of the
-log-likelihood of the held-out pairs' chosen (rejected) responses, EOS included. Output: ``metrics.json`` and
+log-likelihood of the held-out pairs' chosen (rejected) responses, EOS included; for a DPO policy also
+``train_chosen_logp_change`` / ``train_rejected_logp_change`` / ``train_chosen_more_likely``, the same on its own
+training pairs (its ``displacement.json``: for online DPO, the pairs it sampled). Output: ``metrics.json`` and
 ``samples.jsonl`` (one row per sample: the data for intervals over prompts and seeds). ``metrics.json`` also names
 the stage that trained the policy and on how many examples (from its ``trained.json``), for learning curves, and
 the policy's ``selection`` (its ``selection.json``: how its epochs were chosen) where it has one.
@@ -98,6 +100,10 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     folder = Path(inputs["policy"].path)
     trained = read_json(folder / "trained.json") if (folder / "trained.json").is_file() else {}
     selection = read_json(folder / "selection.json") if (folder / "selection.json").is_file() else None
+    if (folder / "displacement.json").is_file():  # a DPO policy: how training moved its own pairs' likelihoods
+        moved = read_json(folder / "displacement.json")
+        metrics.update({f"train_{k}": moved[k] for k in ("chosen_logp_change", "rejected_logp_change",
+                                                         "chosen_more_likely") if k in moved})
     write_json(out_dir / "metrics.json", {"policy": spec.policy, "task": task_name, "family": task_of(data)[1].family,
                                           "seed": spec.seed,
                                           "policy_stage": trained.get("stage"),

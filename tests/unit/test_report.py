@@ -284,7 +284,7 @@ CURVES = {("sft", "gold"): [0.5, 0.7, 0.9], ("sft", "reward_model"): [0.5, 0.6, 
 
 
 CONVERGED = {"selection": {"candidates": [1.0, 2.0, 3.0], "values": [2.0, 1.5, 1.6], "selected": 2.0}}
-NOT_DISPLACED = {"val_chosen_logp_change": 0.1}
+NOT_DISPLACED = {"train_chosen_logp_change": 0.1}
 CEILING = {"ceiling": {"accuracy": 0.8, "loglik": -0.4}}
 
 

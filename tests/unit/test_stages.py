@@ -117,6 +117,10 @@ def test_evaluate_dpo_policy_has_nonzero_kl(gap):
     # DPO pushes the rejected responses down more than the chosen ones (the displacement check measures both)
     assert m["evaluate/val_chosen_logp_change"] != 0.0
     assert m["evaluate/val_chosen_logp_change"] > m["evaluate/val_rejected_logp_change"]
+    moved = read_json(Path(gap["gap/seed0/offline_dpo"].artifact.path) / "displacement.json")
+    assert moved["pairs"] == 32 and 0.0 <= moved["chosen_more_likely"] <= 1.0
+    assert moved["chosen_logp_change"] > moved["rejected_logp_change"]  # DPO separates its own pairs
+    assert m["evaluate/train_chosen_logp_change"] == moved["chosen_logp_change"]
 
 
 def test_failing_stage_leaves_nothing(gap, gap_nodes, tmp_path, monkeypatch):
