@@ -502,7 +502,8 @@ def write_hypotheses(out_dir: Path, rows: list[dict], cfg) -> None:
         f"{100 * cfg.confidence:g}% bootstrap interval, what the hypothesis predicts, and the verdict by the rule in "
         f"`roads/hypotheses.py` (margin m = {cfg.equivalence_margin:g}): predicted + → supported if lo > 0, refuted "
         "if hi < m; predicted 0 → supported if the interval lies within ±m, refuted if it excludes 0; otherwise "
-        "inconclusive.",
+        "inconclusive. Before any of these: a hypothesis whose controls failed (the report's validity section) is "
+        "**not testable**, and the failed checks are named.",
         "",
         "| | hypothesis | experiment | effect | measured [lo, hi] | predicted | verdict |",
         "|---|---|---|---|---|---|---|",
