@@ -198,8 +198,6 @@ def write_markdown(checks_: list[Check], classes: dict[str, str]) -> list[str]:
                      f"{'pass' if c.passed else '**FAIL**'}{' — ' + c.detail if c.detail else ''} |")
     n_fail = sum(not c.passed for c in checks_)
     lines += ["", f"{len(checks_) - n_fail} of {len(checks_)} checks pass." if checks_ else "No checks (no tasks)."]
-    if lines:
-        lines = ["", "## Settings chosen by rule (never by the gold reward)", *lines]
     return lines
 
 
@@ -235,16 +233,17 @@ def selection_lines(evaluate_info: dict[tuple[str, str], list[dict]], select_fol
     if docs:
         g = docs[0][2]["guards"]
         lines += ["", "**DPO settings of both roads** (`select_dpo`): the highest held-out implicit-reward "
-                  f"log-likelihood on `pairs_select.jsonl` among the candidates whose held-out chosen log-likelihood "
-                  f"falls by at most {g['max_chosen_logp_fall']:g} nats and whose KL to SFT is at most "
-                  f"{g['max_kl']:g} nats.", "",
-                  "| task | seed | β | loss | lr | held-out log-lik | chosen log-lik change | KL | guards | chosen |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
+                  f"accuracy on `pairs_select.jsonl` (log-likelihood breaks ties) among the candidates whose held-out "
+                  f"chosen log-likelihood falls by at most {g['max_chosen_logp_fall']:g} nats and whose KL to SFT is "
+                  f"at most {g['max_kl']:g} nats.", "",
+                  "| task | seed | β | loss | lr | held-out accuracy | log-lik | chosen log-lik change | KL | guards "
+                  "| chosen |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]
         for task, seed, doc in sorted(docs, key=lambda x: (x[0], x[1])):
             for c in doc["candidates"]:
                 pick = all(c[k] == doc["selected"][k] for k in ("beta", "loss_type", "lr"))
                 lines.append(f"| {task} | {seed} | {c['beta']:g} | {c['loss_type']} | {c['lr']:g} | "
-                             f"{c['val_loglik']:.4f} | {c['chosen_logp_change']:+.3f} | {c['kl']:.3f} | "
+                             f"{c['val_accuracy']:.3f} | {c['val_loglik']:.4f} | {c['chosen_logp_change']:+.3f} | "
+                             f"{c['kl']:.3f} | "
                              f"{'pass' if c['passed'] else 'fail'} | {'**chosen**' if pick else ''} |")
     if lines:
         lines = ["", "## Settings chosen by rule (never by the gold reward)", *lines]
