@@ -196,8 +196,8 @@ def test_bad_pipeline_set_is_not_blamed_on_cli_override(tmp_path):
 
 
 def test_overrides_change_values():
-    base = load_study(PIPELINES, "default")
-    study = load_study(PIPELINES, "default", ["sft.epochs=7", "pipeline.seeds=[0,1]", "tasks.gap.alphabet=10",
+    base = load_study(PIPELINES, "study-v1")
+    study = load_study(PIPELINES, "study-v1", ["sft.epochs=7", "pipeline.seeds=[0,1]", "tasks.gap.alphabet=10",
                                               "model.preset=base", "offline_dpo.beta=0.5"])
     assert base.defaults.sft.epochs == RAW["defaults"]["sft"]["epochs"] != 7
     assert study.defaults.sft.epochs == 7
@@ -286,7 +286,7 @@ def fp(overrides=(), stage="sft", task="gap", seed=0, policy=None) -> str:
         ("offline_dpo", "offline_dpo.loss_type=ipo"),
         ("reward_model", "reward_model.lr=0.01"),
         ("evaluate", "evaluate.temperature=0.7"),
-        ("evaluate", "evaluate.samples_per_prompt=4"),
+        ("evaluate", "evaluate.samples_per_prompt=8"),
     ],
 )
 def test_fingerprint_changes_with_result_fields(stage, override):

@@ -149,12 +149,16 @@ def test_upstream_of_prepare_data(nodes):
 def test_the_default_study_plan_wires_every_policy():
     study = load_study(PIPELINES, "default")
     nodes = {n.id: n for n in build_plan(study)}
-    unit = "gap/seed0"
+    unit = "shuffle/seed0"
     policies_evaluated = {n.spec.policy for n in nodes.values() if n.id.startswith(unit) and n.stage == "evaluate"}
-    assert policies_evaluated == {"sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft",
-                              "online_dpo_dpo", "online_dpo_gold", "online_rl"}
+    assert policies_evaluated == {"sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "offline_dpo_gold",
+                                  "online_dpo_sft", "online_dpo_dpo", "online_dpo_gold", "online_rl"}
     assert nodes[f"{unit}/online_dpo_dpo"].inputs == {"data": f"{unit}/prepare_data", "reference": f"{unit}/sft",
-                                                      "start": f"{unit}/offline_dpo", "verifier": f"{unit}/reward_model"}
+                                                      "start": f"{unit}/offline_dpo", "verifier": f"{unit}/reward_model",
+                                                      "selection": f"{unit}/select_dpo"}
+    # both roads, and both controls, take their DPO settings from the same rule
+    assert {nodes[f"{unit}/{e}"].inputs["selection"] for e in ("offline_dpo", "offline_dpo_gold", "online_dpo_sft",
+                                                                "online_dpo_gold")} == {f"{unit}/select_dpo"}
     assert nodes[f"{unit}/online_dpo_sft"].inputs["start"] == f"{unit}/sft"
     assert "verifier" not in nodes[f"{unit}/online_dpo_gold"].inputs  # the gold reward needs no model
     assert nodes[f"{unit}/online_rl"].inputs["verifier"] == f"{unit}/reward_model"
@@ -162,7 +166,8 @@ def test_the_default_study_plan_wires_every_policy():
     assert all(online[k] == dpo[k] for k in ("beta", "lr", "epochs", "batch_size", "loss_type"))  # same DPO settings
     assert nodes[f"{unit}/offline_dpo_2x"].spec.params["epochs"] == dpo["epochs"] + 1
     evaluations = {i for i, n in nodes.items() if n.stage == "evaluate"}
-    assert set(nodes["report"].inputs.values()) == evaluations and len(evaluations) == 3 * 3 * 8
+    measured = {i for i, n in nodes.items() if n.stage in ("measure_gap", "select_dpo")}
+    assert set(nodes["report"].inputs.values()) == evaluations | measured and len(evaluations) == 3 * 3 * 9
 
 
 def test_partial_pipeline_plan():
