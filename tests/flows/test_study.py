@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.study import StudyFailed, run_study
+from roads.hypotheses import VERDICTS
 
 ROOT = Path(__file__).resolve().parents[2]
 GAP_ONLY = ["pipeline.tasks=[gap]"]
@@ -238,8 +239,8 @@ def test_every_policy_of_the_study_smoke_pipeline_runs_and_reports(home):
     outcome = run_study("study-smoke")
     states = cache_states(outcome)
     assert "failed" not in states.values()
-    policies = ["sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "online_dpo_sft", "online_dpo_dpo",
-            "online_dpo_gold", "online_rl"]
+    policies = ["sft", "sft_chosen", "offline_dpo", "offline_dpo_2x", "offline_dpo_gold", "online_dpo_sft",
+                "online_dpo_dpo", "online_dpo_gold", "online_rl"]
     for seed in (0, 1):
         assert {f"gap/seed{seed}/evaluate[{policy}]" for policy in policies} <= set(states)
     report = Path(outcome["report"])
@@ -248,10 +249,19 @@ def test_every_policy_of_the_study_smoke_pipeline_runs_and_reports(home):
     rows = {(b["task"], b["policy"]): b for b in outcome["budget"]}
     assert rows[("gap", "online_dpo_sft")]["tokens_generated"] > 0 and rows[("gap", "sft")]["tokens_generated"] == 0
     assert rows[("gap", "online_dpo_dpo")]["tokens_trained"] > rows[("gap", "offline_dpo")]["tokens_trained"]
+    # the validity section comes first, with the controls of both roads and the rule-chosen DPO settings
+    assert text.index("## Validity") < text.index("## Settings chosen by rule") < text.index("## The roads")
+    for check in ("sft_converged", "control:online_dpo_gold", "control:offline_dpo_gold", "displacement:offline_dpo",
+                  "resolution", "labels_informative", "verifier_headroom", "likelihood_spearman", "greedy_sft"):
+        assert f"| gap | gap | {check} |" in text, check
+    assert "**DPO settings of both roads**" in text and "**chosen**" in text
     client = MlflowClient()
     parent_files = {f.path for f in client.list_artifacts(outcome["parent_run_id"], "report")}
-    assert {"report/report.md", "report/win_rate_by_policy.png", "report/gold_vs_kl.png"} <= parent_files
-    assert "budget/gap/online_rl/tokens_generated" in client.get_run(outcome["parent_run_id"]).data.metrics
+    assert {"report/report.md", "report/validity.csv", "report/win_rate_by_policy.png",
+            "report/gold_vs_kl.png"} <= parent_files
+    metrics = client.get_run(outcome["parent_run_id"]).data.metrics
+    assert "budget/gap/online_rl/tokens_generated" in metrics
+    assert metrics["report/validity/gap/control_online_dpo_gold"] in (0.0, 1.0)
 
 
 def test_gap_smoke_measures_the_gap_and_tables_the_hypotheses(home, capsys):
@@ -283,7 +293,9 @@ def test_gap_smoke_measures_the_gap_and_tables_the_hypotheses(home, capsys):
             means = [c["mean"] for c in row["curve"]]
             assert all(b >= a - 1e-9 for a, b in zip(means, means[1:]))
     verdicts = {h["id"]: h["verdict"] for h in doc["hypotheses"]}
-    assert set(verdicts.values()) <= {"supported", "refuted", "inconclusive"}
+    assert {v.split(" (")[0] for v in verdicts.values()} <= set(VERDICTS)
+    # gap-smoke runs no positive control: its policy hypotheses cannot be tested, and say which controls are missing
+    assert verdicts["H1"].startswith("not testable (") and "control:online_dpo_gold" in verdicts["H1"]
     # a rerun is all hits, and the parent run carries the tables
     outcome = run_study("gap-smoke")
     assert set(cache_states(outcome).values()) == {"hit"}
