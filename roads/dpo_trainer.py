@@ -14,11 +14,10 @@ from trl import DPOConfig
 
 from roads.artifacts import write_json
 from roads.settings import TrainConfig
-from roads.generation import encode, sequence_logps
 from roads.models import load_policy
 from roads.reference import SharedReferenceDPOTrainer
 from roads.training import StageCallback, Tracker, save_trained, train, trainer_args
-from roads.verifiers import VERIFIER_FILE
+from roads.verifiers import VERIFIER_FILE, summed_logps
 
 
 def trl_loss(loss_type: str, rpo_alpha: float = 1.0) -> dict:
@@ -70,8 +69,6 @@ DISPLACEMENT_PAIRS = 256
 
 def _pair_logps(model, tokenizer, pairs: list[dict]) -> dict:
     """log π(y|x) of each pair's chosen and rejected response (EOS included), for the displacement record."""
-    prompts = encode(tokenizer, [r["prompt"] for r in pairs])
-    return {side: sequence_logps(model, prompts, [ids + [tokenizer.eos_token_id]
-                                                  for ids in encode(tokenizer, [r[side] for r in pairs])],
-                                 pad_id=tokenizer.pad_token_id).to(torch.float64)
+    prompts = [r["prompt"] for r in pairs]
+    return {side: summed_logps(model, tokenizer, prompts, [r[side] for r in pairs]).to(torch.float64)
             for side in ("chosen", "rejected")}

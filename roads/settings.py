@@ -126,6 +126,10 @@ class LocalRmConfig(RewardModelConfig):
     lrs: list[float] = Field([], max_length=0, description="not used by local_rm (its lr is lr)")
 
 
+# the DPO losses both roads can use: TRL's, and 'rpo' (TRL's ['sigmoid', 'sft'])
+DpoLoss = Literal["sigmoid", "rpo", "ipo", "hinge", "apo_zero", "sigmoid_norm"]
+
+
 class DpoConfig(TrainConfig):
     """The DPO objective (β, loss) and its optimisation, defined once for both DPO roads. ``online_dpo`` takes those
     of ``DPO_SHARED`` it does not set in its own section from ``offline_dpo``'s (the stage table's ``shares``), so
@@ -134,7 +138,7 @@ class DpoConfig(TrainConfig):
 
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
     beta: float = Field(0.1, gt=0, description="DPO β (the same β is used online)")
-    loss_type: Literal["sigmoid", "rpo", "ipo", "hinge", "apo_zero", "sigmoid_norm"] = Field(
+    loss_type: DpoLoss = Field(
         "sigmoid", description="TRL DPO loss; 'rpo' is DPO plus the chosen response's NLL (RPO: TRL's loss_type "
                                "['sigmoid', 'sft'], weights [1, rpo_alpha])")
     rpo_alpha: float = Field(1.0, gt=0, description="rpo: the weight of the chosen response's NLL term")
@@ -166,7 +170,7 @@ class SelectDpoConfig(TrainConfig):
     data: str = data_field()
     pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs")
     betas: list[float] = Field([0.1], min_length=1, description="candidate DPO β")
-    losses: list[Literal["sigmoid", "rpo", "ipo", "hinge", "apo_zero", "sigmoid_norm"]] = Field(
+    losses: list[DpoLoss] = Field(
         ["sigmoid", "rpo"], min_length=1, description="candidate DPO losses")
     lrs: list[float] = Field([5e-5, 5e-4], min_length=1, description="candidate learning rates")
     rpo_alpha: float = Field(1.0, gt=0, description="rpo: the weight of the chosen response's NLL term")

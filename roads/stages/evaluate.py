@@ -26,6 +26,7 @@ from roads.data import gold_of, task_of
 from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy
 from roads.training import NullTracker, Tracker
+from roads.verifiers import summed_logps
 
 VERSION = 1
 
@@ -86,16 +87,12 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         metrics["exact_rate"] = fmean(float(r["gold_reward"] == 1.0) for r in rows)
     val = read_jsonl(data / "pairs_val.jsonl") if (data / "pairs_val.jsonl").is_file() else []
     if val:  # the gold-free displacement check: does training make the held-out chosen responses less likely?
-        val_prompts = encode(tokenizer, [r["prompt"] for r in val])
+        val_prompts = [r["prompt"] for r in val]
         for side in ("chosen", "rejected"):
-            responses = [ids + [tokenizer.eos_token_id] for ids in encode(tokenizer, [r[side] for r in val])]
-            if same_model:
-                change = 0.0
-            else:
-                change = fmean((sequence_logps(policy, val_prompts, responses, pad_id=tokenizer.pad_token_id)
-                                - sequence_logps(reference, val_prompts, responses, pad_id=tokenizer.pad_token_id)
-                                ).tolist())
-            metrics[f"val_{side}_logp_change"] = change
+            responses = [r[side] for r in val]
+            metrics[f"val_{side}_logp_change"] = 0.0 if same_model else fmean(
+                (summed_logps(policy, tokenizer, val_prompts, responses)
+                 - summed_logps(reference, tokenizer, val_prompts, responses)).tolist())
     metrics = {k: round(v, 6) for k, v in metrics.items()}
     folder = Path(inputs["policy"].path)
     trained = read_json(folder / "trained.json") if (folder / "trained.json").is_file() else {}

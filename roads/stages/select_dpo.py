@@ -41,7 +41,7 @@ from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy
 from roads.settings import SelectDpoConfig
 from roads.training import NullTracker, Tracker, first_fraction
-from roads.verifiers import load_verifier, preference_metrics
+from roads.verifiers import load_verifier, preference_metrics, summed_logps
 
 VERSION = 1
 
@@ -62,11 +62,6 @@ def choose(candidates: list[dict], max_chosen_logp_fall: float, max_kl: float) -
     return min(range(len(candidates)), key=lambda i: (violation(candidates[i]), i)), False
 
 
-def _mean_logp(model, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    ids = [r + [tokenizer.eos_token_id] for r in encode(tokenizer, responses)]
-    return sequence_logps(model, encode(tokenizer, prompts), ids, pad_id=tokenizer.pad_token_id)
-
-
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: SelectDpoConfig = spec.config()
     data = Path(inputs["data"].path)
@@ -78,7 +73,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
                         "above 0")
     prompts = [r["prompt"] for r in held]
     sft, tokenizer = load_policy(sft_path)
-    sft_chosen = _mean_logp(sft, tokenizer, prompts, [r["chosen"] for r in held])
+    sft_chosen = summed_logps(sft, tokenizer, prompts, [r["chosen"] for r in held])
     kl_prompts = list(dict.fromkeys(prompts))[: cfg.kl_prompts]
     candidates: list[dict] = []
     grid = list(itertools.product(cfg.betas, cfg.losses, cfg.lrs))
@@ -93,7 +88,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             rejected = verifier.score(prompts, [r["rejected"] for r in held]).to(torch.float64)
             metrics = preference_metrics(chosen, rejected)
             policy, _ = load_policy(scratch)
-            change = float((_mean_logp(policy, tokenizer, prompts, [r["chosen"] for r in held]) - sft_chosen).mean())
+            change = float((summed_logps(policy, tokenizer, prompts, [r["chosen"] for r in held]) - sft_chosen).mean())
             groups = sample(policy, tokenizer, kl_prompts, n=cfg.kl_samples, max_new_tokens=cfg.max_new_tokens,
                             temperature=1.0, seed=spec.seed)
             flat_prompts = [p for p, g in zip(kl_prompts, groups) for _ in g]
