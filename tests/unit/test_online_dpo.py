@@ -50,7 +50,8 @@ class Recorder:
 def unit(tmp_path_factory):
     study = load_study(ROOT / "pipelines.yaml", "study-smoke", [
         "pipeline.seeds=[0]", "online_dpo.logging_steps=1",
-        "pipeline.stages=[prepare_data, sft, reward_model, offline_dpo, online_dpo_sft, online_dpo_dpo, online_dpo_gold]"])
+        "pipeline.stages=[prepare_data, sft, reward_model, select_dpo, offline_dpo, online_dpo_sft, online_dpo_dpo,"
+        " online_dpo_gold]"])
     store = tmp_path_factory.mktemp("store")
     results, trackers = {}, {}
     for node in build_plan(study):
