@@ -41,7 +41,7 @@ from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy
 from roads.settings import SelectDpoConfig
 from roads.training import NullTracker, Tracker, first_fraction
-from roads.verifiers import load_verifier, preference_metrics, summed_logps
+from roads.verifiers import preference_metrics, summed_logps
 
 VERSION = 1
 
@@ -73,7 +73,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
                         "above 0")
     prompts = [r["prompt"] for r in held]
     sft, tokenizer = load_policy(sft_path)
-    sft_chosen = summed_logps(sft, tokenizer, prompts, [r["chosen"] for r in held])
+    sides = {side: [r[side] for r in held] for side in ("chosen", "rejected")}
+    sft_logps = {side: summed_logps(sft, tokenizer, prompts, ys).to(torch.float64) for side, ys in sides.items()}
     kl_prompts = list(dict.fromkeys(prompts))[: cfg.kl_prompts]
     candidates: list[dict] = []
     grid = list(itertools.product(cfg.betas, cfg.losses, cfg.lrs))
@@ -83,12 +84,12 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             train_cfg = cfg.model_copy(update={"lr": lr})
             train_dpo("select_dpo", train_cfg, spec.seed, sft_path, pairs, Path(scratch), NullTracker(), beta=beta,
                       loss_type=loss, rpo_alpha=cfg.rpo_alpha, precompute_ref=cfg.precompute_ref)
-            verifier = load_verifier("candidate", scratch, reference=sft_path)
-            chosen = verifier.score(prompts, [r["chosen"] for r in held]).to(torch.float64)
-            rejected = verifier.score(prompts, [r["rejected"] for r in held]).to(torch.float64)
-            metrics = preference_metrics(chosen, rejected)
             policy, _ = load_policy(scratch)
-            change = float((summed_logps(policy, tokenizer, prompts, [r["chosen"] for r in held]) - sft_chosen).mean())
+            logps = {side: summed_logps(policy, tokenizer, prompts, ys).to(torch.float64) for side, ys in sides.items()}
+            # its implicit reward β·(log π − log π_SFT), as roads.verifiers scores a DPO policy (SFT scored once)
+            metrics = preference_metrics(beta * (logps["chosen"] - sft_logps["chosen"]),
+                                         beta * (logps["rejected"] - sft_logps["rejected"]))
+            change = float((logps["chosen"] - sft_logps["chosen"]).mean())
             groups = sample(policy, tokenizer, kl_prompts, n=cfg.kl_samples, max_new_tokens=cfg.max_new_tokens,
                             temperature=1.0, seed=spec.seed)
             flat_prompts = [p for p, g in zip(kl_prompts, groups) for _ in g]
@@ -96,7 +97,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             p_ids = encode(tokenizer, flat_prompts)
             kl = fmean((sequence_logps(policy, p_ids, ids, pad_id=tokenizer.pad_token_id)
                         - sequence_logps(sft, p_ids, ids, pad_id=tokenizer.pad_token_id)).tolist())
-            del verifier, policy
+            del policy
         row = {"beta": beta, "loss_type": loss, "lr": lr, "val_loglik": round(metrics["loglik"], 6),
                "val_accuracy": round(metrics["accuracy"], 6), "chosen_logp_change": round(change, 6),
                "kl": round(kl, 6)}
