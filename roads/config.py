@@ -21,15 +21,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from roads.errors import ConfigError
-from roads.settings import LaunchConfig, ModelConfig, Strict, TaskConfig, no_fingerprint
+from roads.settings import SEED_BOUNDS, LaunchConfig, ModelConfig, Seed, Strict, TaskConfig, no_fingerprint
 from roads.stage_table import LAUNCH_STAGES, STAGE_NAMES, STAGES, accepts, stage_inputs, with_role
 
 BASIC_STAGES = ("prepare_data", "sft", "reward_model", "offline_dpo", "evaluate")  # a pipeline's default `stages`
@@ -38,7 +39,7 @@ BASIC_STAGES = ("prepare_data", "sft", "reward_model", "offline_dpo", "evaluate"
 Defaults = create_model(
     "Defaults", __base__=Strict,
     __doc__="The study's defaults: the seed, the shared sections, and one section per stage of the stage table.",
-    seed=(int, Field(0, description="the study seed; each pipeline's `seeds` replaces it")),
+    seed=(int, Field(0, **SEED_BOUNDS, description="the study seed; each pipeline's `seeds` replaces it")),
     model=(ModelConfig, ModelConfig()),
     launch=(LaunchConfig, LaunchConfig()),
     **{name: (stage.config, stage.config()) for name, stage in STAGES.items()},
@@ -58,9 +59,18 @@ class VariantConfig(Strict):
 class PipelineConfig(Strict):
     description: str = ""
     tasks: list[str] = Field(min_length=1)
-    seeds: Optional[list[int]] = Field(None, min_length=1, description="seeds to run; default: [defaults.seed]")
+    seeds: Optional[list[Seed]] = Field(None, min_length=1, description="seeds to run, each once; default: "
+                                                                          "[defaults.seed]")
     stages: list[str] = Field(list(BASIC_STAGES), min_length=1, description="stages and variants to run")
     set: dict[str, Any] = Field({}, description="overrides of defaults, as in --set")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_once(cls, seeds: Optional[list[int]]) -> Optional[list[int]]:
+        repeated = sorted({s for s in seeds or [] if seeds.count(s) > 1})
+        if repeated:  # the same (task, seed) twice would be one node run twice, and count twice in the report
+            raise ValueError(f"seed {', '.join(map(str, repeated))} is repeated; give each seed once")
+        return seeds
 
 
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
@@ -72,7 +82,7 @@ class SweepConfig(Strict):
     description: str = ""
     pipeline: str = Field(description="the pipeline every point runs")
     grid: dict[str, list[Any]] = Field({}, description="KEY (as in --set) -> the values it takes; points = the product")
-    seeds: Optional[list[int]] = Field(None, min_length=1, description="each seed a point of its own (a grid "
+    seeds: Optional[list[Seed]] = Field(None, min_length=1, description="each seed a point of its own (a grid "
                                        "dimension); default: every point runs the pipeline's seeds")
     runner: Literal["ray", "process"] = Field("ray", description="ray: prefect-ray's task runner (a local cluster, "
                                               "or --ray-address / RAY_ADDRESS); process: a local process pool")
@@ -222,13 +232,15 @@ def _format_error(err: ValidationError, where: str, prefix: tuple = ()) -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")  # our own validators' messages are sentences already
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{where}: {loc}: {msg}{more}"
 
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError:
         return text
 
@@ -278,7 +290,17 @@ def _apply(raw: dict, pipeline: str, key: str, value: Any, where: str) -> None:
     target[path[-1]] = value
 
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 10x faster on pipelines.yaml
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: 10x faster on pipelines.yaml
+    """YAML 1.1 as PyYAML reads it, except that ``1e-3`` and ``1.0e3`` are numbers (as in YAML 1.2 and JSON), not
+    strings: the settings are strict, so a float field does not turn the string ``"1e-3"`` into a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+_LOADER = _Loader
 
 
 def read_study_file(path: str | Path) -> dict:

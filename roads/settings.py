@@ -8,17 +8,27 @@ The stage table (``roads/stage_table.py``) names each stage's config class; ``ro
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-def no_fingerprint(default: Any, description: str) -> Any:
-    """A field that does not change results (logging, batch size for inference, …): left out of the fingerprint."""
-    return Field(default, description=description, json_schema_extra={"fingerprint": False})
+def no_fingerprint(default: Any, description: str, **bounds: Any) -> Any:
+    """A field that does not change results (logging, batch size for inference, …): left out of the fingerprint.
+    ``bounds`` are pydantic's (``gt=0`` …)."""
+    return Field(default, description=description, json_schema_extra={"fingerprint": False}, **bounds)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors, values are frozen, and numbers are what they say: pydantic's strict mode (no
+    ``true`` for a number, no ``2.0`` or ``"2"`` for an integer; an integer is a float) and no NaN or infinity for
+    any float. The study file's YAML reads ``1e-3`` as a number (``roads.config``), so strict floats take it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+SEED_BOUNDS = dict(ge=0, lt=2**32)  # what numpy's (and so Trainer's) seeding accepts
+Seed = Annotated[int, Field(**SEED_BOUNDS)]
 
 
 # --- sections ----------------------------------------------------------------------------------------------------
@@ -77,7 +87,7 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW, linear decay)")
     batch_size: int = Field(32, gt=0, description="examples (or pairs) per optimiser step")
     max_length: int = Field(64, gt=4, description="longest prompt + response, in tokens")
-    logging_steps: int = no_fingerprint(10, "log training metrics every N steps")
+    logging_steps: int = no_fingerprint(10, "log training metrics every N steps", gt=0)
 
 
 class SftConfig(TrainConfig):
@@ -103,7 +113,7 @@ class NarrowDataConfig(Strict):
     bt_temperature: float = Field(0.1, ge=0, description="τ in P(y1≻y2) = σ((r*(y1)−r*(y2))/τ); 0 = noiseless")
     max_new_tokens: int = Field(16, gt=0, description="generation limit")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    generation_batch_size: int = no_fingerprint(256, "sequences per generation batch")
+    generation_batch_size: int = no_fingerprint(256, "sequences per generation batch", gt=0)
 
 
 class RewardModelConfig(TrainConfig):
@@ -112,8 +122,8 @@ class RewardModelConfig(TrainConfig):
     start: str = Field("sft", description="the SFT entry the reward model starts from (an SFT variant of another size "
                                           "gives a reward model of that size)")
     pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs (learning curves)")
-    val_batch_size: int = no_fingerprint(64, "batch size when scoring held-out pairs")
-    lrs: list[float] = Field([], description="candidate learning rates: one reward model each, the best held-out "
+    val_batch_size: int = no_fingerprint(64, "batch size when scoring held-out pairs", gt=0)
+    lrs: list[PositiveFloat] = Field([], description="candidate learning rates: one reward model each, the best held-out "
                                              "accuracy on pairs_select kept (empty: lr)")
 
 
@@ -123,7 +133,7 @@ class LocalRmConfig(RewardModelConfig):
 
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
     beta: float = Field(1.0, gt=0, description="scale of the summed log-probabilities in the Bradley–Terry loss")
-    lrs: list[float] = Field([], max_length=0, description="not used by local_rm (its lr is lr)")
+    lrs: list[PositiveFloat] = Field([], max_length=0, description="not used by local_rm (its lr is lr)")
 
 
 # the DPO losses both roads can use: TRL's, and 'rpo' (TRL's ['sigmoid', 'sft'])
@@ -169,10 +179,10 @@ class SelectDpoConfig(TrainConfig):
 
     data: str = data_field()
     pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs")
-    betas: list[float] = Field([0.1], min_length=1, description="candidate DPO β")
+    betas: list[PositiveFloat] = Field([0.1], min_length=1, description="candidate DPO β")
     losses: list[DpoLoss] = Field(
         ["sigmoid", "rpo"], min_length=1, description="candidate DPO losses")
-    lrs: list[float] = Field([5e-5, 5e-4], min_length=1, description="candidate learning rates")
+    lrs: list[PositiveFloat] = Field([5e-5, 5e-4], min_length=1, description="candidate learning rates")
     rpo_alpha: float = Field(1.0, gt=0, description="rpo: the weight of the chosen response's NLL term")
     precompute_ref: bool = Field(True, description="compute the reference's log-probs once (shared between "
                                                    "candidates)")
@@ -232,7 +242,7 @@ class GenRmConfig(TrainConfig):
                                             "probabilities")
     beta: float = Field(1.0, gt=0, description="STaR-DPO β")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of rationales and votes")
-    val_batch_size: int = no_fingerprint(64, "batch size when scoring")
+    val_batch_size: int = no_fingerprint(64, "batch size when scoring", gt=0)
 
 
 class IvlConfig(TrainConfig):
@@ -270,8 +280,9 @@ class OnlineDpoConfig(DpoConfig):
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     engine: Literal["roads", "vllm"] = Field("roads", description="who samples the k completions: roads' own "
                                              "seeded sampler, or vLLM (a GPU with vllm installed)")
-    generation_batch_size: int = no_fingerprint(256, "sequences per generation batch")
-    vllm_gpu_memory_utilization: float = no_fingerprint(0.5, "engine vllm: the share of GPU memory vLLM may take")
+    generation_batch_size: int = no_fingerprint(256, "sequences per generation batch", gt=0)
+    vllm_gpu_memory_utilization: float = no_fingerprint(0.5, "engine vllm: the share of GPU memory vLLM may take",
+                                                        gt=0, le=1)
 
 
 class OnlineRlConfig(TrainConfig):
@@ -288,7 +299,8 @@ class OnlineRlConfig(TrainConfig):
     n_prompts: Optional[int] = Field(None, gt=0, description="training prompts (default: all)")
     use_vllm: bool = Field(False, description="generate with vLLM colocated with training (TRL's vllm_mode "
                                               "colocate; a GPU with vllm installed)")
-    vllm_gpu_memory_utilization: float = no_fingerprint(0.3, "use_vllm: the share of GPU memory vLLM may take")
+    vllm_gpu_memory_utilization: float = no_fingerprint(0.3, "use_vllm: the share of GPU memory vLLM may take",
+                                                        gt=0, le=1)
 
 
 class MeasureGapConfig(Strict):
@@ -304,7 +316,7 @@ class MeasureGapConfig(Strict):
     n_prompts: int = Field(100, gt=0, description="evaluation prompts used for best-of-N (the first ones)")
     max_new_tokens: int = Field(16, gt=0, description="generation limit")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    batch_size: int = no_fingerprint(256, "sequences per generation or scoring batch")
+    batch_size: int = no_fingerprint(256, "sequences per generation or scoring batch", gt=0)
 
 
 class ValidityConfig(Strict):
@@ -324,7 +336,7 @@ class ValidityConfig(Strict):
     verifier: str = Field("reward_model", description="the global verifier whose headroom fraction is checked")
     min_verifier_headroom: float = Field(0.25, ge=0, le=1, description="its held-out accuracy as a fraction of "
                                          "chance-to-ceiling, at least (gap-class tasks)")
-    max_likelihood_spearman: float = Field(0.5, description="Spearman(log π_SFT, r*) at most (gap-class tasks)")
+    max_likelihood_spearman: float = Field(0.5, ge=-1, le=1, description="Spearman(log π_SFT, r*) at most (gap-class tasks)")
     max_greedy_gold: float = Field(0.95, description="greedy SFT's gold reward at most (gap-class tasks)")
     sft_min_improvement: float = Field(0.005, ge=0, description="SFT converged: the held-out NLL turned up, or its "
                                        "last epoch improved it by less than this fraction")
@@ -344,7 +356,7 @@ class ReportConfig(Strict):
     n_bootstrap: int = Field(2000, ge=100, description="bootstrap resamples (seeds, then prompts within a seed)")
     confidence: float = Field(0.95, gt=0, lt=1, description="interval coverage")
     baseline: str = Field("offline_dpo", description="the offline policy that the other policies are compared with")
-    bootstrap_seed: int = Field(0, description="seed of the bootstrap")
+    bootstrap_seed: int = Field(0, **SEED_BOUNDS, description="seed of the bootstrap")
     equivalence_margin: float = Field(0.02, ge=0, description="hypotheses predicting no difference are supported when "
                                                               "the whole interval lies within ± this")
     validity: ValidityConfig = Field(ValidityConfig(), description="the validity checks' pre-registered thresholds")
@@ -354,8 +366,8 @@ class EvaluateConfig(Strict):
     samples_per_prompt: int = Field(2, gt=0, description="completions sampled per held-out prompt")
     max_new_tokens: int = Field(16, gt=0, description="generation limit")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    batch_size: int = no_fingerprint(64, "prompts per generation batch")
-    table_rows: int = no_fingerprint(50, "rows of the sample table logged as an artifact")
+    batch_size: int = no_fingerprint(64, "prompts per generation batch", gt=0)
+    table_rows: int = no_fingerprint(50, "rows of the sample table logged as an artifact", ge=0)
 
 
 class LaunchConfig(Strict):

@@ -1,0 +1,113 @@
+"""Every numeric setting bounded where it must be (issue 15): finite floats, integers that are integers, no bool taken
+for a number, positive where zero or less cannot work, seeds that numpy accepts and are each given once. Each mistake
+is a ConfigError (exit 2) on one line that names the key, raised when the study loads, before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from roads.config import _parse_value, load_study
+from roads.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINES = ROOT / "pipelines.yaml"
+
+
+def refused(pipeline: str, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_study(PIPELINES, pipeline, list(overrides))
+    message = str(info.value)
+    assert info.value.exit_code == 2
+    assert "\n" not in message, f"message is not one line: {message!r}"
+    return message
+
+
+# --------------------------------------------------------------------------- one field at a time
+
+
+@pytest.mark.parametrize("override, key, why", [
+    # not finite
+    ("sft.epochs=.inf", "sft.epochs", "finite"),
+    ("sft.lr=.inf", "sft.lr", "finite"),
+    ("sft.lr=.nan", "sft.lr", "finite"),
+    ("offline_dpo.beta=.inf", "offline_dpo.beta", "finite"),
+    ("online_dpo.temperature=.inf", "online_dpo.temperature", "finite"),
+    ("report.validity.min_control_effect=-.inf", "report.validity.min_control_effect", "finite"),
+    ("reward_model.lrs=[1.0e-3, .inf]", "reward_model.lrs.1", "finite"),
+    ("select_dpo.betas=[.nan]", "select_dpo.betas.0", "finite"),
+    ("prepare_data.bt_temperature=.inf", "prepare_data.bt_temperature", "finite"),
+    # a bool is not a number, a float is not an integer
+    ("sft.epochs=true", "sft.epochs", "valid number"),
+    ("sft.lr=false", "sft.lr", "valid number"),
+    ("sft.batch_size=true", "sft.batch_size", "valid integer"),
+    ("sft.batch_size=32.0", "sft.batch_size", "valid integer"),
+    ("sft.batch_size=2.5", "sft.batch_size", "valid integer"),
+    ("online_dpo.k=true", "online_dpo.k", "valid integer"),
+    ("prepare_data.n_sft=1.0e3", "prepare_data.n_sft", "valid integer"),
+    ("tasks.gap.alphabet=true", "tasks.gap.alphabet", "valid integer"),
+    ("seed=true", "seed", "valid integer"),
+    ("offline_dpo.precompute_ref=1", "offline_dpo.precompute_ref", "valid boolean"),
+    # positive where zero or less cannot work
+    ("sft.logging_steps=0", "sft.logging_steps", "greater than 0"),
+    ("offline_dpo.logging_steps=-1", "offline_dpo.logging_steps", "greater than 0"),
+    ("evaluate.batch_size=0", "evaluate.batch_size", "greater than 0"),
+    ("measure_gap.batch_size=0", "measure_gap.batch_size", "greater than 0"),
+    ("online_dpo.generation_batch_size=0", "online_dpo.generation_batch_size", "greater than 0"),
+    ("reward_model.val_batch_size=0", "reward_model.val_batch_size", "greater than 0"),
+    ("reward_model.lrs=[1.0e-3, 0]", "reward_model.lrs.1", "greater than 0"),
+    ("select_dpo.lrs=[-1.0e-4]", "select_dpo.lrs.0", "greater than 0"),
+    ("select_dpo.betas=[0]", "select_dpo.betas.0", "greater than 0"),
+    ("online_rl.vllm_gpu_memory_utilization=0", "online_rl.vllm_gpu_memory_utilization", "greater than 0"),
+    ("online_dpo.vllm_gpu_memory_utilization=1.5", "online_dpo.vllm_gpu_memory_utilization", "less than or equal"),
+    ("evaluate.table_rows=-1", "evaluate.table_rows", "greater than or equal to 0"),
+    ("report.validity.max_likelihood_spearman=2", "report.validity.max_likelihood_spearman", "less than or equal"),
+    # seeds numpy (and so the Trainer) accepts
+    ("seed=-1", "seed", "greater than or equal to 0"),
+    ("seed=4294967296", "seed", "less than"),
+    ("pipeline.seeds=[0, -3]", "pipelines.smoke.seeds.1", "greater than or equal to 0"),
+    ("report.bootstrap_seed=-1", "report.bootstrap_seed", "greater than or equal to 0"),
+])
+def test_a_bad_value_is_refused_naming_its_key(override, key, why):
+    message = refused("smoke", override)
+    assert message.startswith(f"--set {override}: ")
+    assert key in message and why in message
+
+
+def test_duplicate_seeds_are_refused_naming_pipeline_seeds():
+    message = refused("smoke", "pipeline.seeds=[0,0]")
+    assert message == "--set pipeline.seeds=[0,0]: pipelines.smoke.seeds: seed 0 is repeated; give each seed once"
+    assert "seed 1, 2 is repeated" in refused("smoke", "pipeline.seeds=[1, 2, 1, 2, 3]")
+
+
+def test_duplicate_seeds_in_the_file_are_refused_naming_the_file(tmp_path):
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    doc = yaml.safe_load(PIPELINES.read_text())
+    doc["pipelines"]["smoke"]["seeds"] = [3, 3]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"study\.yaml: pipelines\.smoke\.seeds: seed 3 is repeated"):
+        load_study(path, "smoke")
+
+
+@pytest.mark.parametrize("override", ["sft.epochs=2", "sft.epochs=2.5", "sft.lr=1e-3", "sft.lr=1e3", "sft.lr=5.0e-4",
+                                      "reward_model.lrs=[1e-4, 3e-4]", "sft.batch_size=8"])
+def test_good_values_still_load(override, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    load_study(PIPELINES, "smoke", [override])
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 1e-3 as a string; strict float settings would refuse it, so the study's YAML reads it as 1.2 does
+    assert _parse_value("1e-3") == 0.001 and _parse_value("1e3") == 1000.0 and _parse_value("-2E+2") == -200.0
+    assert _parse_value("[1e-4, 2]") == [0.0001, 2]
+    assert _parse_value("e3") == "e3" and _parse_value("1e") == "1e" and _parse_value("abc") == "abc"
+    assert load_study(PIPELINES, "smoke", ["sft.lr=2e-3"]).defaults.sft.lr == 0.002
+
+
+def test_an_integer_is_taken_for_a_float_unchanged():
+    study = load_study(PIPELINES, "smoke", ["sft.epochs=4", "sft.lr=1"])
+    assert study.defaults.sft.epochs == 4.0 and isinstance(study.defaults.sft.epochs, float)
+    assert study.defaults.sft.lr == 1.0
