@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
-from roads.errors import ConfigError
+from roads.errors import ConfigError, DataError
 from roads.settings import SEED_BOUNDS, LaunchConfig, ModelConfig, Seed, Strict, TaskConfig, no_fingerprint
 from roads.stage_table import LAUNCH_STAGES, STAGE_NAMES, STAGES, accepts, stage_inputs, with_role
 
@@ -417,6 +417,80 @@ def _check_pipeline(study: StudyFile, name: str, pipe: PipelineConfig, where: st
     problem = _launch_problem(study, pipe)
     if problem:
         raise ConfigError(f"{where}: pipelines.{name}: {problem}")
+    problem = _length_problem(study, pipe)
+    if problem:
+        raise ConfigError(f"{where}: pipelines.{name}: {problem}")
+
+
+# GPT-2's pre-tokenizer pattern (what the presets' byte-level BPE splits text into before merging) for ASCII text:
+# a merge never crosses one of these words, so a text is at least as many tokens as it has words, whatever the
+# tokenizer learnt from the data.
+_WORDS = re.compile(r"'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+
+
+def _tokens_at_least(text: str) -> int:
+    return len(_WORDS.findall(text))
+
+
+@lru_cache(maxsize=64)
+def task_lengths(task: TaskConfig) -> Optional[tuple[int, int, int]]:
+    """For a synthetic task under the presets' tokenizer, in tokens at least: (its shortest prompt, its longest
+    prompt, its longest prompt with that prompt's target response and EOS). None for real data, whose lengths only
+    the data knows. Raises DataError for a task that cannot be built (a star too big for its alphabet)."""
+    import random
+
+    from roads.data import synthetic_task
+
+    synthetic = synthetic_task(task)
+    if synthetic is None:
+        return None
+    if task.family == "star":  # every star prompt has the same shape: degree arms of arm_len nodes
+        longest = shortest = synthetic.sample_prompt_symbols(random.Random(0))
+    else:
+        longest = [synthetic.symbols[i % task.alphabet] for i in range(task.max_len)]
+        shortest = longest[: task.min_len]
+    answer = synthetic.prompt(longest) + synthetic.response(synthetic.target(longest))
+    return (_tokens_at_least(synthetic.prompt(shortest)), _tokens_at_least(synthetic.prompt(longest)),
+            _tokens_at_least(answer) + 1)
+
+
+def _length_problem(study: StudyFile, pipe: PipelineConfig) -> str | None:
+    """A stage's ``max_length`` that a synthetic task of the pipeline cannot fit: shorter than the longest prompt with
+    its target response and EOS (SFT, DPO, the reward models, Q-SFT, IVL would train on cut answers), or, for
+    online_rl, leaving fewer tokens beside ``max_new_tokens`` than the shortest prompt has (it would drop every
+    prompt). genrm sets its own length from its judge sequences. With ``model.pretrained`` the tokenizer is not the
+    presets', and for real data the lengths are the data's: neither is known before the data is read."""
+    if study.defaults.model.pretrained:
+        return None
+    tasks = {}
+    for task_name in pipe.tasks:
+        try:
+            lengths = task_lengths(study.tasks[task_name])
+        except DataError as err:
+            return f"tasks.{task_name}: {err}"
+        if lengths is not None:
+            tasks[task_name] = lengths
+    if not tasks:
+        return None
+    for entry in pipe.stages:
+        stage = study.variants[entry].stage if entry in study.variants else entry
+        if stage == "genrm" or "max_length" not in STAGES[stage].config.model_fields:
+            continue
+        params = resolve_params(entry, study.variants, study.defaults)[1]
+        key = f"{stage}.max_length" if entry == stage else f"variants.{entry} ({stage}) max_length"
+        length = params["max_length"]
+        for task_name, (shortest, longest, answer) in tasks.items():
+            if stage == "online_rl":
+                budget = length - params["max_new_tokens"]
+                if budget < shortest:
+                    return (f"{key} {length} leaves {budget} tokens beside max_new_tokens {params['max_new_tokens']}, "
+                            f"fewer than the shortest {task_name!r} prompt has ({shortest}): every prompt would be "
+                            "dropped; raise max_length or lower max_new_tokens")
+            elif length < answer:
+                return (f"{key} {length} is shorter than the longest {task_name!r} prompt with its answer and EOS "
+                        f"({answer} tokens at least, {longest} of them the prompt): its answers would be cut; raise "
+                        "max_length")
+    return None
 
 
 def global_batch(stage: str, params: dict[str, Any]) -> int:

@@ -1,6 +1,7 @@
 """Every numeric setting bounded where it must be (issue 15): finite floats, integers that are integers, no bool taken
-for a number, positive where zero or less cannot work, seeds that numpy accepts and are each given once. Each mistake
-is a ConfigError (exit 2) on one line that names the key, raised when the study loads, before anything runs."""
+for a number, positive where zero or less cannot work, seeds that numpy accepts and are each given once, and a
+``max_length`` the task's prompts fit in. Each mistake is a ConfigError (exit 2)
+on one line that names the key, raised when the study loads, before anything runs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from roads.config import _parse_value, load_study
+from roads.config import _parse_value, load_study, task_lengths
 from roads.errors import ConfigError
+from roads.settings import TaskConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = ROOT / "pipelines.yaml"
@@ -111,3 +113,62 @@ def test_an_integer_is_taken_for_a_float_unchanged():
     study = load_study(PIPELINES, "smoke", ["sft.epochs=4", "sft.lr=1"])
     assert study.defaults.sft.epochs == 4.0 and isinstance(study.defaults.sft.epochs, float)
     assert study.defaults.sft.lr == 1.0
+
+
+# --------------------------------------------------------------------------- combinations
+
+
+def test_task_lengths_are_lower_bounds_of_the_presets_tokenizer():
+    """The counts are GPT-2 pre-tokenizer words; the presets' BPE (trained on the task text) never merges across
+    them, so a real tokenizer gives at least as many tokens (here: exactly as many)."""
+    from roads.models import build_tokenizer
+
+    task = TaskConfig(family="gap", alphabet=8, min_len=4, max_len=8)
+    shortest, longest, answer = task_lengths(task)
+    assert (shortest, longest, answer) == (7, 11, 20)  # "sort: a b c d ->"; 8 symbols + 3; + 8 symbols + EOS
+    tokenizer = build_tokenizer(["sort: a b c d e f g h -> a b c d e f g h", "sort: h g f e -> e f g h"] * 50)
+    assert len(tokenizer("sort: a b c d e f g h ->")["input_ids"]) >= longest
+    assert len(tokenizer("sort: a b c d ->")["input_ids"]) >= shortest
+    assert task_lengths(TaskConfig(family="short"))[2] == 12 + 2 + 1  # "min2" is two words; a 2-symbol answer
+    assert task_lengths(TaskConfig(family="preferences", source="x.jsonl")) is None  # real data: the data's lengths
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["sft.max_length=12"], "sft.max_length 12"),
+    (["reward_model.max_length=19"], "reward_model.max_length 19"),
+    (["offline_dpo.max_length=10"], "offline_dpo.max_length 10"),
+    (["tasks.gap.max_len=31"], "sft.max_length 64"),  # 34-token prompts, 66 with the answer: past the default
+])
+def test_a_max_length_shorter_than_the_prompts_need_is_refused(overrides, key):
+    message = refused("smoke", *overrides)
+    assert key in message and "'gap'" in message and "raise max_length" in message
+    assert message.startswith(f"{PIPELINES} (after overrides): pipelines.smoke: ")
+
+
+def test_the_length_check_sees_every_override_first():
+    # raising max_len and max_length together passes: the check runs once all overrides are in
+    load_study(PIPELINES, "smoke", ["tasks.gap.max_len=31", "sft.max_length=80", "reward_model.max_length=80",
+                                    "offline_dpo.max_length=80"])
+    load_study(PIPELINES, "smoke", ["sft.max_length=20"])  # exactly the longest answer with EOS
+
+
+def test_a_variant_max_length_is_named_by_its_variant():
+    message = refused("default", "variants.offline_dpo_2x.set={max_length: 10}")
+    assert "variants.offline_dpo_2x (offline_dpo) max_length 10" in message
+
+
+def test_online_rl_needs_room_for_a_prompt_beside_its_new_tokens():
+    message = refused("default", "online_rl.max_length=20", "online_rl.max_new_tokens=16")
+    assert "online_rl.max_length 20 leaves 4 tokens beside max_new_tokens 16" in message and "(7)" in message
+    load_study(PIPELINES, "default", ["online_rl.max_length=24", "online_rl.max_new_tokens=16"])  # short: 8
+
+
+def test_lengths_are_not_guessed_for_a_pretrained_tokenizer_or_real_data(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    load_study(PIPELINES, "smoke", ["model.pretrained=some/model", "sft.max_length=10"])  # its tokenizer decides
+    load_study(PIPELINES, "hh-rlhf-smoke", ["sft.max_length=8"])  # the data decides: checked when it is read
+
+
+def test_a_star_task_too_big_for_its_alphabet_is_refused_at_load():
+    message = refused("smoke", "tasks.gap.family=star", "tasks.gap.degree=5")
+    assert "tasks.gap: star: alphabet 8 cannot name the 11 nodes" in message
