@@ -19,6 +19,17 @@ from roads.stage_table import GOLD_METRICS
 DEFAULT_FILE = "pipelines.yaml"
 
 
+def workers(text: str) -> int:
+    """``--workers``: a whole number of at least 1 (argparse says which argument and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, pipeline_positional: bool = True) -> None:
     if pipeline_positional:
         p.add_argument("pipeline", nargs="?", default="default", help="a pipeline of pipelines.yaml (default: default)")
@@ -59,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p = sub.add_parser("run", help="run a pipeline (cached stages are not recomputed) and print the summary table")
     _add_common(p)
-    p.add_argument("--workers", type=int, default=None, help="stages run at the same time (default: min(2, cores))")
+    p.add_argument("--workers", type=workers, default=None, help="stages run at the same time (default: min(2, cores))")
     _add_runner(p, default="process")
     _add_output(p)
     p = sub.add_parser("stage", help="run one stage (and what it needs); with --force recompute it — its "
@@ -67,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the stage, e.g. sft or reward_model")
     p.add_argument("--pipeline", default=None, help="the pipeline whose config is used (default: default, said so)")
     p.add_argument("--force", action="store_true", help="recompute the stage even if it is cached")
-    p.add_argument("--workers", type=int, default=None, help="stages run at the same time")
+    p.add_argument("--workers", type=workers, default=None, help="stages run at the same time")
     _add_common(p, pipeline_positional=False)
     _add_output(p)
     p = sub.add_parser("report", help="run a pipeline (cached stages are hits) and print its report: the study table, "
@@ -77,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--hypotheses", action="store_true", help="print the H1-H6 table (hypotheses.md)")
     which.add_argument("--gap", action="store_true", help="print the per-family gap summary (gap_summary.md)")
     p.add_argument("--out", default=None, metavar="DIR", help="also copy the report's files (tables, plots) into DIR")
-    p.add_argument("--workers", type=int, default=None, help="stages run at the same time")
+    p.add_argument("--workers", type=workers, default=None, help="stages run at the same time")
     _add_output(p)
     p = sub.add_parser("sweep", help="run every point of a sweep (a grid in pipelines.yaml's sweeps:) in parallel; "
                                      "one MLflow run per point in experiment sweep/NAME")
@@ -86,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of every point (before the point's own values)")
     p.add_argument("--file", default=DEFAULT_FILE, help="the study file (default: pipelines.yaml)")
-    p.add_argument("--workers", type=int, default=None, help="CPUs of a local Ray cluster, or processes of the pool "
-                                                             "(default: the sweep's workers, else all cores)")
+    p.add_argument("--workers", type=workers, default=None, help="CPUs of a local Ray cluster, or processes of the "
+                                                                 "pool (default: the sweep's workers, else all cores)")
     _add_runner(p, default=None)
     p = sub.add_parser("deploy", help="register a Prefect deployment of a pipeline (or --sweep) on a process work "
                                       "pool, on a schedule or on demand; needs PREFECT_API_URL")

@@ -1,6 +1,6 @@
 """Every numeric setting bounded where it must be (issue 15): finite floats, integers that are integers, no bool taken
-for a number, positive where zero or less cannot work, seeds that numpy accepts and are each given once, and a
-``max_length`` the task's prompts fit in. Each mistake is a ConfigError (exit 2)
+for a number, positive where zero or less cannot work, seeds that numpy accepts and are each given once, a
+``max_length`` the task's prompts fit in, and ``--workers`` of at least 1. Each mistake is a ConfigError (exit 2)
 on one line that names the key, raised when the study loads, before anything runs."""
 
 from __future__ import annotations
@@ -172,3 +172,29 @@ def test_lengths_are_not_guessed_for_a_pretrained_tokenizer_or_real_data(monkeyp
 def test_a_star_task_too_big_for_its_alphabet_is_refused_at_load():
     message = refused("smoke", "tasks.gap.family=star", "tasks.gap.degree=5")
     assert "tasks.gap: star: alphabet 8 cannot name the 11 nodes" in message
+
+
+# --------------------------------------------------------------------------- the CLI's --workers
+
+
+@pytest.mark.parametrize("argv", [["run", "smoke"], ["stage", "sft"], ["report"], ["sweep", "sweep-smoke"]])
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_workers_below_one_are_refused_by_the_cli(argv, value, capsys, monkeypatch, tmp_path):
+    from flows.cli import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ROADS_HOME", str(home))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--workers", value])
+    assert info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "argument --workers: expected a whole number of at least 1" in errors[0]
+    assert not home.exists()
+
+
+def test_workers_of_one_or_more_are_taken():
+    from flows.cli import build_parser
+
+    assert build_parser().parse_args(["run", "smoke", "--workers", "3"]).workers == 3
+    assert build_parser().parse_args(["run", "smoke"]).workers is None
