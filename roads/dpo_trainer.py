@@ -46,7 +46,7 @@ def train_dpo(stage: str, cfg: TrainConfig, seed: int, start_policy: str, pairs:
                                           precompute_ref_log_probs=precompute_ref)),
             train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs]),
             processing_class=tokenizer,
-            callbacks=[StageCallback(stage, tracker)],
+            callbacks=[StageCallback(stage, tracker, cfg)],
         )
         if precompute_ref:
             tracker.log_metrics({f"{stage}/ref_logps_shared": float(trainer.ref_logps_shared)})

@@ -88,6 +88,10 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, gt=0, description="examples (or pairs) per optimiser step")
     max_length: int = Field(64, gt=4, description="longest prompt + response, in tokens")
     logging_steps: int = no_fingerprint(10, "log training metrics every N steps", gt=0)
+    divergence_factor: float = no_fingerprint(
+        100.0, "the stage fails (nothing cached) when one step's training loss exceeds this many times "
+               "max(|its first step's loss|, 1): it diverged (roads.training.LossGuard). A guard, not a result: "
+               "a run it lets through is the same run whatever its value", gt=1)
 
 
 class SftConfig(TrainConfig):

@@ -64,7 +64,7 @@ def train_sft(stage: str, cfg: TrainConfig, seed: int, model, tokenizer, rows: l
             train_dataset=_rows(rows),
             eval_dataset=_rows(val_rows) if val_rows else None,
             processing_class=tokenizer,
-            callbacks=[StageCallback(stage, tracker)] + ([keep] if keep else []),
+            callbacks=[StageCallback(stage, tracker, cfg)] + ([keep] if keep else []),
         )
         if keep and (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
             raise TrainingError(f"{stage}: choosing the epoch by held-out NLL keeps a copy of the weights, which "

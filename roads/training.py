@@ -1,5 +1,6 @@
 """What every TRL-backed stage shares: trainer arguments for CPU or GPU, a callback that forwards per-step metrics
-to the tracker and fails the stage on a NaN or infinite loss, and a weights check."""
+to the tracker, the divergence rule (:class:`LossGuard`) that fails a stage whose training went wrong, and a weights
+check."""
 
 from __future__ import annotations
 
@@ -70,20 +71,58 @@ def trainer_args(cfg: TrainConfig, seed: int, output_dir: str, **extra: Any) -> 
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # progress goes through the tracker: one line per logging step
+        logging_nan_inf_filter=False,  # a NaN step is logged as NaN, not hidden in the window mean (LossGuard fails it)
         **extra,
     )
 
 
-class StageCallback(TrainerCallback):
-    """Forwards the trainer's logs as ``<stage>/<name>`` per step; a non-finite loss stops the stage."""
+class LossGuard:
+    """The divergence rule, checked on every optimiser step's own loss (what the trainer's ``training_step`` returns,
+    or the hand-written loop's), never on the logged window mean, which Transformers' ``logging_nan_inf_filter``
+    cleans of NaN and which averages a spike away. A stage fails (TrainingError: nothing is cached) when a step's
+    loss is NaN or infinite, or when it exceeds ``factor`` × max(|the first step's loss|, 1).
 
-    def __init__(self, stage: str, tracker: Tracker):
+    Why this rule: training from a sane start lowers its loss; a loss a hundred times its starting value has left the
+    basin, whatever it does next (``sft.lr=1e3`` on the smoke study: 5.48 → 9,051,094 → 5.61, a finite, useless
+    model that was cached). The first step is measured before any update, so it is the start's own loss; the floor 1
+    keeps losses that start near or below 0 (RLOO/GRPO objectives, a reward model that already separates the pairs)
+    from failing on noise. The factor is the stage's ``divergence_factor`` (default 100)."""
+
+    def __init__(self, stage: str, factor: float):
+        self.stage, self.factor = stage, factor
+        self.first: tuple[int, float] | None = None  # (step, loss) of the first step
+
+    def check(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            raise TrainingError(f"{self.stage}: loss became {loss} at step {step}; lower {self.stage}.lr or check "
+                                "the data — nothing was cached")
+        if self.first is None:
+            self.first = (step, loss)
+            return
+        first_step, first = self.first
+        if loss > self.factor * max(abs(first), 1.0):
+            scale = "its first value" if abs(first) >= 1.0 else "max(|its first value|, 1)"
+            raise TrainingError(
+                f"{self.stage}: loss rose from {first:.4g} at step {first_step} to {loss:.4g} at step {step} (more "
+                f"than {self.factor:g}× {scale}): training diverged; lower {self.stage}.lr (or, if such a rise is "
+                f"expected, raise {self.stage}.divergence_factor) — nothing was cached")
+
+
+class StageCallback(TrainerCallback):
+    """Forwards the trainer's logs as ``<stage>/<name>`` per step; a non-finite loss or gradient norm in them stops
+    the stage. Its ``guard`` (:class:`LossGuard`, from ``cfg.divergence_factor``) is checked on every step by
+    :func:`train`. Without ``cfg`` the guard has ``TrainConfig``'s default factor (reward_model and online_rl build
+    their callback without it so far: their ``divergence_factor`` takes effect once they pass ``cfg``)."""
+
+    def __init__(self, stage: str, tracker: Tracker, cfg: TrainConfig | None = None):
         self.stage, self.tracker = stage, tracker
+        factor = cfg.divergence_factor if cfg is not None else TrainConfig.model_fields["divergence_factor"].default
+        self.guard = LossGuard(stage, factor)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
-        for key in ("loss", "train_loss"):
-            if key in logs and not math.isfinite(float(logs[key])):
+        for key in ("loss", "train_loss", "grad_norm"):
+            if key in logs and logs[key] is not None and not math.isfinite(float(logs[key])):
                 raise TrainingError(
                     f"{self.stage}: {key} became {logs[key]} at step {state.global_step}; lower {self.stage}.lr "
                     "or check the data — nothing was cached"
@@ -107,8 +146,19 @@ def quiet_libraries() -> None:
 
 
 def train(trainer) -> None:
-    """``trainer.train()`` without the trainer's own printing (its logs reach the tracker through StageCallback)."""
+    """``trainer.train()`` without the trainer's own printing (its logs reach the tracker through StageCallback), with
+    the StageCallback's :class:`LossGuard` checking the loss of every step as ``training_step`` returns it."""
     trainer.remove_callback(PrinterCallback)
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StageCallback)), None)
+    if callback is not None:
+        step = trainer.training_step
+
+        def guarded_step(*args, **kwargs):
+            loss = step(*args, **kwargs)
+            callback.guard.check(float(loss), trainer.state.global_step + 1)  # global_step counts finished steps
+            return loss
+
+        trainer.training_step = guarded_step
     trainer.train()
 
 
@@ -179,7 +229,8 @@ def train_loop(stage: str, cfg: TrainConfig, seed: int, model: torch.nn.Module, 
     passes over ``n`` examples in batches of ``cfg.batch_size``, shuffled each epoch by a generator seeded with
     ``seed``; AdamW (no weight decay) at ``cfg.lr`` decaying linearly to 0; gradients clipped at norm 1.
     ``step_loss(batch indices) -> (loss, extra metrics)``; ``after_step`` runs after each optimiser step (Q-SFT's
-    Polyak update). A non-finite loss or gradient raises TrainingError naming ``<stage>.lr``. Every
+    Polyak update). A non-finite gradient, or a loss the divergence rule (:class:`LossGuard`, ``cfg.divergence_factor``)
+    rejects, raises TrainingError naming ``<stage>.lr``. Every
     ``cfg.logging_steps`` steps (and at the last) the window means of the loss and extras are logged as
     ``<stage>/<name>``. The process's global RNG is left as it was. Returns the last window's means,
     ``<stage>/train_loss`` (the mean over all steps) and ``<stage>/steps``. It runs in one process: its stages are
@@ -193,6 +244,7 @@ def train_loop(stage: str, cfg: TrainConfig, seed: int, model: torch.nn.Module, 
     losses: list[float] = []
     window: dict[str, list[float]] = {}
     logged: dict[str, float] = {}
+    guard = LossGuard(stage, cfg.divergence_factor)
     step = 0
     model.train()
     with torch.random.fork_rng():  # the process's global generator is left as it was
@@ -205,9 +257,7 @@ def train_loop(stage: str, cfg: TrainConfig, seed: int, model: torch.nn.Module, 
                 loss, extra = step_loss(order[start:start + cfg.batch_size])
                 step += 1
                 value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingError(f"{stage}: loss became {value} at step {step}; lower {stage}.lr or check "
-                                        "the data — nothing was cached")
+                guard.check(value, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))

@@ -64,6 +64,8 @@ def refused(pipeline: str, *overrides: str) -> str:
     ("online_rl.vllm_gpu_memory_utilization=0", "online_rl.vllm_gpu_memory_utilization", "greater than 0"),
     ("online_dpo.vllm_gpu_memory_utilization=1.5", "online_dpo.vllm_gpu_memory_utilization", "less than or equal"),
     ("evaluate.table_rows=-1", "evaluate.table_rows", "greater than or equal to 0"),
+    ("sft.divergence_factor=1", "sft.divergence_factor", "greater than 1"),
+    ("sft.divergence_factor=.inf", "sft.divergence_factor", "finite"),
     ("report.validity.max_likelihood_spearman=2", "report.validity.max_likelihood_spearman", "less than or equal"),
     # seeds numpy (and so the Trainer) accepts
     ("seed=-1", "seed", "greater than or equal to 0"),
@@ -95,6 +97,7 @@ def test_duplicate_seeds_in_the_file_are_refused_naming_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("override", ["sft.epochs=2", "sft.epochs=2.5", "sft.lr=1e-3", "sft.lr=1e3", "sft.lr=5.0e-4",
+                                      "seed=4294967295", "pipeline.seeds=[0, 1]", "sft.divergence_factor=1.0e6",
                                       "reward_model.lrs=[1e-4, 3e-4]", "sft.batch_size=8"])
 def test_good_values_still_load(override, monkeypatch):
     monkeypatch.chdir(ROOT)
