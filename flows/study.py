@@ -19,13 +19,16 @@ import os
 import time
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from flows import env
 from flows.cleanup import remove_orphan_temp_dirs
 from flows.outcome import StudyFailed, budget, node_row, one_line, outcome_of, select, summarize
 from flows.progress import StudyProgress
-from flows.tracking import StudyTracker, close_orphans, outcome_digest, recorded_run, redact, study_params
+from flows.warm import discard_warm_pool, start_warm_pool
+
+if TYPE_CHECKING:  # MLflow is imported when a study is recorded: a forced stage's workers start before that import
+    from flows.tracking import StudyTracker
 from roads.config import Study, load_study
 from roads.errors import ConfigError, RoadsError
 from roads.plan import Node, build_plan
@@ -115,6 +118,8 @@ def study_tracker(study: Study, experiment: str, run_name: str, overrides: list[
                   tags: dict[str, str] | None = None, params: dict | None = None,
                   flow_run_id: str = "") -> StudyTracker:
     """The parent MLflow run of one pipeline run (a sweep point is one), with the resolved config attached."""
+    from flows.tracking import StudyTracker, study_params
+
     if not flow_run_id:
         from prefect.runtime import flow_run
 
@@ -134,6 +139,8 @@ def study_tracker(study: Study, experiment: str, run_name: str, overrides: list[
 def run_name(pipeline: str, overrides: list[str] | tuple[str, ...] = (), force_stage: str | None = None,
              only_stage: str | None = None, cached: bool = False) -> str:
     """``smoke sft.epochs=2 · 12-01 19:40:03``, ``default --force reward_model · …``, ``smoke (cached) · …``."""
+    from flows.tracking import redact
+
     # an override may carry a secret (a token in a description): MLflow and Prefect show the name as it is
     parts = [pipeline, *(f"{k}={redact(v, k)}" if eq else o for o in overrides for k, eq, v in [o.partition("=")])]
     if force_stage:
@@ -265,6 +272,21 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def worker_initargs(workers: int) -> tuple[int, str]:
+    """``_worker_init``'s arguments: each worker's torch threads (its share of the cores) and the log file."""
+    return max(1, (os.cpu_count() or 1) // workers), env.log_file()
+
+
+def warm_up(nodes: list[Node], known: dict[str, dict], workers: int | None) -> None:
+    """Spawn the process pool the flow will run on now, each worker importing the heavy libraries and the modules of
+    the stages that will run, while this process imports Prefect and starts the flow (``flows/warm.py``)."""
+    workers = workers or default_workers()
+    stages = sorted({n.stage for n in nodes if n.id not in known})
+    start_warm_pool(workers, _worker_init, worker_initargs(workers),
+                    preload=("transformers", "trl", "prefect.task_engine", "tasks.common",
+                             *(f"roads.stages.{stage}" for stage in stages)))
+
+
 def task_runner(kind: str = "process", workers: int | None = None, address: str | None = None):
     """``process``: a local pool of ``workers`` processes, one torch thread each share of the cores — one worker too:
     the stages run on a thread of the flow's own process took 27–35% longer than in a one-process pool (``basic``, one
@@ -273,11 +295,10 @@ def task_runner(kind: str = "process", workers: int | None = None, address: str 
     ``address`` (or $RAY_ADDRESS), else on a local cluster of ``workers`` CPUs that lives as long as the flow; Ray sets
     each task's threads from its ``num_cpus``."""
     if kind == "process":
-        from prefect.task_runners import ProcessPoolTaskRunner
+        from flows.warm import make_task_runner
 
         workers = workers or default_workers()
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        return ProcessPoolTaskRunner(max_workers=workers, initializer=_worker_init, initargs=(threads, env.log_file()))
+        return make_task_runner(workers, _worker_init, worker_initargs(workers))
     if kind != "ray":
         raise RoadsError(f"unknown runner {kind!r}; use process or ray")
     try:
@@ -298,6 +319,8 @@ def housekeeping() -> dict[str, int]:
     artifact folders are removed (only those whose writing process is gone)."""
     from mlflow.tracking import MlflowClient
 
+    from flows.tracking import close_orphans
+
     removed = remove_orphan_temp_dirs(env.artifact_store())
     closed = close_orphans(MlflowClient())
     return {"temp_folders_removed": len(removed), "runs_closed": len(closed)}
@@ -313,8 +336,11 @@ def cached_study(study: Study, nodes: list[Node], overrides: list[str] | tuple[s
     if len(known) < len(nodes):
         return None
     report = [node_row(n, "hit", known[n.id]) for n in nodes]
-    params = study_params(study, overrides)
     from mlflow.tracking import MlflowClient
+
+    from flows.tracking import outcome_digest, recorded_run, study_params
+
+    params = study_params(study, overrides)
 
     existing = recorded_run(MlflowClient(), study.pipeline, outcome_digest(known, params))
     if existing:
@@ -341,15 +367,23 @@ def run_study(pipeline: str, overrides: list[str] | tuple[str, ...] = (), file: 
         if stage and stage not in study.spec.stages:
             raise ConfigError(f"pipeline {pipeline!r} has no stage {stage!r}; its stages: {', '.join(study.spec.stages)}")
     env.configure()
-    housekeeping()
     nodes = select(build_plan(study), only_stage)
-    outcome = cached_study(study, nodes, overrides, runner, force_stage)
-    if outcome is not None:
-        return outcome
-    env.ensure_prefect_api()
-    env.log_to_file(env.log_file())
-    name = run_name(pipeline, overrides, force_stage, only_stage)
-    flow_ = study_flow().with_options(task_runner=task_runner(runner, workers, ray_address),
-                                      flow_run_name=name.replace("{", "(").replace("}", ")"))
-    return flow_(pipeline=pipeline, overrides=list(overrides), file=str(file), force_stage=force_stage,
-                 only_stage=only_stage, runner=runner, name=name, progress=progress)
+    known = cached_results(nodes, forced(nodes, force_stage))
+    warm = runner == "process" and len(known) < len(nodes)
+    if warm:  # some stage will run: its workers start importing torch now, beside this process's own start
+        warm_up(nodes, known, workers)
+    try:
+        housekeeping()
+        outcome = cached_study(study, nodes, overrides, runner, force_stage)
+        if outcome is not None:
+            return outcome
+        env.ensure_prefect_api()
+        env.log_to_file(env.log_file())
+        name = run_name(pipeline, overrides, force_stage, only_stage)
+        flow_ = study_flow().with_options(task_runner=task_runner(runner, workers, ray_address),
+                                          flow_run_name=name.replace("{", "(").replace("}", ")"))
+        return flow_(pipeline=pipeline, overrides=list(overrides), file=str(file), force_stage=force_stage,
+                     only_stage=only_stage, runner=runner, name=name, progress=progress)
+    finally:
+        if warm:
+            discard_warm_pool()  # the flow's runner claimed it, unless the flow failed before it started

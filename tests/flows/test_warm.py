@@ -1,0 +1,75 @@
+"""The warm pool: workers spawned before the flow starts run its tasks, and are stopped (not waited for) after it."""
+
+import os
+import time
+
+import pytest
+
+from flows import warm
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_flow_runs_its_tasks_on_the_workers_spawned_before_it_and_stops_them():
+    from prefect import flow, task
+
+    pool = warm.start_warm_pool(2, preload=("json",))
+    for f in pool.warming:
+        f.result(timeout=120)
+    warm_pids = pool.pids
+    assert len(warm_pids) == 2 and all(_alive(p) for p in warm_pids)
+
+    @task
+    def pid_task():
+        import os
+
+        return os.getpid()
+
+    @flow(task_runner=warm.make_task_runner(2))
+    def pids():
+        return [f.result() for f in [pid_task.submit() for _ in range(4)]]
+
+    ran_on = set(pids())
+    assert ran_on <= warm_pids, "the tasks ran on workers the runner spawned itself, not the warm ones"
+    assert os.getpid() not in ran_on
+    deadline = time.time() + 10
+    while any(_alive(p) for p in warm_pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in warm_pids), "the runner left its workers running"
+    assert warm._POOL is None  # claimed: the next runner starts a pool of its own unless warmed again
+
+
+def test_a_warm_pool_for_another_number_of_workers_is_not_claimed_and_a_discarded_one_stops():
+    pool = warm.start_warm_pool(1, preload=())
+    pool.warming[0].result(timeout=120)
+    (pid,) = pool.pids
+    assert warm._claim(2) is None and warm._POOL is pool
+    warm.discard_warm_pool()
+    assert warm._POOL is None
+    deadline = time.time() + 10
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def test_a_task_error_still_reaches_the_flow_on_a_warm_pool():
+    from prefect import flow, task
+
+    @task
+    def boom():
+        raise ValueError("this stage broke")
+
+    warm.start_warm_pool(1)
+
+    @flow(task_runner=warm.make_task_runner(1))
+    def breaks():
+        return boom.submit().result()
+
+    with pytest.raises(ValueError, match="this stage broke"):
+        breaks()
