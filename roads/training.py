@@ -111,8 +111,7 @@ class LossGuard:
 class StageCallback(TrainerCallback):
     """Forwards the trainer's logs as ``<stage>/<name>`` per step; a non-finite loss or gradient norm in them stops
     the stage. Its ``guard`` (:class:`LossGuard`, from ``cfg.divergence_factor``) is checked on every step by
-    :func:`train`. Without ``cfg`` the guard has ``TrainConfig``'s default factor (reward_model and online_rl build
-    their callback without it so far: their ``divergence_factor`` takes effect once they pass ``cfg``)."""
+    :func:`train`. Without ``cfg`` the guard has ``TrainConfig``'s default factor."""
 
     def __init__(self, stage: str, tracker: Tracker, cfg: TrainConfig | None = None):
         self.stage, self.tracker = stage, tracker

@@ -158,7 +158,7 @@ def build_trainer(cfg: OnlineRlConfig, args, policy, tokenizer, prompts: list[st
         args=args,
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
         processing_class=tokenizer,
-        callbacks=[StageCallback(STAGE, tracker)],
+        callbacks=[StageCallback(STAGE, tracker, cfg)],
     )
 
 

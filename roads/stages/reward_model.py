@@ -42,7 +42,7 @@ def _train(cfg: RewardModelConfig, seed: int, sft: str, rows: list[dict], tracke
             args=RewardConfig(**trainer_args(cfg, seed, scratch)),
             train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
             processing_class=tokenizer,
-            callbacks=[StageCallback("reward_model", tracker)],
+            callbacks=[StageCallback("reward_model", tracker, cfg)],
         )
         train(trainer)
     return model, tokenizer, trainer
