@@ -467,11 +467,13 @@ def test_inputs_follow_the_settings():
 
     study = load_study(PIPELINES, "hypotheses")
     narrow = stage_inputs("online_dpo", study.params("online_dpo_narrow"))
-    assert narrow == {"data": "narrow_data", "reference": "sft", "start": "sft", "verifier": "reward_model_narrow"}
+    # on the calibrated testbed the DPO settings both roads share come from the select_dpo rule
+    assert narrow == {"data": "narrow_data", "reference": "sft", "start": "sft", "verifier": "reward_model_narrow",
+                      "selection": "select_dpo"}
     assert stage_inputs("online_dpo", study.params("online_dpo_data"))["verifier"] == "offline_dpo"
     assert "verifier" not in stage_inputs("online_dpo", study.params("online_dpo_gold"))
     gap = stage_inputs("measure_gap", study.params("measure_gap"))
-    assert gap["verifier.local_rm"] == "local_rm" and gap["policy.offline_dpo"] == "offline_dpo"
+    assert gap["verifier.local_rm"] == "local_rm" and gap["verifier.offline_dpo"] == "offline_dpo" and gap["policy.sft"] == "sft"
     scale = load_study(PIPELINES, "scale")
     assert stage_inputs("reward_model", scale.params("reward_model_base"))["sft"] == "sft_base"
 
