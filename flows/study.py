@@ -49,15 +49,19 @@ def _worker_init(threads: int, log_file: str | None = None) -> None:
 
 def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, shared: dict[str, Any] | None = None,
                  keys: dict[str, str] | None = None, resources: Callable[[str], dict] | None = None,
-                 label: str = "") -> dict[str, Any]:
+                 label: str = "", known: dict[str, dict] | None = None) -> dict[str, Any]:
     """A sweep's way (the study flow uses ``schedule``): submit every node's stage task at once, inputs as upstream
-    futures. With ``shared``/``keys``, a node whose key was already submitted by another point reuses that future;
+    futures. A node in ``known`` (a cache hit decided before the flow) is its result, not a task. With
+    ``shared``/``keys``, a node whose key was already submitted by another point reuses that future;
     ``resources(stage)`` gives Ray resources."""
     from tasks import stage_task
     from tasks.common import result_storage
 
     futures: dict[str, Any] = {}
     for node in nodes:
+        if known and node.id in known:
+            futures[node.id] = known[node.id]
+            continue
         key = keys[node.id] if keys else None
         if shared is not None and key in shared:
             futures[node.id] = shared[key]
@@ -82,11 +86,15 @@ def submit_nodes(nodes: list[Node], children: dict[str, str], store: str, *, sha
 def collect(pipeline: str, nodes: list[Node], futures: dict[str, Any], tracker: StudyTracker,
             children: dict[str, str]) -> tuple[dict, dict[str, str]]:
     """Wait for every node of a sweep point, finish its MLflow child run and the parent run; return the outcome and the
-    failures (node id -> one line)."""
+    failures (node id -> one line). A node without a child run was a known hit: its result is in ``futures``."""
     results: dict[str, dict] = {}
     report: list[dict] = []
     failed: dict[str, str] = {}
     for node in nodes:
+        if node.id not in children:
+            results[node.id] = futures[node.id]
+            report.append(node_row(node, "hit", futures[node.id]))
+            continue
         try:
             result = futures[node.id].result()
         except Exception as err:  # noqa: BLE001 - reported per node; the caller fails the flow
@@ -283,7 +291,7 @@ def warm_up(nodes: list[Node], known: dict[str, dict], workers: int | None) -> N
     workers = workers or default_workers()
     stages = sorted({n.stage for n in nodes if n.id not in known})
     start_warm_pool(workers, _worker_init, worker_initargs(workers),
-                    preload=("transformers", "trl", "prefect.task_engine", "tasks.common",
+                    preload=("transformers", "trl", "prefect.task_engine", "tasks.common", "tasks.metrics:open_store",
                              *(f"roads.stages.{stage}" for stage in stages)))
 
 

@@ -2,8 +2,9 @@
 experiment ``sweep/<name>``, with the swept values as params (``sweep.<key>``) and tags; the points' stage tasks run
 at the same time on one task runner (Ray by default), and a stage that several points share runs once.
 
-Each point's MLflow run looks like a ``roads run`` of its pipeline (child runs per stage, summary, report), so the
-MLflow UI compares points by their swept params. A rerun finds every stage in the cache.
+Each point's MLflow run looks like a ``roads run`` of its pipeline (child runs per computed stage, summary, report),
+so the MLflow UI compares points by their swept params. A rerun finds every stage in the cache: each point is then a
+parent run with its summary and no child runs (the node table names the run that produced each stage).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flows import env
 from flows.outcome import StudyFailed, policies_by_task
 from flows.study import collect, failing_runs, housekeeping, study_tracker, submit_nodes, task_runner
 from roads.errors import RoadsError
+from tasks.keys import cached_results
 from roads.sweep import point_plans, load_sweep, resources_for
 from roads.stage_table import GOLD_METRICS
 
@@ -30,7 +32,7 @@ def sweep_flow(sweep: str, overrides: list[str], file: str, runner: str = "ray")
     config, studies = load_sweep(file, sweep, overrides)
     plans = point_plans(studies)
     run_id = str(flow_run.get_id() or "")
-    trackers, children = {}, {}
+    trackers, children, known = {}, {}, {}
     with failing_runs(trackers.values()):
         for point, study, nodes, _ in plans:
             swept = {f"sweep.{key}": value for key, value in point.values.items()}
@@ -39,13 +41,16 @@ def sweep_flow(sweep: str, overrides: list[str], file: str, runner: str = "ray")
                 tags={"roads.sweep": sweep, "roads.sweep_point": point.name, "roads.sweep_flow_run_id": run_id,
                       **{k: str(v) for k, v in swept.items()}},
                 params={"sweep": sweep, **swept})
-            children[point.name] = {n.id: tracker.start_child(n) for n in nodes}
+            # a stage already cached when the sweep starts gets no child run: its row names the run that produced it
+            known[point.name] = cached_results(nodes)
+            children[point.name] = {n.id: tracker.start_child(n) for n in nodes if n.id not in known[point.name]}
         store = str(env.artifact_store())
         shared: dict[str, Any] = {}  # plan key -> future: a stage several points share is submitted once
         futures = {}
         for point, _study, nodes, keys in plans:
             futures[point.name] = submit_nodes(
                 nodes, children[point.name], store, shared=shared, keys=keys, label=f"{point.name}:",
+                known=known[point.name],
                 resources=(lambda stage: resources_for(config, stage) or {"num_cpus": 1}) if runner == "ray" else None)
         points, failures = [], {}
         for point, study, nodes, _ in plans:

@@ -27,7 +27,8 @@ _LOCK = threading.Lock()
 def _initialize(queue: Any, initializer: Callable[..., None] | None, initargs: tuple,
                 preload: tuple[str, ...] = ()) -> None:
     """In the worker: the user initializer first (it imports torch), then Prefect's own worker set-up (forwarding
-    events and API logs to the flow through ``queue``), exactly as Prefect's runner would, then ``preload``."""
+    events and API logs to the flow through ``queue``), exactly as Prefect's runner would, then ``preload``: modules
+    to import, or ``module:function`` to call."""
     import signal
 
     from prefect.task_runners import _initialize_process_pool_worker
@@ -36,8 +37,14 @@ def _initialize(queue: Any, initializer: Callable[..., None] | None, initargs: t
     if initializer is not None:
         initializer(*initargs)
     _initialize_process_pool_worker(queue)
-    for module in preload:
-        importlib.import_module(module)
+    for entry in preload:  # a module, or module:function to call
+        module, _, function = entry.partition(":")
+        try:
+            imported = importlib.import_module(module)
+            if function:
+                getattr(imported, function)()
+        except Exception:  # noqa: BLE001 - only a head start: the task that needs it meets the same error, and says it
+            continue
 
 
 def _exit_now(*_: Any) -> None:

@@ -33,3 +33,12 @@ class MlflowMetrics:
                  for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
         return [m.key for m in batch]
+
+
+def open_store() -> None:
+    """Open the tracking store (``MLFLOW_TRACKING_URI``) once in this process: a warm worker does it before its first
+    stage (opening a SQLite store checks its schema: about a second), so the stage's first metrics do not wait."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().search_experiments(max_results=1)
+

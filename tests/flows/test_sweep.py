@@ -87,6 +87,14 @@ def test_a_rerun_through_the_cli_is_all_hits(first, capsys):
     assert main(["sweep", "sweep-smoke", "--runner", "ray", "--workers", "2", "--set", LONGER[0]]) == 0
     out = capsys.readouterr().out
     assert "0 ran, 10 hits" in out
+    # the rerun's point runs hold the summary and no child runs: the hits name the runs that produced them
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("sweep/sweep-smoke")
+    rerun = client.search_runs([exp.experiment_id], "tags.`roads.kind` = 'study'", order_by=["attributes.start_time DESC"],
+                               max_results=2)
+    for run in rerun:
+        assert run.info.status == "FINISHED" and any(k.endswith("/gold_reward_mean") for k in run.data.metrics)
+        assert not client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert "| offline_dpo.beta=0.5 | gap | offline_dpo |" in out
 
 
