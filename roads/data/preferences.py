@@ -37,6 +37,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -190,16 +191,45 @@ def _read_local(path: Path, where: str) -> Iterator[dict]:
     return _read_jsonl(path, where)
 
 
-def _open_text(path: Path):
+def _open_bytes(path: Path):
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _damaged(where: str, err: BaseException, after: int) -> DataError:
+    """A file that ends early, is not gzip, or whose compressed data is corrupt: named, with where reading stopped."""
+    place = f"after line {after}" if after else "at its start"
+    if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)):
+        what = "ended early" if isinstance(err, EOFError) else "has damaged compressed data"
+        return DataError(f"{where}: {what} {place} ({_one_line(err)}); the .gz file is truncated or corrupt: "
+                         f"copy or compress it again")
+    return DataError(f"{where}: could not be read {place} ({_one_line(err)}); check the file is intact")
+
+
+def _decode(raw: bytes, where: str, line_number: int) -> str:
+    """UTF-8 text of one line (a BOM at the start of the file is dropped); a bad byte names the line and column."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        line = line_number + raw.count(b"\n", 0, err.start)
+        raise DataError(
+            f"{where}: line {line} is not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+            f"{err.start - line_start + 1}); save the file as UTF-8"
+        ) from None
+    return text[1:] if line_number == 1 and text.startswith("\ufeff") else text
+
+
+_LOAD_ERRORS = (OSError, EOFError, zlib.error)
 
 
 def _read_jsonl(path: Path, where: str) -> Iterator[dict]:
+    line_number = 0
     try:
-        with _open_text(path) as handle:
-            for line_number, line in enumerate(handle, start=1):
+        with _open_bytes(path) as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                line = _decode(raw, where, line_number)
                 if not line.strip():
                     continue
                 try:
@@ -209,16 +239,17 @@ def _read_jsonl(path: Path, where: str) -> Iterator[dict]:
                         f"{where}: line {line_number} is not valid JSON ({err.msg} at column "
                         f"{err.colno}); fix or remove that line"
                     ) from None
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise DataError(f"{where}: could not be read ({_one_line(err)}); check the file is intact") from None
+    except _LOAD_ERRORS as err:
+        raise _damaged(where, err, line_number) from None
 
 
 def _read_json(path: Path, where: str) -> list[dict]:
     try:
-        with _open_text(path) as handle:
-            text = handle.read()
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise DataError(f"{where}: could not be read ({_one_line(err)}); check the file is intact") from None
+        with _open_bytes(path) as handle:
+            raw = handle.read()
+    except _LOAD_ERRORS as err:
+        raise _damaged(where, err, 0) from None
+    text = _decode(raw, where, 1)
     if not text.strip():
         raise DataError(f"{where}: no records found (empty file); give a file with at least one pair")
     try:
@@ -265,10 +296,15 @@ def _plain(value: Any) -> Any:
 
 
 def _read_hub(name: str, split: str, limit: int | None) -> Iterator[dict]:
-    fix = (
-        "the hub may be unreachable: set HF_HUB_OFFLINE=1 to use a cached copy, or download it and "
-        "give a local .jsonl/.json/.parquet file"
-    )
+    offline = offline_flag("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if offline:  # already offline: only a cached copy could have loaded
+        fix = (f"{offline} is set (offline) and no copy of it is cached: give a local .jsonl/.json/.parquet file, "
+               f"or load it once on a machine that can reach the hub")
+    else:
+        fix = (
+            "the hub may be unreachable: set HF_HUB_OFFLINE=1 to use a cached copy, or download it and "
+            "give a local .jsonl/.json/.parquet file"
+        )
     try:
         import datasets
     except ImportError as err:
@@ -283,6 +319,15 @@ def _read_hub(name: str, split: str, limit: int | None) -> Iterator[dict]:
             f"({type(err).__name__}: {_one_line(err)}); {fix}"
         ) from None
     return iter(dataset)
+
+
+def offline_flag(*names: str) -> str | None:
+    """``NAME=value`` of the first of the Hugging Face offline switches that is on (1/true/yes/on), else None."""
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return f"{name}={value}"
+    return None
 
 
 def _one_line(err: BaseException) -> str:
