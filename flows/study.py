@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from flows import env
 from flows.cleanup import remove_orphan_temp_dirs
 from flows.outcome import StudyFailed, budget, node_row, one_line, outcome_of, select, summarize
+from flows.preflight import preflight
 from flows.progress import StudyProgress
 from flows.warm import discard_warm_pool, start_warm_pool
 
 if TYPE_CHECKING:  # MLflow is imported when a study is recorded: a forced stage's workers start before that import
     from flows.tracking import StudyTracker
 from roads.config import Study, load_study
-from roads.errors import ConfigError, RoadsError
+from roads.errors import RoadsError
 from roads.plan import Node, build_plan
 from roads.artifacts import ArtifactRef
 from tasks.keys import cache_key, cached_results, read_record
@@ -371,9 +372,9 @@ def run_study(pipeline: str, overrides: list[str] | tuple[str, ...] = (), file: 
     at once, else run the flow. Returns the outcome dict; raises ConfigError for a bad config and StudyFailed when a
     stage failed. ``progress``: "live" (a progress bar), "lines" (a line per finished stage) or None (quiet)."""
     study: Study = load_study(file, pipeline, list(overrides))
-    for stage in (force_stage, only_stage):
-        if stage and stage not in study.spec.stages:
-            raise ConfigError(f"pipeline {pipeline!r} has no stage {stage!r}; its stages: {', '.join(study.spec.stages)}")
+    # the stage names, the state folder, every file and model the stages that will run read: one line, exit 2,
+    # before anything is created (flows/preflight.py)
+    preflight(study, force_stage=force_stage, only_stage=only_stage)
     env.configure()
     nodes = select(build_plan(study), only_stage)
     known = cached_results(nodes, forced(nodes, force_stage))

@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from flows import env
 from flows.outcome import StudyFailed, policies_by_task
+from flows.preflight import preflight_sweep
 from flows.study import collect, failing_runs, housekeeping, study_tracker, submit_nodes, task_runner
 from roads.errors import RoadsError
 from tasks.keys import cached_results
@@ -69,10 +70,11 @@ def sweep_flow(sweep: str, overrides: list[str], file: str, runner: str = "ray")
 def run_sweep(sweep: str, overrides: list[str] | tuple[str, ...] = (), file: str = "pipelines.yaml", *,
               runner: str | None = None, workers: int | None = None, ray_address: str | None = None) -> dict:
     """Validate every point (nothing is written if one is bad), then run the sweep flow; returns its outcome."""
-    config, _ = load_sweep(file, sweep, list(overrides))
+    config, points = load_sweep(file, sweep, list(overrides))
     runner = runner or config.runner
     if runner not in ("ray", "process"):
         raise RoadsError(f"unknown runner {runner!r}; use ray or process")
+    preflight_sweep(sweep, points)  # every point's files, models and the state folder, before anything is created
     env.configure()
     housekeeping()
     env.ensure_prefect_api()

@@ -1,0 +1,294 @@
+"""Preflight: every input a run needs, checked before anything starts — no state folder created, no Prefect server,
+no MLflow run, no record. Each mistake is one line naming the file, record, column or key and how to fix it, raised as
+a ``ConfigError`` or ``DataError`` (exit 2).
+
+What is checked, for the stages that will run (a stage that is a cache hit reads nothing):
+
+- the stage names ``roads stage NAME`` / ``--force`` ask for;
+- the state folder (``$ROADS_HOME``, else ``./.roads``): a folder, or creatable under a folder; writable (a temporary
+  file is created in it, or in the nearest folder above it, and removed); enough free space for the estimate of
+  what the run writes (:func:`estimate_bytes`), refused only when the free space is below it;
+- every real-data source of a ``prepare_data`` that will run: read with the loader the stage uses
+  (``roads.data.preferences.load_preferences``: exists, is a file, opens, decompresses, is UTF-8, parses, has the
+  columns with the right types, the ``limit`` applied), then not degenerate: at least two distinct prompts (the
+  stage holds some out), and not every chosen response equal to its rejected one (a reward model would learn
+  nothing: accuracy 0.5) or empty. Synthetic families need no file;
+- ``model.pretrained`` of an ``sft`` that will run: a non-empty folder with weights whose config and tokenizer load
+  (``AutoConfig``/``AutoTokenizer``: small files, no weights read); a hub name loads its config and tokenizer from
+  the hub or the local cache, and while ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set fails at once if they
+  are not cached, saying so.
+
+A check that passed is remembered in-process while the file is unchanged (a sweep's points share their data), so
+calling the preflight again costs only the state-folder check.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+from roads.artifacts import state_home
+from roads.config import Study
+from roads.data.preferences import load_preferences, offline_flag
+from roads.errors import ConfigError, DataError, RoadsError
+from roads.plan import Node, build_plan
+from roads.settings import TaskConfig
+from roads.stage_table import STAGES
+
+MB = 2**20
+# The estimate of what a run writes (rough, meant as an upper bound of the usual, so that a refusal means clearly
+# short). Measured on a 130-stage store of the tiny preset: mlflow.db 7.5 MB, mlruns 16 MB, prefect 8.9 MB, logs
+# 0.2 MB; each stage folder ≤ 0.65 MB of which ≈0.42 MB is the model.
+FIXED_BYTES = 64 * MB  # one run's MLflow database, Prefect home and logs
+PER_STAGE_BYTES = MB  # every stage that will run: its output besides a model, MLflow artifacts, result record
+MODEL_KINDS = ("policy", "verifier")  # stages that save a model (save_pretrained)
+# fp32 parameters of the presets (roads/models.py PRESETS, without the embedding) and their hidden size: the saved
+# model is 4 bytes x (these + vocab_size x hidden), plus the tokenizer
+PRESET_PARAMS = {"tiny": (81_920, 64), "small": (790_528, 128), "base": (4_743_168, 256)}
+TOKENIZER_BYTES = MB // 4
+GZ_RATIO = 4  # a .gz source's text is about this many times its size; prepare_data writes it again as splits
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf")
+
+_passed: dict[tuple, None] = {}  # checks that passed in this process, keyed by what they read
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def check_stages(study: Study, force_stage: str | None = None, only_stage: str | None = None) -> None:
+    """``roads stage NAME`` (and ``--force``): the stage must be one of the pipeline's."""
+    for stage in (force_stage, only_stage):
+        if stage and stage not in study.spec.stages:
+            raise ConfigError(f"pipeline {study.pipeline!r} has no stage {stage!r}; its stages: "
+                              f"{', '.join(study.spec.stages)}")
+
+
+def preflight(study: Study, *, force_stage: str | None = None, only_stage: str | None = None) -> dict:
+    """Check everything the run of ``study`` needs (the module doc); raise ConfigError/DataError on the first
+    mistake, having written nothing. Returns what was checked: ``{"seconds", "stages" (that will run), "sources",
+    "models", "home", "estimate_bytes", "free_bytes"}``."""
+    start = time.perf_counter()
+    check_stages(study, force_stage, only_stage)
+    todo = stages_to_run(study, force_stage, only_stage)
+    return _check([(study, todo)], start)
+
+
+def preflight_sweep(sweep: str, points: Iterable[tuple[object, Study]]) -> dict:
+    """The preflight of every point of a sweep (``roads.sweep.load_sweep``'s ``(point, study)`` list): a mistake
+    names the point; the space estimate counts a stage several points share once."""
+    start = time.perf_counter()
+    plans, labels = [], []
+    for point, study in points:
+        labels.append(f"sweeps.{sweep}: point {getattr(point, 'name', point)}: ")
+        plans.append((study, stages_to_run(study)))
+    return _check(plans, start, labels)
+
+
+def stages_to_run(study: Study, force_stage: str | None = None, only_stage: str | None = None) -> list[Node]:
+    """The plan's nodes that are not cache hits now (read from the store without writing; a store that does not
+    exist yet has none)."""
+    from flows.outcome import select
+    from tasks.keys import cached_results
+
+    nodes = select(build_plan(study), only_stage)
+    known = cached_results(nodes, {n.id for n in nodes if force_stage and n.stage == force_stage})
+    return [n for n in nodes if n.id not in known]
+
+
+def _check(plans: list[tuple[Study, list[Node]]], start: float, labels: list[str] | None = None) -> dict:
+    folder = check_home()
+    sources: dict[str, None] = {}
+    models: dict[str, None] = {}
+    for i, (study, todo) in enumerate(plans):
+        try:
+            for node in todo:
+                if node.stage == "prepare_data" and node.spec.task is not None and node.spec.task.source:
+                    check_data(node.spec.task_name, node.spec.task)
+                    sources[node.spec.task.source] = None
+            for node in todo:
+                pretrained = node.spec.model.pretrained if node.stage == "sft" and node.spec.model else None
+                if pretrained:
+                    check_model(pretrained)
+                    models[pretrained] = None
+        except RoadsError as err:
+            if not labels:
+                raise
+            raise type(err)(f"{labels[i]}{err}") from None
+    need = estimate_bytes(plans)
+    free = free_bytes(folder)
+    if free < need:
+        raise ConfigError(f"{home_label()}: {free / MB:.0f} MB free on its disk, and this run writes about "
+                          f"{need / MB:.0f} MB ({sum(len(t) for _, t in plans)} stages); free some space, or point "
+                          "ROADS_HOME at a disk with more room")
+    return {"seconds": time.perf_counter() - start, "stages": sum(len(t) for _, t in plans), "sources": list(sources),
+            "models": list(models), "home": str(state_home()), "estimate_bytes": need, "free_bytes": free}
+
+
+# --------------------------------------------------------------------------- the state folder
+
+
+def home_label() -> str:
+    home = state_home()
+    return f"ROADS_HOME={home}" if os.environ.get("ROADS_HOME") else f"the state folder {home} (./.roads; ROADS_HOME " \
+                                                                    "moves it)"
+
+
+def check_home() -> Path:
+    """The state folder, or the nearest folder above it when it does not exist yet: a folder, writable. Returns that
+    folder (where the free space is measured). Creates nothing that is left behind."""
+    home = state_home()
+    label = home_label()
+    fix = "point ROADS_HOME at a folder you can write (e.g. ROADS_HOME=$HOME/.roads)"
+    try:
+        if home.exists() and not home.is_dir():
+            raise ConfigError(f"{label} is a file, not a folder; {fix}")
+        folder = home
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise ConfigError(f"{label}: {folder} is a file, so no folder can be made under it; {fix}")
+    except OSError as err:
+        raise ConfigError(f"{label}: cannot be looked at ({err.strerror or err}); {fix}") from None
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".roads-preflight-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        where = "it" if folder == home else f"{folder}, where it would be created"
+        raise ConfigError(f"{label}: cannot create a file in {where} ({err.strerror or err}); {fix}") from None
+    return folder
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def model_bytes(study: Study) -> int:
+    """The largest model an SFT of the study saves: a local pretrained folder's size, or a preset's fp32 weights (a
+    hub model's size is not known before it is fetched: counted as the preset)."""
+    sizes = [TOKENIZER_BYTES]
+    pretrained = study.defaults.model.pretrained
+    if pretrained and Path(pretrained).expanduser().is_dir():
+        sizes.append(sum(f.stat().st_size for f in Path(pretrained).expanduser().rglob("*") if f.is_file()))
+    for entry in study.spec.stages:
+        if study.stage_of(entry) == "sft":
+            params, hidden = PRESET_PARAMS[study.params(entry).get("preset") or study.defaults.model.preset]
+            sizes.append(4 * (params + study.defaults.model.vocab_size * hidden) + TOKENIZER_BYTES)
+    return max(sizes)
+
+
+def estimate_bytes(plans: list[tuple[Study, list[Node]]]) -> int:
+    """What the stages that will run write, roughly: FIXED_BYTES, PER_STAGE_BYTES per stage, the model for each stage
+    that saves one (``model_bytes``), and a real-data ``prepare_data`` its source again (GZ_RATIO x a .gz file). A
+    stage several plans share (a sweep's points) counts once."""
+    total, seen = FIXED_BYTES, set()
+    for study, todo in plans:
+        size = model_bytes(study)
+        for node in todo:
+            key = (node.stage, node.spec.fingerprint(), tuple(sorted(node.inputs.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            total += PER_STAGE_BYTES
+            if STAGES[node.stage].kind in MODEL_KINDS:
+                total += size
+            source = node.spec.task.source if node.stage == "prepare_data" and node.spec.task else None
+            if source and Path(source).expanduser().is_file():
+                ratio = GZ_RATIO if source.lower().endswith(".gz") else 1
+                total += ratio * Path(source).expanduser().stat().st_size
+    return total
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _file_key(path: Path) -> tuple:
+    try:
+        stat = path.stat()
+        return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return (str(path),)
+
+
+def check_data(name: str, task: TaskConfig) -> int:
+    """Read task ``name``'s real-data source as prepare_data will (format, split, limit) and check it is usable;
+    returns the number of pairs. Raises DataError naming ``tasks.<name>`` and the file, line, record or column."""
+    source = str(task.source)
+    key = ("data", *_file_key(Path(source).expanduser()), task.format, task.split, task.limit)
+    if key in _passed:
+        return 0
+    try:
+        rows = load_preferences(source, format=task.format, split=task.split, limit=task.limit)
+    except DataError as err:
+        raise DataError(f"tasks.{name}: {err}") from None
+    after = f" (the first {task.limit}: tasks.{name}.limit)" if task.limit else ""
+    if all(r["chosen"] == r["rejected"] for r in rows):
+        raise DataError(f"tasks.{name}: {source}: chosen is the same as rejected in every one of its {len(rows)} "
+                        f"records{after}, so there is nothing to prefer (a reward model would stay at accuracy 0.5); "
+                        "check which columns hold the two responses")
+    if all(not r["chosen"].strip() for r in rows):
+        raise DataError(f"tasks.{name}: {source}: every chosen response is empty in its {len(rows)} records{after}; "
+                        "check the chosen column (with format hh-rlhf: the text after the last shared 'Assistant:')")
+    prompts = len({r["prompt"] for r in rows})
+    if prompts < 2:
+        raise DataError(f"tasks.{name}: {source}: {len(rows)} record{'s' * (len(rows) != 1)}{after} but only "
+                        f"{prompts} distinct prompt; "
+                        f"prepare_data holds some prompts out, so it needs at least 2: give more records"
+                        + (f" or raise tasks.{name}.limit" if task.limit else ""))
+    _passed[key] = None
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub name (the rule of roads.models.load_pretrained, and anything that exists here)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:200] if text else type(err).__name__)
+
+
+def check_model(name: str) -> None:
+    """``model.pretrained``: a local folder with weights whose config and tokenizer load, or a hub name whose config
+    and tokenizer load (from the local cache when offline). Raises ConfigError naming ``model.pretrained``."""
+    path = Path(name).expanduser()
+    local = _looks_local(name)
+    key = ("model", *(_file_key(path / "config.json") if local else (name,)))
+    if key in _passed:
+        return
+    fix = "give a local folder with config.json, the tokenizer and the weights (what save_pretrained writes)"
+    if local:
+        if not path.exists():
+            raise ConfigError(f"model.pretrained: no folder at {name!r}; {fix}")
+        if not path.is_dir():
+            raise ConfigError(f"model.pretrained: {name!r} is a file, not a folder; {fix}")
+        if not any(path.iterdir()):
+            raise ConfigError(f"model.pretrained: {name!r} is an empty folder; {fix}")
+        if not any(any(path.glob(pattern)) for pattern in WEIGHTS):
+            raise ConfigError(f"model.pretrained: {name!r} has no weights (no {', '.join(WEIGHTS[:2])} file); {fix}")
+    from transformers import AutoConfig, AutoTokenizer
+
+    for what, load in (("config", AutoConfig.from_pretrained), ("tokenizer", AutoTokenizer.from_pretrained)):
+        try:
+            load(str(path) if local else name)
+        except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError... for a bad model
+            if local:
+                raise ConfigError(f"model.pretrained: {name!r}: its {what} does not load ({_first_line(err)}); "
+                                  f"{fix}") from None
+            offline = offline_flag("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+            if offline:
+                raise ConfigError(f"model.pretrained: {name!r} is a hub name, {offline} is set (offline) and its "
+                                  f"{what} is not in the local cache; {fix}, or fetch it once on a machine that can "
+                                  "reach the hub") from None
+            raise ConfigError(f"model.pretrained: cannot load the {what} of {name!r} from the hub "
+                              f"({_first_line(err)}); check the name, or {fix}; without network set HF_HUB_OFFLINE=1 "
+                              "so a hub name fails at once") from None
+    _passed[key] = None
