@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from roads.config import load_study, load_study_file
-from roads.errors import RoadsError
+from roads.errors import ConfigError, RoadsError
 from roads.stage_table import GOLD_METRICS
 
 DEFAULT_FILE = "pipelines.yaml"
@@ -181,10 +181,8 @@ def output_mode(args) -> str | None:
 def _run(args, force_stage=None, only_stage=None, pipeline=None) -> int:
     pipeline = pipeline or args.pipeline
     load_study(args.file, pipeline, args.overrides)  # a bad config fails here, before anything is written
-    from flows import env
-
     mode = output_mode(args)
-    env.configure()
+    # run_study checks the stage names and every input (flows/preflight.py) before it creates the state folder
     from flows.study import StudyFailed, run_study
 
     start = time.time()
@@ -230,10 +228,11 @@ def cmd_stage(args) -> int:
 def cmd_report(args) -> int:
     study = load_study(args.file, args.pipeline, args.overrides)  # a bad config fails here, before anything is written
     if "report" not in study.spec.stages:
-        raise RoadsError(f"pipeline {args.pipeline!r} has no report stage; add 'report' to its stages")
-    from flows import env
-
-    env.configure()
+        raise ConfigError(f"pipeline {args.pipeline!r} has no report stage; add 'report' to its stages "
+                          f"(pipelines.{args.pipeline}.stages), or run it with roads run {args.pipeline}")
+    if args.gap and not any(study.stage_of(entry) == "measure_gap" for entry in study.spec.stages):
+        raise ConfigError(f"pipeline {args.pipeline!r} has no gap summary: --gap needs a 'measure_gap' stage in "
+                          f"pipelines.{args.pipeline}.stages")
     mode = output_mode(args)
     from flows.study import run_study
 
@@ -313,10 +312,12 @@ def cmd_sweep(args) -> int:
                 print(f"    {point.name}")
         return 0
     if not args.name:
-        raise RoadsError("name a sweep (roads sweep --list shows them)")
-    load_sweep(args.file, args.name, args.overrides)  # a bad point fails here, before anything is written
+        raise ConfigError("name a sweep (roads sweep --list shows them)")
+    _, points = load_sweep(args.file, args.name, args.overrides)  # a bad point fails here, before anything is written
     from flows import env
+    from flows.preflight import preflight_sweep
 
+    preflight_sweep(args.name, points)  # and a bad file, model or state folder (flows.sweep imports Prefect)
     env.configure()
     from flows.outcome import StudyFailed, markdown_table
     from flows.sweep import run_sweep, sweep_rows
