@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from flows.preflight import check_home
 from roads.config import load_study, load_study_file
 from roads.errors import ConfigError, RoadsError
 from roads.stage_table import GOLD_METRICS
@@ -257,6 +258,7 @@ def cmd_report(args) -> int:
 def cmd_server(args) -> int:
     from flows import env
 
+    check_home()  # a state folder that is a file or cannot be written: one line, exit 2
     env.configure()
     if os.environ.get("PREFECT_API_URL"):
         print(f"PREFECT_API_URL is set ({os.environ['PREFECT_API_URL']}): runs report there, not to a local server")
@@ -277,6 +279,7 @@ def cmd_server(args) -> int:
 def cmd_ui(args) -> int:
     from flows import env
 
+    check_home()  # a state folder that is a file or cannot be written: one line, exit 2
     home = env.configure()
     from flows.tracking import redact, remote_tracking
 
@@ -343,6 +346,7 @@ def cmd_sweep(args) -> int:
 def cmd_deploy(args) -> int:
     from flows import env
 
+    check_home()  # a state folder that is a file or cannot be written: one line, exit 2
     env.configure()
     from flows.deploy import deploy, run_now
 

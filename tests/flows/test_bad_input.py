@@ -142,6 +142,14 @@ def unwritable_system_folder() -> str | None:
     return None
 
 
+def home_file_for(*argv: str):
+    """``roads server`` / ``ui`` / ``deploy`` with a ROADS_HOME that is a file (they need no study)."""
+    def setup(tmp, monkeypatch):
+        (tmp / "home").write_text("")
+        return list(argv)
+    return setup
+
+
 def home_read_only_mount(tmp, monkeypatch):
     folder = unwritable_system_folder()
     if folder is None:
@@ -217,6 +225,9 @@ CASES = {
     "home-under-a-file": (run_case(home_under_file), ["ROADS_HOME=", "afile", "is a file"]),
     "home-read-only-mount": (run_case(home_read_only_mount), ["ROADS_HOME=", "roads-test-home", "cannot create a file"]),
     "home-read-only-folder": (run_case(home_read_only_folder), ["ROADS_HOME=", "cannot create a file"]),
+    "server-home-is-a-file": (home_file_for("server"), ["ROADS_HOME=", "is a file, not a folder"]),
+    "ui-home-is-a-file": (home_file_for("ui"), ["ROADS_HOME=", "is a file, not a folder"]),
+    "deploy-home-is-a-file": (home_file_for("deploy", "default"), ["ROADS_HOME=", "is a file, not a folder"]),
     "disk-full": (run_case(disk_full), ["ROADS_HOME=", "3 MB free", "writes about"]),
     "stage-unknown": (cli("stage", "nosuchstage"), ["no stage 'nosuchstage'", "prepare_data, sft"]),
     "stage-force-unknown": (cli("stage", "nosuchstage", "--force", "--pipeline", "reported"),
