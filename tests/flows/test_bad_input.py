@@ -253,6 +253,12 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("ROADS_HOME", str(home))
     monkeypatch.setenv("PREFECT_HOME", str(home / "prefect"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    from flows import env
+
+    def configure():  # a case the preflight let through fails here, instead of starting a study
+        raise AssertionError("the state folder was about to be created: the preflight let this input through")
+
+    monkeypatch.setattr(env, "configure", configure)
     return tmp_path
 
 
