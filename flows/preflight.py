@@ -67,13 +67,16 @@ def check_stages(study: Study, force_stage: str | None = None, only_stage: str |
                               f"{', '.join(study.spec.stages)}")
 
 
-def preflight(study: Study, *, force_stage: str | None = None, only_stage: str | None = None) -> dict:
+def preflight(study: Study, *, force_stage: str | None = None, only_stage: str | None = None,
+              todo: list[Node] | None = None) -> dict:
     """Check everything the run of ``study`` needs (the module doc); raise ConfigError/DataError on the first
-    mistake, having written nothing. Returns what was checked: ``{"seconds", "stages" (that will run), "sources",
-    "models", "home", "estimate_bytes", "free_bytes"}``."""
+    mistake, having written nothing. ``todo``: the nodes that will run, when the caller has them already (else
+    :func:`stages_to_run`). Returns what was checked: ``{"seconds", "stages" (that will run), "sources", "models",
+    "home", "estimate_bytes", "free_bytes"}``."""
     start = time.perf_counter()
     check_stages(study, force_stage, only_stage)
-    todo = stages_to_run(study, force_stage, only_stage)
+    if todo is None:
+        todo = stages_to_run(study, force_stage, only_stage)
     return _check([(study, todo)], start)
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from flows import env
 from flows.cleanup import remove_orphan_temp_dirs
 from flows.outcome import StudyFailed, budget, node_row, one_line, outcome_of, select, summarize
-from flows.preflight import preflight
+from flows.preflight import check_stages, preflight
 from flows.progress import StudyProgress
 from flows.warm import discard_warm_pool, start_warm_pool
 
@@ -336,12 +336,13 @@ def housekeeping() -> dict[str, int]:
 
 
 def cached_study(study: Study, nodes: list[Node], overrides: list[str] | tuple[str, ...], runner: str = "process",
-                 force_stage: str | None = None) -> dict | None:
+                 force_stage: str | None = None, known: dict[str, dict] | None = None) -> dict | None:
     """The outcome of a study every node of which is a cache hit, recorded without Prefect; None when some node must
     run. Recorded once: when a finished run of the experiment already holds this outcome (same results, same
     params), it is reused rather than cloned, else one parent run holds the summary (no child runs: each node's row
-    in ``nodes.md`` names the run that produced it)."""
-    known = cached_results(nodes, forced(nodes, force_stage))
+    in ``nodes.md`` names the run that produced it). ``known``: the hits, when the caller has read them already."""
+    if known is None:
+        known = cached_results(nodes, forced(nodes, force_stage))
     if len(known) < len(nodes):
         return None
     report = [node_row(n, "hit", known[n.id]) for n in nodes]
@@ -374,16 +375,17 @@ def run_study(pipeline: str, overrides: list[str] | tuple[str, ...] = (), file: 
     study: Study = load_study(file, pipeline, list(overrides))
     # the stage names, the state folder, every file and model the stages that will run read: one line, exit 2,
     # before anything is created (flows/preflight.py)
-    preflight(study, force_stage=force_stage, only_stage=only_stage)
-    env.configure()
+    check_stages(study, force_stage, only_stage)
     nodes = select(build_plan(study), only_stage)
-    known = cached_results(nodes, forced(nodes, force_stage))
+    known = cached_results(nodes, forced(nodes, force_stage))  # read-only: a store that does not exist has none
+    preflight(study, force_stage=force_stage, only_stage=only_stage, todo=[n for n in nodes if n.id not in known])
+    env.configure()
     warm = runner == "process" and len(known) < len(nodes)
     if warm:  # some stage will run: its workers start importing torch now, beside this process's own start
         warm_up(nodes, known, workers)
     try:
         housekeeping()
-        outcome = cached_study(study, nodes, overrides, runner, force_stage)
+        outcome = cached_study(study, nodes, overrides, runner, force_stage, known=known)
         if outcome is not None:
             return outcome
         env.ensure_prefect_api()
