@@ -254,7 +254,8 @@ def test_rerunning_both_sweeps_is_all_cache_hits(concurrent):
         assert len(runs) == summary["points"]
         for run in runs:
             assert run.info.status == "FINISHED"
-            caches = {c.info.run_name: c.data.tags["roads.cache"] for c in _children(client, run)}
-            assert set(caches.values()) == {"hit"}, caches
+            # every stage was cached when the rerun started: the point's run holds the summary, no child runs
+            # (its nodes.md names the run that produced each stage)
+            assert not _children(client, run), [c.info.run_name for c in _children(client, run)]
     results = concurrent["home"] / "results"
     assert not [p.name for p in results.iterdir() if p.name.startswith(".")]
