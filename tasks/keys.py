@@ -142,10 +142,23 @@ def _listing(folder: Path) -> tuple:
 def _pretrained_digest(spec: StageSpec) -> list[str]:
     """A pretrained model in a local folder is an input like any other: its contents, not its path, count (hashed
     once per process while its files are unchanged: a 500 MB model takes seconds)."""
-    if spec.model and spec.model.pretrained and Path(spec.model.pretrained).is_dir():
-        folder = Path(spec.model.pretrained).resolve()
+    if spec.model and spec.model.pretrained and Path(spec.model.pretrained).expanduser().is_dir():
+        folder = Path(spec.model.pretrained).expanduser().resolve()
         return [f"pretrained={_folder_digest(str(folder), _listing(folder))}"]
+    if spec.model and spec.model.pretrained and Path(spec.model.pretrained).expanduser().is_file():  # a .gguf file
+        file = Path(spec.model.pretrained).expanduser().resolve()
+        stat = file.stat()
+        return [f"pretrained={_file_digest(str(file), (stat.st_size, stat.st_mtime_ns))}"]
     return []
+
+
+@lru_cache(maxsize=16)
+def _file_digest(path: str, listing: tuple) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_key(spec: StageSpec, inputs: dict[str, ArtifactRef]) -> str:
