@@ -62,15 +62,8 @@ def _sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperat
         attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
         step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
     rows = []
-    for row in out.tolist():
-        ids = []
-        for tok in row:
-            ids.append(tok)
-            if tok == eos_id:
-                break
-        while ids and ids[-1] == pad_id:
-            ids.pop()
-        rows.append(ids)
+    for row in out.tolist():  # up to and with the first EOS; after it only padding (pad may equal EOS: it stays)
+        rows.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
     return rows
 
 

@@ -120,8 +120,21 @@ def reward_model_from_policy(path: str | Path, seed: int):
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    distinct_pad(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def distinct_pad(tokenizer) -> None:
+    """A reward model reads its score at the rightmost token that is not the pad token (transformers' rule, in TRL's
+    RewardTrainer and in :func:`roads.generation.reward_scores`): with pad == EOS (SmolLM2, or the EOS fallback) that
+    is the token before the EOS, so the EOS is never scored. Make pad another special token of the vocabulary
+    (padding is masked, so which one does not matter; the scored sequence ends in EOS, so it is read there); a
+    tokenizer with no other special token keeps pad == EOS."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        others = [t for t in tokenizer.all_special_tokens if t != tokenizer.eos_token]
+        if others:
+            tokenizer.pad_token = others[0]
 
 
 def load_reward_model(path: str | Path):
