@@ -184,11 +184,18 @@ class Study(Strict):
             params=self.params(entry),
             seed=seed,
             task_name=task_name,
-            model=self.defaults.model if "model" in STAGES[stage].reads else None,
+            model=self.defaults.model if "model" in STAGES[stage].reads or self._templated(stage, task_name) else None,
             task=self.tasks[task_name] if "task" in STAGES[stage].reads else None,
             policy=policy,
             launch=self.defaults.launch if stage in LAUNCH_STAGES and self.defaults.launch.backend != "none" else None,
         )
+
+    def _templated(self, stage: str, task_name: str) -> bool:
+        """prepare_data renders real conversations with the pretrained tokenizer's chat template: it then reads the
+        model (its tokenizer counts in the cache key); for synthetic tasks and presets it does not."""
+        task = self.tasks.get(task_name)
+        return (stage == "prepare_data" and task is not None and task.family == "preferences"
+                and task.chat_template == "auto" and bool(self.defaults.model.pretrained))
 
     def resolved(self) -> dict:
         """The fully resolved config, as ``roads show`` prints it."""
@@ -220,6 +227,8 @@ def fingerprint(spec: StageSpec) -> str:
     data["params"] = _result_fields(spec.config())
     if data.get("launch") is None:  # in-process: the key is left out, so fingerprints from before `launch` hold
         data.pop("launch", None)
+    if data.get("task") and data["task"].get("chat_template") == "auto":  # likewise for fingerprints from before it
+        data["task"].pop("chat_template")
     data["arm"] = data.pop("policy")  # the field's name before it was `policy`: fingerprints from before the rename hold
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

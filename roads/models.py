@@ -98,6 +98,18 @@ def load_pretrained(name_or_path: str):
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of ``model.pretrained`` alone (a folder, a hub name, or a .gguf file's metadata)."""
+    path = Path(name_or_path).expanduser()
+    try:
+        if name_or_path.endswith(".gguf") and path.is_file():
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RoadsError(f"model.pretrained: cannot load the tokenizer of {name_or_path!r} ({first})") from None
+
+
 def load_policy(path: str | Path):
     """A policy and its tokenizer: a saved causal LM, or a composed policy (``policy.json``, see :class:`ComposedLM`)."""
     spec = Path(path) / POLICY_FILE

@@ -57,6 +57,10 @@ class TaskConfig(Strict):
     format: Literal["auto", "standard", "hh-rlhf", "tldr"] = Field("auto", description="preferences: record layout")
     split: str = Field("train", description="preferences: hub split")
     limit: Optional[int] = Field(None, gt=0, description="preferences: keep the first N records")
+    chat_template: Literal["auto", "plain"] = Field(
+        "auto", description="preferences: auto renders the conversations (HH-RLHF turns, chat-message columns) with "
+                            "model.pretrained's tokenizer chat template when it has one; plain keeps the "
+                            "'\\n\\nHuman: ... \\n\\nAssistant:' text (synthetic tasks are always plain)")
 
     @model_validator(mode="after")
     def _check(self) -> "TaskConfig":

@@ -52,12 +52,60 @@ def _real_splits(task: TaskConfig, cfg: PrepareDataConfig, seed: int) -> dict[st
     }
 
 
+def hh_messages(text: str) -> list[dict]:
+    """HH-RLHF text (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, as the loader renders every conversation) as chat
+    messages; a trailing empty ``Assistant:`` turn (a prompt awaiting its reply) is left out."""
+    import re
+
+    roles = {"Human": "user", "Assistant": "assistant", "System": "system"}
+    parts = re.split(r"\n\n(Human|Assistant|System):", text)
+    messages = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": roles[role], "content": content.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def chat_templated(splits: dict[str, list[dict]], tokenizer) -> dict[str, list[dict]]:
+    """Prompts rendered with the tokenizer's chat template (ending in its assistant header); responses are the reply's
+    text alone (the trainers append the EOS, the template's end of turn for ChatML models such as SmolLM2)."""
+    rendered: dict[str, str] = {}
+
+    def prompt(text: str) -> str:
+        if text not in rendered:
+            rendered[text] = tokenizer.apply_chat_template(hh_messages(text), tokenize=False,
+                                                           add_generation_prompt=True)
+        return rendered[text]
+
+    out = {}
+    for name, rows in splits.items():
+        out[name] = [{k: prompt(v) if k == "prompt" else v.strip() if k in ("chosen", "rejected", "completion")
+                      else v for k, v in row.items()} for row in rows]
+    return out
+
+
+def _template_tokenizer(spec: StageSpec):
+    """The pretrained tokenizer whose chat template renders the conversations, or None (no model, setting plain, or
+    no template)."""
+    task = spec.task
+    if task.chat_template == "plain" or spec.model is None or not spec.model.pretrained:
+        return None
+    from roads.models import load_tokenizer
+
+    tokenizer = load_tokenizer(spec.model.pretrained)
+    return tokenizer if getattr(tokenizer, "chat_template", None) else None
+
+
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: PrepareDataConfig = spec.config()
     task = spec.task
     synthetic = synthetic_task(task)
     if synthetic is None:
         splits = _real_splits(task, cfg, spec.seed)
+        tokenizer = _template_tokenizer(spec)
+        if tokenizer is not None:
+            splits = chat_templated(splits, tokenizer)
     else:
         splits = generate(
             synthetic,
@@ -76,6 +124,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     for name in SPLITS:
         write_jsonl(out_dir / f"{name}.jsonl", splits[name])
     metrics = {f"prepare_data/n_{name}": float(len(splits[name])) for name in SPLITS}
+    if synthetic is None:
+        metrics["prepare_data/chat_template"] = float(tokenizer is not None)
     files = [f"{n}.jsonl" for n in SPLITS] + ["task.json"]
     if synthetic is not None:
         val = splits["pairs_val"]
