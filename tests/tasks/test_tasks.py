@@ -128,6 +128,14 @@ def test_cache_key_changes_when_pretrained_contents_change(tmp_path):
     assert cache_key(spec, {"data": DATA}) != before
 
 
+def test_cache_key_counts_a_gguf_file_by_content(tmp_path):
+    a = tmp_path / "m.gguf"
+    a.write_bytes(b"GGUF v1")
+    before = cache_key(sft_spec(f"model.pretrained={a}"), {"data": DATA})
+    a.write_bytes(b"GGUF v2, another quantisation")
+    assert cache_key(sft_spec(f"model.pretrained={a}"), {"data": DATA}) != before
+
+
 # --------------------------------------------------------------------------- StageCachePolicy
 
 
