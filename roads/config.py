@@ -30,8 +30,9 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from roads.errors import ConfigError, DataError
-from roads.settings import SEED_BOUNDS, LaunchConfig, ModelConfig, Seed, Strict, TaskConfig, no_fingerprint
-from roads.stage_table import LAUNCH_STAGES, STAGE_NAMES, STAGES, accepts, stage_inputs, with_role
+from roads.settings import (SEED_BOUNDS, LaunchConfig, LoraConfig, ModelConfig, Seed, Strict, TaskConfig, new_setting,
+                            no_fingerprint)
+from roads.stage_table import LAUNCH_STAGES, LORA_STAGES, STAGE_NAMES, STAGES, accepts, stage_inputs, with_role
 
 BASIC_STAGES = ("prepare_data", "sft", "reward_model", "offline_dpo", "evaluate")  # a pipeline's default `stages`
 
@@ -133,6 +134,7 @@ class StageSpec(Strict):
     task: Optional[TaskConfig] = None  # prepare_data only; later stages see the data through its artifact
     policy: Optional[str] = None  # evaluate: which policy (a stage or variant entry) is scored
     launch: Optional[LaunchConfig] = None  # LAUNCH_STAGES under accelerate launch; None: in-process (not fingerprinted)
+    lora: Optional[LoraConfig] = new_setting(None, "LORA_STAGES: model.lora (None: full fine-tuning)")
 
     def config(self) -> Strict:
         """The typed stage config (``SftConfig`` …)."""
@@ -188,6 +190,7 @@ class Study(Strict):
             task=self.tasks[task_name] if "task" in STAGES[stage].reads else None,
             policy=policy,
             launch=self.defaults.launch if stage in LAUNCH_STAGES and self.defaults.launch.backend != "none" else None,
+            lora=self.defaults.model.lora if stage in LORA_STAGES else None,
         )
 
     def _templated(self, stage: str, task_name: str) -> bool:
@@ -217,6 +220,8 @@ def _result_fields(model: BaseModel) -> dict:
         if extra.get("fingerprint") is False:
             continue
         value = getattr(model, name)
+        if extra.get("fingerprint") == "unless_default" and value == field.default:
+            continue  # a setting added later, at the default that reproduces the code before it
         out[name] = _result_fields(value) if isinstance(value, BaseModel) else value
     return out
 
@@ -520,6 +525,9 @@ def _launch_problem(study: StudyFile, pipe: PipelineConfig) -> str | None:
         return f"launch.{launch.problem()}"
     if launch.backend == "none":
         return None
+    if study.defaults.model.lora is not None and launch.backend in ("fsdp", "deepspeed"):
+        return (f"backend: model.lora merges each stage's adapter into the weights it saves, which {launch.backend}'s "
+                "sharded parameters do not allow here; use backend ddp or none with model.lora")
     for entry in pipe.stages:
         stage = study.variants[entry].stage if entry in study.variants else entry
         if stage not in LAUNCH_STAGES:

@@ -22,6 +22,7 @@ from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 
 from roads.artifacts import state_home
+from roads.training import LengthRuled
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -35,9 +36,10 @@ def _rows_digest(dataset: Dataset) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
-class SharedReferenceDPOTrainer(DPOTrainer):
+class SharedReferenceDPOTrainer(LengthRuled, DPOTrainer):
     """DPOTrainer whose precomputed reference log-probs come from (and go to) the shared store. ``ref_logps_shared``
-    says, after construction, whether they came from it."""
+    says, after construction, whether they came from it. Its pairs longer than max_length go through a
+    ``length_rule`` (:class:`roads.training.LengthRule`) when one is given, before the reference's log-probs."""
 
     ref_logps_shared = False
 

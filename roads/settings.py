@@ -18,6 +18,12 @@ def no_fingerprint(default: Any, description: str, **bounds: Any) -> Any:
     return Field(default, description=description, json_schema_extra={"fingerprint": False}, **bounds)
 
 
+def new_setting(default: Any, description: str, **bounds: Any) -> Any:
+    """A field added after caches existed whose default is what the code did before it: left out of the fingerprint
+    while it has its default (so the cache keys from before it hold), counted as soon as it is set otherwise."""
+    return Field(default, description=description, json_schema_extra={"fingerprint": "unless_default"}, **bounds)
+
+
 class Strict(BaseModel):
     """Unknown keys are errors, values are frozen, and numbers are what they say: pydantic's strict mode (no
     ``true`` for a number, no ``2.0`` or ``"2"`` for an integer; an integer is a float) and no NaN or infinity for
@@ -32,12 +38,30 @@ Seed = Annotated[int, Field(**SEED_BOUNDS)]
 
 
 # --- sections ----------------------------------------------------------------------------------------------------
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Llama's linear layers
+
+
+class LoraConfig(Strict):
+    """LoRA (peft) for the stages that train a policy or the reward model (``roads.lora.LORA_STAGES``): the base
+    weights stay frozen, rank-``rank`` adapters on ``target_modules`` train (the reward model's scalar head trains
+    in full). Each stage saves its adapter (``adapter/``) and the merged weights, which the next stage loads, so every
+    later stage starts from — and DPO and online RL are regularised towards — exactly the policy before it."""
+
+    rank: int = Field(8, gt=0, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling α (the update is α/r · B·A)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] = Field(LORA_TARGETS, min_length=1, description="names of the linear layers that get "
+                                      "adapters (peft's target_modules; 'all-linear' for every linear layer)")
+
+
 class ModelConfig(Strict):
     """The policy architecture. ``pretrained`` (a local path or hub name) wins over ``preset``."""
 
     preset: Literal["tiny", "small", "base"] = Field("tiny", description="tiny ≈0.1M, small ≈0.8M, base ≈5M params")
     pretrained: Optional[str] = Field(None, description="local directory or hub name of a causal LM and tokenizer")
     vocab_size: int = Field(384, gt=16, description="byte-level BPE vocabulary trained on the task text (presets)")
+    lora: Optional[LoraConfig] = new_setting(None, "LoRA for sft, reward_model, offline_dpo, online_dpo, select_dpo "
+                                                   "and online_rl (off: full fine-tuning)")
 
 
 class TaskConfig(Strict):
@@ -96,6 +120,14 @@ class TrainConfig(Strict):
         100.0, "the stage fails (nothing cached) when one step's training loss exceeds this many times "
                "max(|its first step's loss|, 1): it diverged (roads.training.LossGuard). A guard, not a result: "
                "a run it lets through is the same run whatever its value", gt=1)
+    too_long: Literal["truncate", "drop"] = new_setting(
+        "truncate", "an example longer than max_length tokens: 'truncate' cuts it to max_length (one whose prompt "
+                    "alone fills max_length is dropped: nothing of its response is left), 'drop' leaves it out; the "
+                    "counts are the stage's metrics <stage>/examples, examples_trained, truncated, dropped_too_long, "
+                    "dropped_prompt_too_long")
+    max_dropped_fraction: float = no_fingerprint(
+        0.5, "the stage fails when it drops more than this fraction of its examples for length (raise max_length, "
+             "or this)", ge=0, le=1)
 
 
 class SftConfig(TrainConfig):
@@ -126,6 +158,10 @@ class NarrowDataConfig(Strict):
 
 class RewardModelConfig(TrainConfig):
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
+    too_long: Literal["truncate", "drop"] = new_setting(
+        "drop", "a pair whose chosen or rejected sequence is longer than max_length tokens: 'drop' leaves it out "
+                "(TRL's RewardTrainer's rule), 'truncate' cuts each to max_length (the score is read at the cut); "
+                "counted in <stage>/examples, examples_trained, truncated, dropped_too_long")
     data: str = data_field()
     start: str = Field("sft", description="the SFT entry the reward model starts from (an SFT variant of another size "
                                           "gives a reward model of that size)")
@@ -141,6 +177,9 @@ class LocalRmConfig(RewardModelConfig):
 
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
     beta: float = Field(1.0, gt=0, description="scale of the summed log-probabilities in the Bradley–Terry loss")
+    too_long: Literal["truncate"] = new_setting(
+        "truncate", "an example longer than max_length tokens is cut to max_length (this stage's own loop only "
+                    "truncates); counted in <stage>/examples, examples_trained, truncated")
     lrs: list[PositiveFloat] = Field([], max_length=0, description="not used by local_rm (its lr is lr)")
 
 
@@ -217,6 +256,9 @@ class QSftConfig(TrainConfig):
     with the Bellman-target-weighted cross-entropy, a Polyak-averaged target copy), and the extracted policy
     π ∝ π_β·exp(β·p_θ)."""
 
+    too_long: Literal["truncate"] = new_setting(
+        "truncate", "an example longer than max_length tokens is cut to max_length (this stage's own loop only "
+                    "truncates); counted in <stage>/examples, examples_trained, truncated")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
     epochs: float = Field(2, gt=0, description="passes over the training data")
     data: str = data_field()
@@ -258,6 +300,9 @@ class IvlConfig(TrainConfig):
     logits (residual connection), trained with next-token cross-entropy plus an L1 penalty on its logits, then added
     to a *different* base model with the same vocabulary."""
 
+    too_long: Literal["truncate"] = new_setting(
+        "truncate", "an example longer than max_length tokens is cut to max_length (this stage's own loop only "
+                    "truncates); counted in <stage>/examples, examples_trained, truncated")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW, linear decay)")
     epochs: float = Field(3, gt=0, description="passes over the training data")
     data: str = data_field()
@@ -298,6 +343,9 @@ class OnlineRlConfig(TrainConfig):
 
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW, linear decay)")
     epochs: float = Field(1, gt=0, description="passes over the training data")
+    too_long: Literal["drop"] = new_setting(
+        "drop", "a prompt whose tokens and max_new_tokens do not fit in max_length is left out (TRL's RLOO and GRPO "
+                "never truncate prompts); counted in online_rl/examples, examples_trained, dropped_too_long")
     algorithm: Literal["rloo", "grpo"] = Field("rloo", description="TRL trainer")
     verifier: Literal["reward_model", "gold"] = Field("reward_model", description="the reward")
     beta: float = Field(0.1, ge=0, description="KL coefficient towards the reference")

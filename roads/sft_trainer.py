@@ -18,7 +18,9 @@ from trl import SFTConfig, SFTTrainer
 from roads.artifacts import write_json
 from roads.errors import TrainingError
 from roads.settings import TrainConfig
-from roads.training import StageCallback, Tracker, save_trained, train, trainer_args
+from roads.lora import with_lora
+from roads.settings import LoraConfig
+from roads.training import LengthRule, LengthRuled, StageCallback, Tracker, save_trained, train, trainer_args
 
 SELECTION_FILE = "selection.json"
 
@@ -45,22 +47,34 @@ class KeepBest(TrainerCallback):
             control.should_training_stop = True  # no better epoch in `patience` evaluations: the curve turned up
 
 
+class RoadsSFTTrainer(LengthRuled, SFTTrainer):
+    """SFTTrainer whose rows longer than max_length are cut or dropped, and counted, by a :class:`LengthRule`."""
+
+
 def _rows(rows: list[dict]) -> Dataset:
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
 def train_sft(stage: str, cfg: TrainConfig, seed: int, model, tokenizer, rows: list[dict], out_dir: Path,
-              tracker: Tracker, val_rows: list[dict] | None = None, patience: int = 0) -> dict[str, float]:
+              tracker: Tracker, val_rows: list[dict] | None = None, patience: int = 0,
+              lora: LoraConfig | None = None) -> dict[str, float]:
     """SFT (loss on the completion only) on ``rows`` of prompt/completion; saves model and tokenizer to ``out_dir``.
     With ``val_rows``: evaluates the held-out NLL after every epoch and keeps the best epoch's weights (see the
     module docstring), stopping after ``patience`` epochs without a better one (0: never early); ``selection.json``
-    and the metrics ``<stage>/selected_epoch``, ``<stage>/val_nll_best``."""
+    and the metrics ``<stage>/selected_epoch``, ``<stage>/val_nll_best``. Rows longer than ``cfg.max_length`` are
+    handled by ``cfg.too_long`` and counted (:class:`roads.training.LengthRule`). With ``lora``, LoRA adapters train
+    on the frozen base and the merged weights are saved (:mod:`roads.lora`)."""
     extra = {"eval_strategy": "epoch", "per_device_eval_batch_size": 64} if val_rows else {}
     keep = KeepBest(stage, tracker, patience) if val_rows else None
+    rule = LengthRule(stage, cfg, "sft", tracker)
+    model = with_lora(model, lora, seed)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = SFTTrainer(
+        args = trainer_args(cfg, seed, scratch, **extra)
+        args["max_length"] = rule.trl_max_length()  # the rule cuts or drops the long rows itself
+        trainer = RoadsSFTTrainer(
             model=model,
-            args=SFTConfig(**trainer_args(cfg, seed, scratch, **extra)),
+            length_rule=rule,
+            args=SFTConfig(**args),
             train_dataset=_rows(rows),
             eval_dataset=_rows(val_rows) if val_rows else None,
             processing_class=tokenizer,

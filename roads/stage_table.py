@@ -110,6 +110,8 @@ STAGE_NAMES = tuple(STAGES)
 POLICY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
 GOLD_METRICS = POLICY_METRICS[:2]
 LAUNCH_STAGES = tuple(s.name for s in STAGES.values() if s.launchable)
+# the stages that train with LoRA when model.lora is set (their StageSpec carries it, so it is in their cache key)
+LORA_STAGES = ("sft", "reward_model", "offline_dpo", "online_dpo", "select_dpo", "online_rl")
 
 
 def with_role(role: str) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from roads.settings import TrainConfig
-from roads.errors import ConfigError, TrainingError
+from roads.errors import ConfigError, DataError, TrainingError
 
 
 class Tracker(Protocol):
@@ -177,11 +177,16 @@ def save_trained(stage: str, model: torch.nn.Module, tokenizer, trainer, out_dir
             Path(out_dir, "training_args.bin").unlink(missing_ok=True)  # pickled args with temp paths: not content
             check_finite_saved(out_dir, stage)
     else:
+        from roads.lora import merge_for_saving
+
+        model = merge_for_saving(model, out_dir)  # LoRA: the adapter to adapter/, the merged weights here
         check_finite(model, stage)
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-    write_trained(out_dir, len(trainer.train_dataset), stage)
-    return final_train_metrics(stage, trainer.state.log_history)
+    rule = getattr(trainer, "length_rule", None)
+    lengths = rule.counts if rule is not None else {}
+    write_trained(out_dir, len(trainer.train_dataset), stage, lengths)
+    return {**final_train_metrics(stage, trainer.state.log_history), **length_metrics(stage, lengths)}
 
 
 def check_finite_saved(out_dir, stage: str) -> None:
@@ -195,11 +200,107 @@ def check_finite_saved(out_dir, stage: str) -> None:
                                     "nothing was cached")
 
 
-def write_trained(out_dir, train_examples: int, stage: str | None = None) -> None:
-    """``trained.json``: which stage trained the model and on how many examples (the x axis of learning curves)."""
+def write_trained(out_dir, train_examples: int, stage: str | None = None, lengths: dict | None = None) -> None:
+    """``trained.json``: which stage trained the model and on how many examples (the x axis of learning curves), and
+    (``lengths``, :class:`LengthRule`'s counts) how many it was given, truncated and dropped for length."""
     from roads.artifacts import write_json
 
-    write_json(f"{out_dir}/trained.json", {"train_examples": int(train_examples), "stage": stage})
+    write_json(f"{out_dir}/trained.json", {"train_examples": int(train_examples), "stage": stage,
+                                           **({"lengths": lengths} if lengths else {})})
+
+
+def length_metrics(stage: str, counts: dict) -> dict[str, float]:
+    return {f"{stage}/{k}": float(v) for k, v in counts.items()}
+
+
+class LengthRule:
+    """No silent drops: what happens to the training examples longer than ``cfg.max_length`` tokens, applied to the
+    rows as TRL tokenised them (``kind``: ``sft`` input_ids/labels, ``dpo`` prompt_ids/chosen_ids/rejected_ids,
+    ``rm`` chosen_ids/rejected_ids, prompt included), and counted. ``cfg.too_long``: ``truncate`` cuts each sequence
+    to ``max_length`` (keeping its start, TRL's rule; DPO's collator cuts them), and leaves out a row whose prompt
+    alone fills it (no response token would be left: TRL drops those itself); ``drop`` leaves every long row out.
+
+    The defaults reproduce TRL's own behaviour, so results are unchanged and now counted: SFT and DPO truncate,
+    the reward model drops (RewardTrainer filters pairs longer than max_length). ``counts`` (the stage's metrics and
+    ``trained.json``): examples (given), examples_trained, truncated, dropped_too_long, dropped_prompt_too_long.
+    More than ``cfg.max_dropped_fraction`` of the examples dropped is a DataError naming the settings to raise."""
+
+    def __init__(self, stage: str, cfg: TrainConfig, kind: str, tracker: Tracker | None = None):
+        if kind not in ("sft", "dpo", "rm"):
+            raise ValueError(f"unknown kind {kind!r}")
+        self.stage, self.kind, self.tracker = stage, kind, tracker
+        self.max_length, self.mode, self.max_fraction = cfg.max_length, cfg.too_long, cfg.max_dropped_fraction
+        self.counts: dict[str, int] = {}
+
+    def trl_max_length(self) -> int | None:
+        """The max_length TRL's config gets: DPO's (its collator truncates); None for SFT and the reward model, whose
+        rows this rule cuts or drops itself."""
+        return self.max_length if self.kind == "dpo" else None
+
+    def _length(self, row: dict) -> int:
+        if self.kind == "sft":
+            return len(row["input_ids"])
+        if self.kind == "dpo":
+            return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        return max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+    def apply(self, given: int, dataset, name: str):
+        """``dataset`` (TRL's prepared rows of the ``given`` rows handed to it) with the rule applied; the counts and
+        the threshold for the training split (``name`` 'train')."""
+        limit = self.max_length
+        prompt_dropped = given - len(dataset)  # DPO: TRL left out the rows whose prompt alone fills max_length
+        long = sum(self._length(r) > limit for r in dataset)
+        if self.mode == "drop":
+            dataset = dataset.filter(lambda r: self._length(r) <= limit)
+            dropped_long, truncated = long, 0
+        else:
+            truncated = long
+            if self.kind == "sft":  # TRL's truncation, then its rule: a row with no response token left is dropped
+                dataset = dataset.map(lambda r: {"input_ids": r["input_ids"][:limit], "labels": r["labels"][:limit]})
+                before = len(dataset)
+                dataset = dataset.filter(lambda r: any(label != -100 for label in r["labels"]))
+                prompt_dropped += before - len(dataset)
+            elif self.kind == "rm":
+                dataset = dataset.map(lambda r: {"chosen_ids": r["chosen_ids"][:limit],
+                                                 "rejected_ids": r["rejected_ids"][:limit]})
+            truncated -= prompt_dropped if self.kind == "sft" else 0
+            dropped_long = 0
+        if name != "train":
+            return dataset
+        self.counts = {"examples": given, "examples_trained": len(dataset), "truncated": truncated,
+                       "dropped_too_long": dropped_long, "dropped_prompt_too_long": prompt_dropped}
+        dropped = dropped_long + prompt_dropped
+        if self.tracker is not None and (dropped or truncated):
+            self.tracker.progress(f"{given} examples, {truncated} truncated to max_length {limit} tokens, {dropped} "
+                                  f"dropped ({dropped_long} longer than it, too_long={self.mode}; {prompt_dropped} "
+                                  "whose prompt alone fills it)")
+        check_dropped(self.stage, dropped, given, self.max_fraction, limit)
+        return dataset
+
+
+def check_dropped(stage: str, dropped: int, given: int, max_fraction: float, max_length: int) -> None:
+    """More than ``max_fraction`` of ``given`` examples dropped for length is an error naming the settings."""
+    if given and dropped / given > max_fraction:
+        raise DataError(
+            f"{stage}: {dropped} of {given} training examples ({dropped / given:.0%}) do not fit in {stage}.max_length "
+            f"= {max_length} tokens and were dropped, more than {stage}.max_dropped_fraction = {max_fraction:g}; "
+            f"raise {stage}.max_length (or {stage}.max_dropped_fraction to train on the rest)")
+
+
+class LengthRuled:
+    """A TRL trainer (mixin before SFTTrainer, DPOTrainer or RewardTrainer) whose prepared datasets go through a
+    :class:`LengthRule` (``length_rule=``; None: TRL's own handling, uncounted)."""
+
+    def __init__(self, *args, length_rule: LengthRule | None = None, **kwargs):
+        self.length_rule = length_rule
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, *args, **kwargs):
+        prepared = super()._prepare_dataset(dataset, *args, **kwargs)
+        if self.length_rule is None:
+            return prepared
+        name = kwargs.get("dataset_name", args[-1] if args else "train")
+        return self.length_rule.apply(len(dataset), prepared, name)
 
 
 def first_fraction(rows: list, fraction: float) -> list:

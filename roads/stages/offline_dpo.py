@@ -49,5 +49,5 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         tracker.progress(f"{len(pairs)} pairs ordered by the gold reward (ties left out)")
     metrics = train_dpo("offline_dpo", cfg, spec.seed, inputs["sft"].path, pairs, out_dir, tracker,
                         beta=cfg.beta, loss_type=cfg.loss_type, rpo_alpha=cfg.rpo_alpha,
-                        precompute_ref=cfg.precompute_ref)
+                        precompute_ref=cfg.precompute_ref, lora=spec.lora)
     return StageResult(metrics=metrics, files=[])

@@ -112,7 +112,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             metrics.update(train_dpo("online_dpo", cfg, spec.seed, policy_path, pairs, round_dir, tracker,
                                      beta=cfg.beta, loss_type=cfg.loss_type, rpo_alpha=cfg.rpo_alpha,
                                      precompute_ref=cfg.precompute_ref,
-                                     reference=inputs["reference"].path))
+                                     reference=inputs["reference"].path, lora=spec.lora))
             policy_path = str(round_dir)
             tracker.log_metrics({"online_dpo/pairs": float(len(pairs))}, step=round_index)
     budget = {"prompts": len(prompts), "samples": len(prompts) * cfg.k * cfg.rounds, "pairs": len(all_pairs),

@@ -45,7 +45,9 @@ from roads.data import gold_reward_fn, task_of
 from roads.errors import ConfigError, DataError, RoadsError
 from roads.generation import reward_scores, vllm_problem
 from roads.models import load_policy, load_reward_model, suppressed_tokens
-from roads.training import NullTracker, StageCallback, Tracker, per_device_batch, save_trained, train, trainer_args
+from roads.lora import with_lora
+from roads.training import (NullTracker, StageCallback, Tracker, check_dropped, length_metrics, per_device_batch,
+                            save_trained, train, trainer_args)
 
 VERSION = 1
 STAGE = "online_rl"
@@ -167,6 +169,12 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     data = Path(inputs["data"].path)
     policy, tokenizer = load_policy(inputs["reference"].path)  # TRL reloads the reference from this very folder
     prompts, dropped = training_prompts(data, tokenizer, cfg)
+    given = len(set(r["prompt"] for r in read_jsonl(data / "pairs_train.jsonl")))  # n_prompts may keep fewer
+    lengths = {"examples": given, "examples_trained": len(prompts), "truncated": 0, "dropped_too_long": dropped,
+               "dropped_prompt_too_long": 0}
+    check_dropped(STAGE, dropped, given, cfg.max_dropped_fraction, cfg.max_length)
+    # LoRA: TRL's reference is then a frozen copy of the fresh adapter on this same policy (exactly it, roads.lora)
+    policy = with_lora(policy, spec.lora, spec.seed)
     counts = {"completions": 0, "tokens_generated": 0}
     with tempfile.TemporaryDirectory() as scratch:
         args = rl_config(cfg, spec.seed, scratch, suppressed_tokens(policy), len(tokenizer))
@@ -184,4 +192,5 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     write_json(out_dir / "budget.json", {"prompts": len(prompts), "prompts_dropped": dropped,
                                          "steps": trainer.state.global_step, **counts})
     metrics[f"{STAGE}/tokens_generated"] = float(counts["tokens_generated"])
+    metrics.update(length_metrics(STAGE, lengths))
     return StageResult(metrics=metrics, files=["budget.json"])

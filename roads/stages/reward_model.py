@@ -21,7 +21,10 @@ from roads.config import StageSpec
 from roads.settings import RewardModelConfig
 from roads.generation import reward_scores
 from roads.models import reward_model_from_policy
-from roads.training import NullTracker, StageCallback, Tracker, first_fraction, save_trained, train, trainer_args
+from roads.lora import plain, with_lora
+from roads.settings import LoraConfig
+from roads.training import (LengthRule, LengthRuled, NullTracker, StageCallback, Tracker, first_fraction, save_trained,
+                            train, trainer_args)
 from roads.verifiers import VERIFIER_FILE, preference_metrics
 
 VERSION = 1
@@ -34,12 +37,22 @@ def score_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[to
     return chosen, rejected
 
 
-def _train(cfg: RewardModelConfig, seed: int, sft: str, rows: list[dict], tracker: Tracker):
+class RoadsRewardTrainer(LengthRuled, RewardTrainer):
+    """RewardTrainer whose pairs longer than max_length are dropped or cut, and counted, by a ``LengthRule``."""
+
+
+def _train(cfg: RewardModelConfig, seed: int, sft: str, rows: list[dict], tracker: Tracker,
+           lora: LoraConfig | None = None):
     model, tokenizer = reward_model_from_policy(sft, seed=seed)
+    model = with_lora(model, lora, seed, task_type="SEQ_CLS")  # LoRA: adapters, and the scalar head in full
+    rule = LengthRule("reward_model", cfg, "rm", tracker)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = RewardTrainer(
+        args = trainer_args(cfg, seed, scratch)
+        args["max_length"] = rule.trl_max_length()  # the rule drops or cuts the long pairs itself
+        trainer = RoadsRewardTrainer(
             model=model,
-            args=RewardConfig(**trainer_args(cfg, seed, scratch)),
+            length_rule=rule,
+            args=RewardConfig(**args),
             train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
             processing_class=tokenizer,
             callbacks=[StageCallback("reward_model", tracker, cfg)],
@@ -62,7 +75,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         candidates, best = [], None
         for lr in cfg.lrs:
             model, tokenizer, trainer = _train(cfg.model_copy(update={"lr": lr}), spec.seed, inputs["sft"].path,
-                                               train_rows, NullTracker())
+                                               train_rows, NullTracker(), spec.lora)
             m = preference_metrics(*score_pairs(model, tokenizer, held, cfg.val_batch_size))
             candidates.append({"lr": lr, "select_accuracy": round(m["accuracy"], 6), "select_loglik": round(m["loglik"], 6)})
             tracker.progress(f"lr {lr:g}: accuracy {m['accuracy']:.3f}, log-likelihood {m['loglik']:.4f} on "
@@ -76,8 +89,9 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
                      "selection_pairs": len(held)}
         tracker.progress(f"keeping lr {lr:g}")
     else:
-        model, tokenizer, trainer = _train(cfg, spec.seed, inputs["sft"].path, train_rows, tracker)
+        model, tokenizer, trainer = _train(cfg, spec.seed, inputs["sft"].path, train_rows, tracker, spec.lora)
     metrics = save_trained("reward_model", model, tokenizer, trainer, out_dir)
+    model = plain(model)  # LoRA: the merged weights that were saved
     files = ["validation.json"]
     if selection:
         write_json(out_dir / "selection.json", selection)

@@ -83,7 +83,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         with tempfile.TemporaryDirectory() as scratch:
             train_cfg = cfg.model_copy(update={"lr": lr})
             train_dpo("select_dpo", train_cfg, spec.seed, sft_path, pairs, Path(scratch), NullTracker(), beta=beta,
-                      loss_type=loss, rpo_alpha=cfg.rpo_alpha, precompute_ref=cfg.precompute_ref)
+                      loss_type=loss, rpo_alpha=cfg.rpo_alpha, precompute_ref=cfg.precompute_ref, lora=spec.lora)
             policy, _ = load_policy(scratch)
             logps = {side: summed_logps(policy, tokenizer, prompts, ys).to(torch.float64) for side, ys in sides.items()}
             # its implicit reward β·(log π − log π_SFT), as roads.verifiers scores a DPO policy (SFT scored once)

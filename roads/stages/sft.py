@@ -47,7 +47,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     val = data / "sft_val.jsonl"
     val_rows = read_jsonl(val) if cfg.select == "val_nll" and val.is_file() else None
     metrics = train_sft("sft", cfg, spec.seed, model, tokenizer, rows, out_dir, tracker, val_rows=val_rows or None,
-                        patience=cfg.patience)
+                        patience=cfg.patience, lora=spec.lora)
     metrics["sft/parameters"] = float(count_parameters(model))
     if synthetic is not None:  # the mass sampling drops (under response_vocab 'all': the mass it keeps)
         held_out = read_jsonl(val) if val.is_file() else rows
