@@ -245,3 +245,32 @@ def test_training_prompts_of_the_real_data(upstream):
     prompts, dropped = online_rl.training_prompts(data, tokenizer, OnlineRlConfig())
     expected = list(dict.fromkeys(r["prompt"] for r in read_jsonl(data / "pairs_train.jsonl")))
     assert prompts == expected and dropped == 0
+
+
+def test_lora_online_rl_trains_the_adapter_against_the_sft_reference(upstream, tmp_path):
+    """model.lora: RLOO trains adapters on the frozen SFT policy; TRL's reference is the frozen copy of the fresh
+    adapter (no second model), which is exactly the SFT policy; the merged weights and the adapter are saved."""
+    from peft import PeftModel
+
+    from roads.lora import with_lora
+    from roads.settings import LoraConfig
+
+    lora = LoraConfig(rank=4)
+    sft_path = upstream["sft"].artifact.path
+    cfg = OnlineRlConfig(beta=0.1, batch_size=8, num_generations=4)
+    policy, tokenizer = load_policy(sft_path)
+    trainer = online_rl.build_trainer(cfg, online_rl.rl_config(cfg, 0, str(tmp_path / "scratch")),
+                                      with_lora(policy, lora, 0), tokenizer, ["sort: a b ->"],
+                                      lambda prompts, completions, **kw: [0.0] * len(prompts))
+    assert trainer.ref_model is None and "ref" in trainer.model.peft_config
+
+    spec = spec_for(algorithm="rloo", verifier="gold").model_copy(update={"lora": lora})
+    result = execute(spec, inputs_for(upstream, spec), tmp_path / "store", RecordingTracker())
+    out = Path(result.artifact.path)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    saved, sft = weights(out), weights(sft_path)
+    assert any(not torch.equal(sft[k], saved[k]) for k in sft), "weights did not change"
+    rebuilt = PeftModel.from_pretrained(load_policy(sft_path)[0], str(out / "adapter")).merge_and_unload().state_dict()
+    for name, tensor in saved.items():  # frozen base + the adapter alone
+        torch.testing.assert_close(tensor, rebuilt[name], rtol=0, atol=1e-6)
+    assert result.metrics["online_rl/examples_trained"] == 16 and result.metrics["online_rl/dropped_too_long"] == 0
