@@ -196,8 +196,8 @@ def hh(tmp_path_factory):
         # fewer pairs and demonstrations than the pipeline (which keeps 200 records) to stay fast on 2 cores
         study = load_study("pipelines.yaml", "hh-rlhf-smoke",
                            ["prepare_data.n_sft=32", "prepare_data.n_pairs=32", "sft.batch_size=16",
-                            "reward_model.batch_size=16", "offline_dpo.batch_size=16", "sft.max_length=128",
-                            "reward_model.max_length=128", "offline_dpo.max_length=128", "evaluate.max_new_tokens=8"])
+                            "reward_model.batch_size=16", "offline_dpo.batch_size=16",
+                            "evaluate.max_new_tokens=8"])
         return run_nodes(build_plan(study), store)
 
 
