@@ -15,9 +15,36 @@ from roads.stage_table import GOLD_METRICS, POLICY_METRICS, STAGES
 class StudyFailed(RoadsError):
     """Some stage failed; the outcome (what ran, what was cached, what failed) is attached."""
 
-    def __init__(self, message: str, outcome: dict):
+    def __init__(self, message: str, outcome: dict, exit_code: int = 1):
         super().__init__(message)
         self.outcome = outcome
+        self.exit_code = exit_code
+
+
+class Failure(str):
+    """A node's failure as the node table shows it (one line), with the exit code of the error behind it: the study
+    exits with its first failure's own code (2 for bad input, 1 for training that went wrong)."""
+
+    exit_code = 1
+
+    @classmethod
+    def of(cls, err: BaseException | str) -> "Failure":
+        failure = cls(err if isinstance(err, str) else one_line(err))
+        failure.exit_code = getattr(err, "exit_code", 1)
+        return failure
+
+
+def first_failure(failed: dict[str, str]) -> tuple[str, str]:
+    """The failure that caused the others (a dependent's "skipped: … failed" is not one)."""
+    roots = [(node, why) for node, why in failed.items() if not why.startswith("skipped: ")]
+    return (roots or list(failed.items()))[0]
+
+
+def study_failed(what: str, failed: dict[str, str], total: int, outcome: dict) -> StudyFailed:
+    """The error of a study (or sweep) with failed stages: how many, the first cause, its exit code."""
+    node, why = first_failure(failed)
+    return StudyFailed(f"{len(failed)} of {total} {what} failed; first: {node}: {why}", outcome,
+                       getattr(why, "exit_code", 1))
 
 
 def one_line(err: BaseException) -> str:
@@ -117,7 +144,7 @@ def outcome_of(pipeline: str, nodes: list[Node], results: dict[str, dict], repor
     """The outcome dict, and the parent run's summary, budget, report metrics and tables (``tracker.finish``)."""
     rows = summarize(nodes, results)
     spent = budget(nodes, results)
-    failed = any(row["cache"] == "failed" for row in report)
+    errors = {row["node"]: row["error"] for row in report if row["cache"] == "failed"}
     outcome = {"pipeline": pipeline, "parent_run_id": tracker.parent_id, "experiment_id": tracker.experiment_id,
                "nodes": report, "summary": rows, "budget": spent,
                "report": results["report"]["artifact"]["path"] if "report" in results else None,
@@ -125,7 +152,8 @@ def outcome_of(pipeline: str, nodes: list[Node], results: dict[str, dict], repor
     table = markdown_table(policies_by_task(rows), ["task", "policy", "seeds", *GOLD_METRICS])
     files = {"summary.md": table + "\n", "nodes.md": markdown_table(report, NODE_COLUMNS) + "\n",
              "budget.md": markdown_table(spent, list(BUDGET_COLUMNS)) + "\n"}
-    tracker.finish("FAILED" if failed else "FINISHED", rows, files, budget_rows=spent,
+    tracker.finish("FAILED" if errors else "FINISHED", rows, files,
+                   error=": ".join(first_failure(errors)) if errors else "", budget_rows=spent,
                    report_folder=outcome["report"], report_files=outcome["report_files"],
                    report_metrics=results.get("report", {}).get("metrics"), results=results)
     return outcome

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from flows import env
 from flows.cleanup import remove_orphan_temp_dirs
-from flows.outcome import StudyFailed, budget, node_row, one_line, outcome_of, select, summarize
+from flows.outcome import Failure, StudyFailed, budget, node_row, one_line, outcome_of, select, study_failed, summarize
 from flows.preflight import check_stages, preflight
 from flows.progress import StudyProgress
 from flows.warm import discard_warm_pool, start_warm_pool
@@ -100,7 +100,8 @@ def collect(pipeline: str, nodes: list[Node], futures: dict[str, Any], tracker: 
             result = futures[node.id].result()
         except Exception as err:  # noqa: BLE001 - reported per node; the caller fails the flow
             broken = [d for d in node.inputs.values() if d in failed]
-            failed[node.id] = f"skipped: {broken[0]} failed" if broken else one_line(err)
+            failed[node.id] = Failure.of(f"skipped: {broken[0]} failed" if broken else err)
+            drop_exception_record(futures[node.id])
             tracker.fail_child(children[node.id], failed[node.id])
             report.append(node_row(node, "failed", error=failed[node.id]))
             continue
@@ -108,6 +109,17 @@ def collect(pipeline: str, nodes: list[Node], futures: dict[str, Any], tracker: 
         results[node.id] = result
         report.append(node_row(node, "hit" if hit else "miss", result))
     return outcome_of(pipeline, nodes, results, report, tracker), failed
+
+
+def drop_exception_record(future: Any) -> None:
+    """Prefect persists a failed task's exception in the results folder under a random key: no cache record (nothing
+    reads it back), so it is removed — a failed stage leaves nothing of itself in the store."""
+    from tasks.keys import results_dir
+
+    record = getattr(getattr(future, "state", None), "data", None)
+    key = getattr(getattr(record, "metadata", None), "storage_key", None)
+    if isinstance(key, str) and key:
+        (results_dir() / os.path.basename(key)).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -190,7 +202,7 @@ def schedule(pipeline: str, nodes: list[Node], known: dict[str, dict], force: se
                 broken = [d for d in node.inputs.values() if d in failed]
                 if broken:
                     waiting.remove(node)
-                    failed[node.id] = f"skipped: {broken[0]} failed"
+                    failed[node.id] = Failure.of(f"skipped: {broken[0]} failed")
                     rows[node.id] = node_row(node, "failed", error=failed[node.id])
                     progress.finished(node.id, "failed")
                     continue
@@ -233,9 +245,11 @@ def schedule(pipeline: str, nodes: list[Node], known: dict[str, dict], force: se
         node_id = done.get()
         node = next(n for n in nodes if n.id == node_id)
         try:
-            result = running.pop(node_id).result()
+            future = running.pop(node_id)
+            result = future.result()
         except Exception as err:  # noqa: BLE001 - reported per node; the caller fails the flow
-            failed[node_id] = one_line(err)
+            failed[node_id] = Failure.of(err)
+            drop_exception_record(future)
             tracker.fail_child(children[node_id], failed[node_id])
             rows[node_id] = node_row(node, "failed", error=failed[node_id])
             progress.finished(node_id, "failed")
@@ -264,8 +278,7 @@ def _study_flow(pipeline: str, overrides: list[str], file: str, force_stage: str
         if row["node"] in before:
             row["digest_before"] = before[row["node"]]
     if failed:
-        first = next(iter(failed.items()))
-        raise StudyFailed(f"{len(failed)} of {len(nodes)} stages failed; first: {first[0]}: {first[1]}", outcome)
+        raise study_failed("stages", failed, len(nodes), outcome)
     return outcome
 
 

@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import env
-from flows.outcome import StudyFailed, policies_by_task
+from flows.outcome import policies_by_task, study_failed
 from flows.preflight import preflight_sweep
 from flows.study import collect, failing_runs, housekeeping, study_tracker, submit_nodes, task_runner
 from roads.errors import RoadsError
@@ -62,8 +62,7 @@ def sweep_flow(sweep: str, overrides: list[str], file: str, runner: str = "ray")
     result = {"sweep": sweep, "experiment": experiment_name(sweep), "points": points,
               "stages": len(shared), "nodes": sum(len(a["nodes"]) for a in points)}
     if failures:
-        first = next(iter(failures.items()))
-        raise StudyFailed(f"{len(failures)} stages of the sweep failed; first: {first[0]}: {first[1]}", result)
+        raise study_failed("stages of the sweep", failures, result["nodes"], result)
     return result
 
 

@@ -273,10 +273,14 @@ class StudyTracker:
 
     def finish(self, status: str, summary_rows: list[dict], files: dict[str, str], budget_rows: list[dict] = (),
                report_folder: str | None = None, report_files: list[str] = (),
-               report_metrics: dict[str, float] | None = None, results: dict[str, dict] | None = None) -> None:
+               report_metrics: dict[str, float] | None = None, results: dict[str, dict] | None = None,
+               error: str = "") -> None:
         """The parent run's summary metrics, budget per policy, the report's metrics (study table, gap summary,
-        hypotheses) and files, text files, the digest of what it computed (``outcome_digest``); then its status."""
+        hypotheses) and files, text files, the digest of what it computed (``outcome_digest``); then its status
+        (a failed study carries its first failure, ``node: reason``, in ``roads.error``)."""
         now = int(time.time() * 1000)
+        if error:
+            self.client.set_tag(self.parent_id, "roads.error", redact(error)[:5000])
         if results is not None and status == "FINISHED":
             self.client.set_tag(self.parent_id, "roads.outcome_digest", outcome_digest(results, self.params))
         metrics = [Metric(k, float(v), now, 0) for k, v in (report_metrics or {}).items()]

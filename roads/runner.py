@@ -34,5 +34,9 @@ def execute(spec: StageSpec, inputs: dict[str, ArtifactRef], store: str | Path,
         result.artifact = commit_dir(tmp, store, spec.stage)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        try:  # the stage's folder too, when this failure was its first output: a failed stage leaves no trace
+            tmp.parent.rmdir()
+        except OSError:  # it holds other outputs (or another writer's folder)
+            pass
         raise
     return result
