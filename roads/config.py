@@ -458,6 +458,12 @@ def task_lengths(task: TaskConfig) -> Optional[tuple[int, int, int]]:
     synthetic = synthetic_task(task)
     if synthetic is None:
         return None
+    if ":" in task.family:  # a user family (roads.data.family): its prompts as sampled, the longest and shortest
+        rng = random.Random(0)
+        drawn = [synthetic.sample_prompt_symbols(rng) for _ in range(64)]
+        prompts = [_tokens_at_least(synthetic.prompt(xs)) for xs in drawn]
+        answers = [_tokens_at_least(synthetic.prompt(xs) + synthetic.response(synthetic.target(xs))) for xs in drawn]
+        return min(prompts), max(prompts), max(answers) + 1
     if task.family == "star":  # every star prompt has the same shape: degree arms of arm_len nodes
         longest = shortest = synthetic.sample_prompt_symbols(random.Random(0))
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 def no_fingerprint(default: Any, description: str, **bounds: Any) -> Any:
     """A field that does not change results (logging, batch size for inference, …): left out of the fingerprint.
@@ -64,10 +64,19 @@ class ModelConfig(Strict):
                                                    "and online_rl (off: full fine-tuning)")
 
 
-class TaskConfig(Strict):
-    """One task: a synthetic gold-reward family, or real preference data (no gold reward)."""
+BUILTIN_FAMILIES = ("shuffle", "gap", "short", "hidden", "star")  # roads.data.family.builtin()
+TASK_FIELDS_OF_ANY_FAMILY = ("family", "response_vocab", "settings")  # what a user family's task keeps besides settings
 
-    family: Literal["shuffle", "gap", "short", "hidden", "star", "preferences"]
+
+class TaskConfig(Strict):
+    """One task: a synthetic gold-reward family (built-in by name, or the user's own class by path — every key
+    besides ``family`` and ``response_vocab`` is then one of its ``Settings``: ``roads.data.family``), or real
+    preference data (no gold reward)."""
+
+    family: str = Field(description="a built-in family (shuffle, gap, short, hidden, star), preferences (real data), "
+                                    "or your own TaskFamily class as 'package.module:Class'")
+    settings: dict[str, Any] = new_setting({}, "a user family's settings (validated by its Settings; written as "
+                                               "keys of the task beside family)")
     alphabet: int = Field(8, ge=2, le=26, description="number of symbols (synthetic)")
     min_len: int = Field(4, ge=2, description="shortest prompt, in symbols (synthetic)")
     max_len: int = Field(8, ge=2, description="longest prompt, in symbols (synthetic)")
@@ -86,8 +95,55 @@ class TaskConfig(Strict):
                             "model.pretrained's tokenizer chat template when it has one; plain keeps the "
                             "'\\n\\nHuman: ... \\n\\nAssistant:' text (synthetic tasks are always plain)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _user_family(cls, data: Any) -> Any:
+        """A user family: load its class (unimportable, or not a TaskFamily: an error naming it), and gather every key
+        besides family and response_vocab into ``settings``, validated (and completed) by its ``Settings``."""
+        from roads.data.family import is_path, validate_settings
+
+        if not (isinstance(data, dict) and is_path(data.get("family"))):
+            return data
+        from roads.errors import ConfigError
+
+        values = {**(data.get("settings") or {}),
+                  **{k: v for k, v in data.items() if k not in TASK_FIELDS_OF_ANY_FAMILY}}
+        try:
+            settings = validate_settings(data["family"], values)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return {**{k: data[k] for k in ("family", "response_vocab") if k in data}, "settings": settings}
+
+    def __hash__(self) -> int:  # a user family's settings are a dict (pydantic's frozen hash would refuse it)
+        import json
+
+        return hash(json.dumps(self.model_dump(), sort_keys=True, default=str))
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        """A user family's task as written: family, response_vocab and its settings (the built-ins' fields mean nothing
+        to it); a built-in's without the empty ``settings`` (its dump as before user families)."""
+        data = handler(self)
+        if ":" in self.family:
+            return {k: data[k] for k in TASK_FIELDS_OF_ANY_FAMILY if k in data}
+        if not data.get("settings"):
+            data.pop("settings", None)
+        return data
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, family: str) -> str:
+        from roads.data.family import is_path
+
+        if family in (*BUILTIN_FAMILIES, "preferences") or is_path(family):
+            return family
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(BUILTIN_FAMILIES)}, preferences, or "
+                         "give your own class as 'package.module:Class'")
+
     @model_validator(mode="after")
     def _check(self) -> "TaskConfig":
+        if ":" not in self.family and self.settings:
+            raise ValueError("settings: only a user family ('package.module:Class') has settings of its own")
         if self.family == "preferences" and not self.source:
             raise ValueError("family 'preferences' needs 'source' (a local file or a hub dataset name)")
         if self.min_len > self.max_len:

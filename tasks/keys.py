@@ -2,7 +2,7 @@
 second, before any server or worker starts).
 
 Cache key = stage name + stage VERSION + config fingerprint + input digests (+ a local pretrained model's contents)
-+ the digest of the code the stage can reach: its module ``roads/stages/<stage>.py``, the runner every stage goes
+(+ a user task family's source, :func:`_family_digest`) + the digest of the code the stage can reach: its module ``roads/stages/<stage>.py``, the runner every stage goes
 through (``roads/runner.py``), and every library module either imports, followed transitively (imports inside
 functions included) — not the whole library, and not the settings (``roads/config.py``, ``roads/settings.py``, the stage table: see
 ``NOT_CODE``). Editing the report's code reruns only ``report``; editing the sampler
@@ -152,6 +152,17 @@ def _pretrained_digest(spec: StageSpec) -> list[str]:
     return []
 
 
+def _family_digest(spec: StageSpec) -> list[str]:
+    """A user family (``tasks.<name>.family: package.module:Class``) is code like the library's: its source (the module
+    and the modules of its own package it imports) counts in the key of the stage that reads the task
+    (prepare_data), which writes the digest into its output, so every stage reading that data follows it."""
+    from roads.data.family import is_path, source_digest
+
+    if spec.task is not None and is_path(spec.task.family):
+        return [f"family={source_digest(spec.task.family)}"]
+    return []
+
+
 @lru_cache(maxsize=16)
 def _file_digest(path: str, listing: tuple) -> str:
     h = hashlib.sha256()
@@ -168,6 +179,7 @@ def cache_key(spec: StageSpec, inputs: dict[str, ArtifactRef]) -> str:
         spec.fingerprint(),
         *(f"{name}={inputs[name].digest}" for name in sorted(inputs)),
         *_pretrained_digest(spec),
+        *_family_digest(spec),
         code_digest(spec.stage),
     ]
     return f"{spec.stage}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]

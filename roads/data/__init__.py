@@ -5,18 +5,15 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from roads.settings import TaskConfig
-from roads.data.star import StarTask
-from roads.data.synthetic import SyntheticTask
+from roads.data.family import TaskFamily, build
 
 
-def synthetic_task(task: TaskConfig) -> Optional[SyntheticTask]:
-    """The gold-reward task behind a task config, or None for real data (no gold reward)."""
+def synthetic_task(task: TaskConfig) -> Optional[TaskFamily]:
+    """The gold-reward task family behind a task config (built-in or the user's, :mod:`roads.data.family`), or None
+    for real data (no gold reward)."""
     if task.family == "preferences":
         return None
-    if task.family == "star":
-        return StarTask(alphabet=task.alphabet, degree=task.degree, arm_len=task.arm_len, min_len=task.min_len,
-                        max_len=task.max_len, secret=task.secret)
-    return SyntheticTask(task.family, task.alphabet, task.min_len, task.max_len, task.secret)
+    return build(task)
 
 
 def gold_reward_fn(task: TaskConfig) -> Optional[Callable[[str, str], float]]:
@@ -30,6 +27,7 @@ def task_of(data_folder) -> tuple[str, TaskConfig]:
 
     info = dict(read_json(f"{data_folder}/task.json"))
     name = info.pop("name")
+    info.pop("family_source", None)  # a user family's source digest (prepare_data): part of the data, not a setting
     return name, TaskConfig(**info)
 
 

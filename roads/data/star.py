@@ -52,8 +52,21 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from roads.data.synthetic import LETTERS, PROMPT_END, SyntheticTask, _VERBS
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from roads.data.synthetic import LETTERS, PROMPT_END, SymbolSettings, SyntheticTask, _VERBS
 from roads.errors import DataError
+
+
+class StarSettings(SymbolSettings):
+    """The ``star`` family's settings (``tasks.<name>``'s fields of the same names)."""
+
+    family: Literal["star"]
+    alphabet: int = Field(12, ge=2, le=26, description="number of symbols (node names)")
+    degree: int = Field(3, ge=2, description="arms leaving the centre of the graph")
+    arm_len: int = Field(2, ge=1, description="nodes on each arm after the centre")
 
 EDGE_SEP = " , "
 GOAL_SEP = " | "
@@ -98,6 +111,8 @@ class StarTask(SyntheticTask):
     alphabet: int = 12
     degree: int = 3
     arm_len: int = 2
+
+    Settings: ClassVar[type] = StarSettings
 
     def __post_init__(self):
         if self.family != "star":

@@ -52,6 +52,9 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from roads.errors import DataError
 
@@ -59,6 +62,22 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 FAMILIES = ("gap", "short", "hidden", "star", "shuffle")  # star: roads.data.star.StarTask (a graph prompt, not a symbol list)
 _VERBS = {"gap": "sort", "short": "min2", "hidden": "code", "star": "path", "shuffle": "order"}
 PROMPT_END = " ->"
+# where each family's generation–verification gap is (the report's validity section reads it: gap_class)
+GAP_CLASS = {"shuffle": "gap", "star": "gap", "gap": "gap", "short": "closed (generation)",
+             "hidden": "closed (verification)"}
+
+
+class SymbolSettings(BaseModel):
+    """The settings of the symbol-list families (``tasks.<name>``'s fields of the same names); strict as
+    ``roads.settings.Strict`` (not imported: roads.settings loads task families, so this module stays below it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    family: Literal["shuffle", "gap", "short", "hidden"]
+    alphabet: int = Field(8, ge=2, le=26, description="number of symbols")
+    min_len: int = Field(4, ge=2, description="shortest prompt, in symbols")
+    max_len: int = Field(8, ge=2, description="longest prompt, in symbols")
+    secret: int = Field(1234, description="seed of the hidden substitution (family 'hidden')")
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,18 @@ class SyntheticTask:
     min_len: int = 4
     max_len: int = 8
     secret: int = 1234
+
+    # the TaskFamily protocol (roads.data.family) besides the methods below
+    Settings: ClassVar[type] = SymbolSettings
+    reward_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+
+    @classmethod
+    def from_settings(cls, settings) -> "SyntheticTask":
+        return cls(**settings.model_dump())
+
+    @property
+    def gap_class(self) -> str:
+        return GAP_CLASS[self.family]
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -212,8 +243,14 @@ def bradley_terry_prefers_first(r1: float, r2: float, temperature: float, rng: r
     return rng.random() < p
 
 
+def family_name(family: object) -> str:
+    """How messages name a family: a built-in's short name, else its class's path."""
+    name = getattr(family, "family", None)
+    return name if isinstance(name, str) else f"{type(family).__module__}:{type(family).__qualname__}"
+
+
 def generate(
-    task: SyntheticTask,
+    task,
     *,
     seed: int,
     n_sft: int,
@@ -227,6 +264,7 @@ def generate(
     n_select_pairs: int = 0,
 ) -> dict[str, list[dict]]:
     """All of a task's data, deterministic from ``seed``. Evaluation and validation prompts never occur in training.
+    ``task``: any task family (:class:`roads.data.family.TaskFamily`), built-in or the user's.
 
     Returns the splits ``sft`` (prompt, completion), ``pairs_train`` and ``pairs_val`` (prompt, chosen, rejected,
     chosen_gold, rejected_gold) and ``eval_prompts`` (prompt, target).
@@ -242,7 +280,7 @@ def generate(
             if task.prompt(xs) in exclude:
                 if tries > 50 * (n + 10):
                     raise DataError(
-                        f"cannot draw {n} distinct held-out prompts for {task.family!r}: the prompt space is too small; "
+                        f"cannot draw {n} distinct held-out prompts for {family_name(task)!r}: the prompt space is too small; "
                         "raise alphabet or max_len, or ask for fewer prompts"
                     )
                 continue
@@ -264,7 +302,7 @@ def generate(
                 out.append(xs)
             elif tries > 50 * (n + 10) and not out:
                 raise DataError(
-                    f"no training prompts left for {task.family!r}: the held-out prompts use up the prompt space; "
+                    f"no training prompts left for {family_name(task)!r}: the held-out prompts use up the prompt space; "
                     "raise alphabet or max_len, or hold out fewer prompts"
                 )
         return out

@@ -1,6 +1,8 @@
 """prepare_data: a task's SFT demonstrations, training and held-out preference pairs, and held-out prompts.
 
-Synthetic tasks are generated from the seed (see ``roads.data.synthetic``); real preference data is loaded from a
+Synthetic tasks are generated from the seed (see ``roads.data.synthetic``; a user family by path, ``roads.data.family``,
+the same way, and its ``task.json`` holds its source's digest, ``family_source``, so every stage reading the data
+reruns when the family's code changes); real preference data is loaded from a
 file or the hub, shuffled with the seed and split (held-out pairs and evaluation prompts never appear in training).
 Output folder: ``task.json``, ``sft.jsonl``, ``sft_val.jsonl`` (held-out demonstrations), ``pairs_train.jsonl``, ``pairs_val.jsonl``, ``pairs_select.jsonl`` (held-out pairs for
 choosing hyperparameters, never reported), ``eval_prompts.jsonl``,
@@ -18,6 +20,7 @@ from roads.artifacts import ArtifactRef, StageResult, write_json, write_jsonl
 from roads.config import StageSpec
 from roads.settings import PrepareDataConfig, TaskConfig
 from roads.data import synthetic_task
+from roads.data.family import is_path, source_digest
 from roads.data.synthetic import generate
 from roads.errors import DataError
 from roads.training import NullTracker, Tracker
@@ -120,7 +123,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             n_sft_val=cfg.n_sft_val,
             n_select_pairs=cfg.n_select_pairs,
         )
-    write_json(out_dir / "task.json", {"name": spec.task_name, **task.model_dump()})
+    source = {"family_source": source_digest(task.family)} if is_path(task.family) else {}  # its code is the data's
+    write_json(out_dir / "task.json", {"name": spec.task_name, **task.model_dump(), **source})
     for name in SPLITS:
         write_jsonl(out_dir / f"{name}.jsonl", splits[name])
     metrics = {f"prepare_data/n_{name}": float(len(splits[name])) for name in SPLITS}
