@@ -215,9 +215,16 @@ def print_forced(outcome: dict, stage: str) -> None:
         same = "unchanged (the same bytes)" if before and before == after else (
             "changed" if before else "new (nothing was cached before)")
         print(f"{row['node']}: recomputed in {row['seconds'] or 0:.1f} s; output {same}")
-    reran = [n for n, r in rows.items() if r["cache"] == "miss" and r.get("stage") != stage]
+    below = {row["node"] for row in forced}  # the forced nodes and, in plan order, everything that reads them
+    for node, row in rows.items():
+        if set(row.get("inputs", ())) & below:
+            below.add(node)
+    reran = [n for n, r in rows.items() if r["cache"] == "miss" and r.get("stage") != stage and n in below]
+    upstream = [n for n, r in rows.items() if r["cache"] == "miss" and n not in below]
     kept = [n for n, r in rows.items() if r["cache"] == "hit" and r.get("stage") != stage]
     print(f"dependents that reran: {', '.join(reran) if reran else 'none'}; {len(kept)} other stages were cache hits")
+    if upstream:
+        print(f"also computed, not cached before (inputs of the forced stage or beside it): {', '.join(upstream)}")
 
 
 def cmd_run(args) -> int:
@@ -380,12 +387,46 @@ COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "stage": cmd_sta
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the ``roads`` command itself (a test calling main([...]) keeps its interpreter)
+        _exit_after_atexit()
+    try:
+        code = _main(argv)
+    except SystemExit as stop:  # argparse's exit 2, --help's 0
+        _EXIT_CODE[0] = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        raise
+    _EXIT_CODE[0] = code
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except RoadsError as err:
         print(f"roads: error: {err}", file=sys.stderr)
         return err.exit_code
+
+
+_EXIT_CODE = [1]  # what main returned (1 if it raised: Python's code for an uncaught exception)
+
+
+def _exit_after_atexit() -> None:
+    """Skip the interpreter's teardown of torch, TRL, Prefect and MLflow's modules (~1.3 s after a study; measured
+    in bench/rerun.py): registered before any of them is imported, this handler runs after every other atexit handler
+    (LIFO) — Prefect's, MLflow's, multiprocessing's and logging's have flushed and stopped what they own, and the
+    interpreter has joined the non-daemon threads before — then it flushes the standard streams and leaves with
+    main's exit code."""
+    import atexit
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(_EXIT_CODE[0])
+
+    atexit.register(leave)
 
 
 if __name__ == "__main__":

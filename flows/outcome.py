@@ -165,7 +165,7 @@ NODE_COLUMNS = ["node", "cache", "seconds", "produced_by", "error"]
 def node_row(node: Node, cache: str, result: dict | None = None, error: str = "") -> dict:
     """A row of the node table: hit / miss / failed, the seconds it took (misses), the MLflow run that computed it."""
     result = result or {}
-    return {"node": node.id, "stage": node.stage, "cache": cache,
+    return {"node": node.id, "stage": node.stage, "inputs": sorted(node.inputs.values()), "cache": cache,
             "seconds": result.get("wall_seconds") if cache == "miss" else None,
             "produced_by": result.get("produced_by") or "", "error": error,
             "digest": result.get("artifact", {}).get("digest", "")}

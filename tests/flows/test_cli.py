@@ -123,3 +123,23 @@ def test_ui_with_a_tracking_server_points_at_it(project, monkeypatch, capsys):
     assert main(["ui"]) == 0
     out = capsys.readouterr().out
     assert "tracking server https://user:***@mlflow.example.org" in out and "pw-123" not in out
+
+
+def test_print_forced_tells_dependents_from_inputs_computed_beside_them(capsys):
+    """A forced stage whose own inputs were not cached (a fresh store, or an edit upstream) computes them too: they
+    are named as such, not as its dependents."""
+    from flows.cli import print_forced
+
+    def row(node, stage, cache, inputs=()):
+        return {"node": node, "stage": stage, "cache": cache, "inputs": list(inputs), "seconds": 1.0,
+                "digest": "d", "digest_before": None}
+
+    outcome = {"nodes": [row("t/prepare_data", "prepare_data", "miss"),
+                         row("t/sft", "sft", "miss", ["t/prepare_data"]),
+                         row("t/reward_model", "reward_model", "miss", ["t/prepare_data", "t/sft"]),
+                         row("t/online_dpo", "online_dpo", "miss", ["t/sft", "t/reward_model"]),
+                         row("t/offline_dpo", "offline_dpo", "hit", ["t/sft"])]}
+    print_forced(outcome, "reward_model")
+    out = capsys.readouterr().out
+    assert "dependents that reran: t/online_dpo; 1 other stages were cache hits" in out
+    assert "also computed, not cached before (inputs of the forced stage or beside it): t/prepare_data, t/sft" in out
