@@ -155,9 +155,11 @@ def print_outcome(outcome: dict, elapsed: float) -> None:
     hits = sum(n["cache"] == "hit" for n in outcome["nodes"])
     misses = sum(n["cache"] == "miss" for n in outcome["nodes"])
     failed = sum(n["cache"] == "failed" for n in outcome["nodes"])
+    skipped = sum(n["cache"] == "failed" and n["error"].startswith("skipped: ") for n in outcome["nodes"])
     print()
     print(markdown_table(outcome["nodes"], ["node", "cache", "seconds", "error"]))
-    print(f"\n{len(outcome['nodes'])} stages: {misses} ran, {hits} cached (hit), {failed} failed; {elapsed:.1f} s")
+    print(f"\n{len(outcome['nodes'])} stages: {misses} ran, {hits} cached (hit), {failed - skipped} failed"
+          + (f", {skipped} skipped (an input failed)" if skipped else "") + f"; {elapsed:.1f} s")
     report = Path(outcome["report"]) / "report.md" if outcome.get("report") else None
     if report is not None and report.is_file():
         print()

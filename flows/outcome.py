@@ -43,7 +43,9 @@ def first_failure(failed: dict[str, str]) -> tuple[str, str]:
 def study_failed(what: str, failed: dict[str, str], total: int, outcome: dict) -> StudyFailed:
     """The error of a study (or sweep) with failed stages: how many, the first cause, its exit code."""
     node, why = first_failure(failed)
-    return StudyFailed(f"{len(failed)} of {total} {what} failed; first: {node}: {why}", outcome,
+    skipped = sum(reason.startswith("skipped: ") for reason in failed.values())
+    after = f" ({skipped} more skipped after them)" if skipped else ""
+    return StudyFailed(f"{len(failed) - skipped} of {total} {what} failed{after}; first: {node}: {why}", outcome,
                        getattr(why, "exit_code", 1))
 
 
