@@ -150,7 +150,7 @@ def cmd_show(args) -> int:
 
 
 def print_outcome(outcome: dict, elapsed: float) -> None:
-    from flows.outcome import BUDGET_COLUMNS, policies_by_task, markdown_table
+    from flows.outcome import BUDGET_COLUMNS, markdown_table, policies_by_task, present_metrics
 
     hits = sum(n["cache"] == "hit" for n in outcome["nodes"])
     misses = sum(n["cache"] == "miss" for n in outcome["nodes"])
@@ -167,7 +167,11 @@ def print_outcome(outcome: dict, elapsed: float) -> None:
         print(f"\n(report, CSV and plots: {report.parent})")
     elif outcome["summary"]:
         print()
-        print(markdown_table(policies_by_task(outcome["summary"]), ["task", "policy", "seeds", *GOLD_METRICS]))
+        shown = present_metrics(outcome["summary"])  # the columns the tasks have: no gold reward, no gold columns
+        print(markdown_table(policies_by_task(outcome["summary"], shown), ["task", "policy", "seeds", *shown]))
+        if "proxy_win_rate" in shown:
+            print("(proxy_win_rate: the win rate against SFT judged by a held-out verifier, evaluate.judge — a proxy, "
+                  "not a gold reward)")
     if outcome.get("budget") and any(row["tokens_generated"] for row in outcome["budget"]):
         print("\nbudget per policy (every stage it stands on; mean over seeds):")
         print(markdown_table(outcome["budget"], list(BUDGET_COLUMNS)))

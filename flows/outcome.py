@@ -66,6 +66,14 @@ def summarize(nodes: list[Node], results: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def present_metrics(rows: list[dict]) -> tuple[str, ...]:
+    """The per-policy metrics some row has (POLICY_METRICS' order): the gold columns for gold-reward tasks, KL, length,
+    finished rate for every task, the proxy win rate where a held-out judge scored the samples; the gold columns
+    when there are no rows."""
+    found = tuple(m for m in POLICY_METRICS if any(r.get(m) is not None for r in rows))
+    return found or GOLD_METRICS
+
+
 def policies_by_task(rows: list[dict], metrics: tuple[str, ...] = GOLD_METRICS) -> list[dict]:
     """Mean over seeds of each metric, one row per (task, policy), in first-seen order."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -151,7 +159,8 @@ def outcome_of(pipeline: str, nodes: list[Node], results: dict[str, dict], repor
                "nodes": report, "summary": rows, "budget": spent,
                "report": results["report"]["artifact"]["path"] if "report" in results else None,
                "report_files": results.get("report", {}).get("files", [])}
-    table = markdown_table(policies_by_task(rows), ["task", "policy", "seeds", *GOLD_METRICS])
+    shown = present_metrics(rows)
+    table = markdown_table(policies_by_task(rows, shown), ["task", "policy", "seeds", *shown])
     files = {"summary.md": table + "\n", "nodes.md": markdown_table(report, NODE_COLUMNS) + "\n",
              "budget.md": markdown_table(spent, list(BUDGET_COLUMNS)) + "\n"}
     tracker.finish("FAILED" if errors else "FINISHED", rows, files,

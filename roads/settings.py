@@ -162,6 +162,10 @@ class PrepareDataConfig(Strict):
     demo_noise: float = Field(0.3, ge=0, le=1, description="per-symbol edit probability of the SFT demonstrator")
     behaviour_noise: float = Field(0.5, ge=0, le=1, description="per-symbol edit probability of the behaviour policy")
     bt_temperature: float = Field(0.1, ge=0, description="τ in P(y1≻y2) = σ((r*(y1)−r*(y2))/τ); 0 = noiseless")
+    n_judge_pairs: int = new_setting(
+        0, "real data: pairs set aside for a held-out judge (pairs_judge.jsonl), on prompts of their own: no policy "
+           "trains on them and none is evaluated on them (a reward_model with pairs: pairs_judge judges "
+           "evaluate's proxy win rate); 0: none", ge=0)
 
 
 class TrainConfig(Strict):
@@ -219,6 +223,10 @@ class RewardModelConfig(TrainConfig):
                 "(TRL's RewardTrainer's rule), 'truncate' cuts each to max_length (the score is read at the cut); "
                 "counted in <stage>/examples, examples_trained, truncated, dropped_too_long")
     data: str = data_field()
+    pairs: Literal["pairs_train", "pairs_judge"] = new_setting(
+        "pairs_train", "the pairs it trains on: pairs_train (the pairs the policies train on), or pairs_judge (real "
+                       "data: pairs no policy trains on, prepare_data.n_judge_pairs): a held-out judge for "
+                       "evaluate.judge")
     start: str = Field("sft", description="the SFT entry the reward model starts from (an SFT variant of another size "
                                           "gives a reward model of that size)")
     pair_fraction: float = Field(1.0, gt=0, le=1, description="train on the first fraction of the pairs (learning curves)")
@@ -237,6 +245,7 @@ class LocalRmConfig(RewardModelConfig):
         "truncate", "an example longer than max_length tokens is cut to max_length (this stage's own loop only "
                     "truncates); counted in <stage>/examples, examples_trained, truncated")
     lrs: list[PositiveFloat] = Field([], max_length=0, description="not used by local_rm (its lr is lr)")
+    pairs: Literal["pairs_train"] = new_setting("pairs_train", "local_rm trains on pairs_train")
 
 
 # the DPO losses both roads can use: TRL's, and 'rpo' (TRL's ['sigmoid', 'sft'])
@@ -476,6 +485,9 @@ class ReportConfig(Strict):
 
 class EvaluateConfig(Strict):
     samples_per_prompt: int = Field(2, gt=0, description="completions sampled per held-out prompt")
+    judge: str = new_setting("", "a verifier entry (for real data: a reward_model trained on pairs_judge) that judges "
+                                 "each policy sample against the SFT sample of the same prompt: proxy_win_rate, with "
+                                 "the judge's own held-out accuracy on pairs_val; empty: no judge")
     max_new_tokens: int = Field(16, gt=0, description="generation limit")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     batch_size: int = no_fingerprint(64, "prompts per generation batch", gt=0)

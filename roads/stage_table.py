@@ -99,7 +99,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("measure_gap", MeasureGapConfig, "measure",
           inputs={"data": DATA, "reference": REFERENCE, "verifier": Input("verifier", setting="verifiers", each=True),
                   "policy": Input("policy", setting="policies", each=True)}),
-    Stage("evaluate", EvaluateConfig, "measure", inputs={"data": FIRST_DATA, "reference": REFERENCE},
+    Stage("evaluate", EvaluateConfig, "measure", inputs={"data": FIRST_DATA, "reference": REFERENCE,
+                                                         "judge": Input("verifier", setting="judge", absent=("",))},
           per_policy=True),
     Stage("report", ReportConfig, "report"),
 )}
@@ -107,8 +108,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 STAGE_NAMES = tuple(STAGES)
 # what a per-policy measurement (`evaluate`) reports of each policy, one column each in the study summary, the
 # parent run's metrics and the report; the first two need a gold reward
-POLICY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean")
+POLICY_METRICS = ("gold_reward_mean", "win_rate", "kl_to_reference", "length_mean", "finished_rate", "proxy_win_rate")
 GOLD_METRICS = POLICY_METRICS[:2]
+# the win rate against SFT judged by a held-out verifier (evaluate.judge): the proxy where there is no gold reward
+PROXY_METRICS = ("proxy_win_rate",)
 LAUNCH_STAGES = tuple(s.name for s in STAGES.values() if s.launchable)
 # the stages that train with LoRA when model.lora is set (their StageSpec carries it, so it is in their cache key)
 LORA_STAGES = ("sft", "reward_model", "offline_dpo", "online_dpo", "select_dpo", "online_rl")

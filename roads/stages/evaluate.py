@@ -12,12 +12,20 @@ training pairs (its ``displacement.json``: for online DPO, the pairs it sampled)
 ``samples.jsonl`` (one row per sample: the data for intervals over prompts and seeds). ``metrics.json`` also names
 the stage that trained the policy and on how many examples (from its ``trained.json``), for learning curves, and
 the policy's ``selection`` (its ``selection.json``: how its epochs were chosen) where it has one.
+
+With ``judge`` (a verifier entry; for real data a ``reward_model`` trained on ``pairs_judge``, pairs no policy trained
+on): ``proxy_win_rate``, the win rate against the SFT sample of the same prompt and index judged by the judge's score,
+ties half — a proxy for the gold win rate, as good as the judge — each sample's ``judge_margin``, and in
+``metrics.json`` the judge's name, the split and number of pairs it trained on, and its held-out accuracy and
+log-likelihood on ``pairs_val`` (``judge_val_accuracy``, ``judge_val_loglik``, ``judge_val_pairs``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from statistics import fmean
+
+import torch
 
 from roads.artifacts import ArtifactRef, StageResult, read_json, read_jsonl, write_json, write_jsonl
 from roads.config import StageSpec
@@ -26,7 +34,7 @@ from roads.data import gold_of, task_of
 from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy
 from roads.training import NullTracker, Tracker
-from roads.verifiers import summed_logps
+from roads.verifiers import VERIFIER_FILE, load_verifier, preference_metrics, summed_logps
 
 VERSION = 1
 
@@ -34,6 +42,43 @@ VERSION = 1
 def win_rate(policy: list[float], reference: list[float]) -> float:
     """Fraction of paired samples where the policy's gold reward beats the reference's; ties count half."""
     return fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy, reference, strict=True))
+
+
+def judge_samples(name: str, inputs: dict[str, ArtifactRef], rows: list[dict], val: list[dict], batch_size: int,
+                  tracker: Tracker) -> dict:
+    """Judge every sample against the SFT sample of the same prompt and index with the verifier ``name`` (the input
+    ``judge``): each row gets ``judge_margin`` (its log-odds that the policy's sample is better: score difference for a
+    scalar verifier, ``compare`` for a generative one). Returns ``proxy_win_rate`` (margin > 0 wins, ties half) and
+    what the proxy rests on: the judge's name, the split it trained on and how many pairs, and its held-out accuracy
+    on ``pairs_val`` (pairs no policy and no judge trained on)."""
+    judge_dir = Path(inputs["judge"].path)
+    judge = load_verifier(name, judge_dir, reference=inputs["reference"].path, batch_size=batch_size)
+    prompts = [r["prompt"] for r in rows]
+    mine, theirs = [r["completion"] for r in rows], [r["reference_completion"] for r in rows]
+    if judge.compare is not None:
+        margins = judge.compare(prompts, mine, theirs)
+    else:
+        margins = judge.score(prompts, mine) - judge.score(prompts, theirs)
+    for row, margin in zip(rows, margins.tolist(), strict=True):
+        row["judge_margin"] = round(float(margin), 6)
+    # the SFT policy against itself: the same samples, every comparison a tie
+    proxy = win_rate([r["judge_margin"] for r in rows], [0.0] * len(rows))
+    info = read_json(judge_dir / VERIFIER_FILE)
+    out = {"proxy_win_rate": proxy, "judge": name, "judge_kind": judge.kind,
+           "judge_trained_on": info.get("pairs", "pairs_train"), "judge_train_pairs": judge.train_examples}
+    if val:
+        if judge.compare is not None:
+            margin = judge.compare([r["prompt"] for r in val], [r["chosen"] for r in val], [r["rejected"] for r in val])
+            chosen, rejected = margin, torch.zeros_like(margin)
+        else:
+            chosen = judge.score([r["prompt"] for r in val], [r["chosen"] for r in val])
+            rejected = judge.score([r["prompt"] for r in val], [r["rejected"] for r in val])
+        held = preference_metrics(chosen, rejected)
+        out.update(judge_val_accuracy=round(held["accuracy"], 6), judge_val_loglik=round(held["loglik"], 6),
+                   judge_val_pairs=len(val))
+    tracker.progress(f"proxy win rate {proxy:.3f} (judge {name}, trained on {out['judge_train_pairs']} "
+                     f"{out['judge_trained_on']} pairs, held-out accuracy {out.get('judge_val_accuracy', float('nan')):.3f})")
+    return out
 
 
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
@@ -86,6 +131,10 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         metrics["win_rate"] = win_rate([r["gold_reward"] for r in rows], [r["reference_gold_reward"] for r in rows])
         metrics["exact_rate"] = fmean(float(r["gold_reward"] == 1.0) for r in rows)
     val = read_jsonl(data / "pairs_val.jsonl") if (data / "pairs_val.jsonl").is_file() else []
+    judged = {}
+    if "judge" in inputs:  # the proxy where there is no gold reward: a held-out verifier judges policy vs SFT
+        judged = judge_samples(spec.params["judge"], inputs, rows, val, cfg.batch_size, tracker)
+        metrics["proxy_win_rate"] = judged.pop("proxy_win_rate")
     if val:  # the gold-free displacement check: does training make the held-out chosen responses less likely?
         val_prompts = [r["prompt"] for r in val]
         for side in ("chosen", "rejected"):
@@ -104,8 +153,9 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     write_json(out_dir / "metrics.json", {"policy": spec.policy, "task": task_name, "family": task_of(data)[1].family,
                                           "seed": spec.seed,
                                           "policy_stage": trained.get("stage"),
-                                          "train_examples": trained.get("train_examples"), **metrics,
+                                          "train_examples": trained.get("train_examples"), **metrics, **judged,
                                           **({"selection": selection} if selection else {})})
     write_jsonl(out_dir / "samples.jsonl", rows)
     tracker.progress(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    return StageResult(metrics={f"evaluate/{k}": v for k, v in metrics.items()}, files=["metrics.json", "samples.jsonl"])
+    numbers = {**metrics, **{k: float(v) for k, v in judged.items() if k.startswith("judge_val_")}}
+    return StageResult(metrics={f"evaluate/{k}": v for k, v in numbers.items()}, files=["metrics.json", "samples.jsonl"])

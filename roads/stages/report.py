@@ -16,7 +16,10 @@ Output: ``report.md``, ``report.csv`` (one row per task × policy), ``paired.csv
 lo, hi, excludes_zero), ``report.json`` (the same numbers, for programs) and two plots, ``win_rate_by_policy.png`` and
 ``gold_vs_kl.png``. The report opens with the validity section (``roads.validity``: every check per task with its
 value, pre-registered threshold and pass/fail; also ``validity.csv``); a hypothesis whose controls fail is "not
-testable". Without a gold reward (real data) only KL and length are reported and there are no paired rows.
+testable". Without a gold reward (real data) the main table has only KL and length and there are no paired rows;
+where a held-out verifier judged the samples (``evaluate.judge``: a ``judge_margin`` per sample) a section of its
+own, "the proxy-judged table", adds the finished rate and the proxy win rate against SFT, labelled as a proxy, under
+the judge's name, the pairs it trained on and its held-out accuracy on ``pairs_val``.
 
 Inputs that are ``gap`` outputs (a ``gap.json``) feed the gap section (``roads.gap_report``): ``gap_summary.md``
 (the gap per task beside online − offline, the verifier table, best-of-N tables) and the plots ``best_of_n.png``,
@@ -27,6 +30,7 @@ model sizes. Always: ``hypotheses.md`` / ``hypotheses.csv``, the H1–H6 table f
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -49,7 +53,9 @@ from roads import validity
 
 VERSION = 1
 
-METRICS, GOLD_METRICS = POLICY_METRICS, GOLD_METRICS_OF_TABLE
+METRICS, GOLD_METRICS = POLICY_METRICS[:4], GOLD_METRICS_OF_TABLE  # gold reward, win rate, KL, length
+# without a gold reward: also the finished rate, and — judged by a held-out verifier (evaluate.judge) — the proxy
+PROXY_METRICS = ("finished_rate", "proxy_win_rate")
 PAIRED_METRICS = {"gold_reward_mean": "gold_reward_diff", "win_rate": "win_rate_diff"}
 TASK_FAMILIES = ("shuffle", "star", "gap", "short", "hidden")
 # the task class each hypothesis' `family` stands for (roads/hypotheses.py)
@@ -70,10 +76,12 @@ class Group:
     seeds: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # seed -> (prompt ids, (P, M))
     policy_stage: str | None = None  # the stage that trained the policy, and on how many examples (learning curves)
     train_examples: int | None = None
+    judges: dict[int, dict] = field(default_factory=dict)  # seed -> the judge of proxy_win_rate (evaluate.judge)
 
 
-def per_prompt(rows: list[dict], gold: bool, where: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted prompt indices, per-prompt means of [gold, win,] KL term, length)."""
+def per_prompt(rows: list[dict], gold: bool, where: Path, proxy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted prompt indices, per-prompt means of [gold, win,] KL term, length[, finished, proxy win]). ``proxy``:
+    rows without a gold reward judged by a held-out verifier (``judge_margin``: > 0 a win, 0 half)."""
     try:
         prompt = np.array([r["prompt_index"] for r in rows], dtype=np.int64)
         columns = [
@@ -84,6 +92,10 @@ def per_prompt(rows: list[dict], gold: bool, where: Path) -> tuple[np.ndarray, n
             g = np.array([r["gold_reward"] for r in rows], dtype=np.float64)
             ref = np.array([r["reference_gold_reward"] for r in rows], dtype=np.float64)
             columns = [g, np.where(g > ref, 1.0, np.where(g == ref, 0.5, 0.0)), *columns]
+        elif proxy:
+            margin = np.array([r["judge_margin"] for r in rows], dtype=np.float64)
+            columns += [np.array([float(r["finished"]) for r in rows], dtype=np.float64),
+                        np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))]
     except KeyError as err:
         raise DataError(f"{where}: a row lacks the column {err}") from None
     ids, inverse = np.unique(prompt, return_inverse=True)
@@ -111,15 +123,52 @@ def load_groups(inputs: dict[str, ArtifactRef]) -> dict[tuple[str, str], Group]:
         gold = all(has_gold)
         if any(has_gold) and not gold:
             raise DataError(f"{folder / 'samples.jsonl'}: gold_reward is present on some rows and not on others")
-        metrics = METRICS if gold else METRICS[2:]
+        proxy = not gold and all("judge_margin" in r for r in rows)
+        metrics = METRICS if gold else METRICS[2:] + (PROXY_METRICS if proxy else ())
         group = groups.setdefault((task, policy), Group(task, policy, metrics))
         if group.metrics != metrics:
             raise DataError(f"report: task {task!r}, policy {policy!r} has gold rewards in some seeds and not in others")
         if seed in group.seeds:
             raise DataError(f"report: task {task!r}, policy {policy!r}, seed {seed} appears twice (input {name!r})")
-        group.seeds[seed] = per_prompt(rows, gold, folder / "samples.jsonl")
+        group.seeds[seed] = per_prompt(rows, gold, folder / "samples.jsonl", proxy)
+        if proxy:
+            group.judges[seed] = {k: info.get(k) for k in JUDGE_KEYS}
         group.policy_stage, group.train_examples = info.get("policy_stage"), info.get("train_examples")
     return groups
+
+
+JUDGE_KEYS = ("judge", "judge_kind", "judge_trained_on", "judge_train_pairs", "judge_val_accuracy", "judge_val_loglik",
+              "judge_val_pairs")
+
+
+def judge_lines(rows: list[dict], cfg: ReportConfig) -> list[str]:
+    """The section for tasks without a gold reward whose policies a held-out verifier judged: KL, length, finished rate
+    and the proxy win rate against SFT, under the judge's name, what it trained on and its held-out accuracy."""
+    proxied = [r for r in rows if "proxy_win_rate" in r["metrics"]]
+    if not proxied:
+        return []
+    lines = ["", "## Without a gold reward: the proxy-judged table", "",
+             "**A proxy, not a gold reward.** The win rate against the SFT sample of the same prompt is judged by a "
+             "held-out verifier (a policy can also win by pleasing the judge); read it beside the judge's own held-out "
+             "accuracy, its ceiling."]
+    for task in dict.fromkeys(r["task"] for r in proxied):
+        judges = {json.dumps(j, sort_keys=True): j for r in proxied if r["task"] == task for j in r["judges"]}
+        for j in judges.values():
+            acc = j.get("judge_val_accuracy")
+            held = "held out from every policy" if j.get("judge_trained_on") == "pairs_judge" else (
+                "NOT held out: the policies trained on the same pairs")
+            lines.append(f"- {task}: judge `{j.get('judge')}` ({j.get('judge_kind')} verifier) trained on "
+                         f"{j.get('judge_train_pairs')} {j.get('judge_trained_on')} pairs ({held}); held-out accuracy "
+                         f"{'–' if acc is None else f'{acc:.3f}'} on {j.get('judge_val_pairs')} pairs_val pairs "
+                         "(no policy and no judge trained on them)")
+    lines += ["", "| task | policy | seeds | KL | length | finished rate | proxy win rate vs SFT [lo, hi] | judge |",
+              "|---|---|---:|---|---|---|---|---|"]
+    for r in proxied:
+        m = r["metrics"]
+        names = ", ".join(dict.fromkeys(str(j.get("judge")) for j in r["judges"]))
+        lines.append(f"| {r['task']} | {r['policy']} | {len(r['seeds'])} | {fmt(m['kl_to_reference'])} | "
+                     f"{fmt(m['length_mean'])} | {fmt(m['finished_rate'])} | {fmt(m['proxy_win_rate'])} | {names} |")
+    return lines
 
 
 def task_key(task: str) -> int:
@@ -139,7 +188,9 @@ def summarise(group: Group, cfg: ReportConfig) -> dict:
     point, lo, hi = bootstrap_interval([group.seeds[s][1] for s in seeds], n_bootstrap=cfg.n_bootstrap,
                                        confidence=cfg.confidence, rng=rng)
     prompts = set().union(*(group.seeds[s][0].tolist() for s in seeds))
+    judged = {"judges": [group.judges[s] for s in seeds]} if group.judges else {}
     return {
+        **judged,
         "task": group.task,
         "policy": group.policy,
         "seeds": seeds,
@@ -197,6 +248,7 @@ def write_markdown(path: Path, rows: list[dict], pairs: list[dict], cfg: ReportC
         m = r["metrics"]
         lines.append(f"| {r['task']} | {r['policy']} | {len(r['seeds'])} | {fmt(m.get('gold_reward_mean'))} | "
                      f"{fmt(m.get('win_rate'))} | {fmt(m['kl_to_reference'])} | {fmt(m['length_mean'])} |")
+    lines += judge_lines(rows, cfg)
     lines += ["", f"## Paired difference against {cfg.baseline}", ""]
     if pairs:
         lines += [
@@ -214,12 +266,13 @@ def write_markdown(path: Path, rows: list[dict], pairs: list[dict], cfg: ReportC
 
 
 def write_csvs(out_dir: Path, rows: list[dict], pairs: list[dict]) -> None:
+    columns = [*METRICS, *(m for m in PROXY_METRICS if any(m in r["metrics"] for r in rows))]
     with open(out_dir / "report.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["task", "policy", "seeds", "n_prompts", *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi"))])
+        w.writerow(["task", "policy", "seeds", "n_prompts", *(f"{m}{s}" for m in columns for s in ("", "_lo", "_hi"))])
         for r in rows:
             cells = []
-            for m in METRICS:
+            for m in columns:
                 c = r["metrics"].get(m)
                 cells += ["", "", ""] if c is None else [c["mean"], c["lo"], c["hi"]]
             w.writerow([r["task"], r["policy"], len(r["seeds"]), r["n_prompts"], *cells])

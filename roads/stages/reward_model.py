@@ -1,7 +1,8 @@
 """reward_model: the global verifier — the SFT model with its LM head replaced by a scalar head, trained with the
 Bradley–Terry loss (TRL's RewardTrainer) on the training pairs (the first ``pair_fraction`` of them). Logs
 validation accuracy and preference log-likelihood, mean log σ(r(x, y+) − r(x, y−)), on held-out pairs. Output: the
-reward model and tokenizer, ``validation.json`` and ``verifier.json`` (kind ``global``). With ``lrs``, the learning
+reward model and tokenizer, ``validation.json`` and ``verifier.json`` (kind ``global``; a held-out judge, ``pairs:
+pairs_judge``, trains on the pairs no policy trains on and says so there: ``pairs``, ``val_pairs``). With ``lrs``, the learning
 rate is chosen by a rule: one reward model per candidate, the best held-out accuracy on ``pairs_select.jsonl``
 (never reported) kept, the candidates and the choice in ``selection.json``.
 """
@@ -64,7 +65,11 @@ def _train(cfg: RewardModelConfig, seed: int, sft: str, rows: list[dict], tracke
 def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     cfg: RewardModelConfig = spec.config()
     data = Path(inputs["data"].path)
-    train_rows = first_fraction(read_jsonl(data / "pairs_train.jsonl"), cfg.pair_fraction)
+    pairs_file = data / f"{cfg.pairs}.jsonl"
+    if not pairs_file.is_file():
+        raise DataError(f"reward_model.pairs: {pairs_file} does not exist; a held-out judge's pairs come from real data "
+                        "with prepare_data.n_judge_pairs above 0")
+    train_rows = first_fraction(read_jsonl(pairs_file), cfg.pair_fraction)
     val = read_jsonl(data / "pairs_val.jsonl")
     selection = None
     if cfg.lrs:  # the learning rate chosen by a rule: held-out accuracy on pairs_select (log-lik breaks ties)
@@ -103,5 +108,6 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     tracker.log_metrics({f"reward_model/val_{k}": v for k, v in val_metrics.items()}, step=trainer.state.global_step)
     tracker.progress(f"held-out accuracy {val_metrics['accuracy']:.3f}, log-likelihood {val_metrics['loglik']:.4f}")
     write_json(out_dir / "validation.json", {k: round(v, 6) for k, v in val_metrics.items()})
-    write_json(out_dir / VERIFIER_FILE, {"kind": "global"})
+    held_out = {} if cfg.pairs == "pairs_train" else {"pairs": cfg.pairs, "val_pairs": len(val)}
+    write_json(out_dir / VERIFIER_FILE, {"kind": "global", **held_out})  # a judge says what it trained on
     return StageResult(metrics=metrics, files=files)

@@ -216,6 +216,13 @@ def test_hh_prepare_data(hh):
     assert not trained & {r["prompt"] for r in val}
     assert read_json(data / "task.json")["family"] == "preferences"
     assert not any(k.endswith("gold_mean") for k in hh["hh-rlhf/seed0/prepare_data"].metrics)
+    # the held-out judge's pairs (prepare_data.n_judge_pairs): prompts of their own, out of training and evaluation
+    judge = read_jsonl(data / "pairs_judge.jsonl")
+    assert len(judge) >= 40 and all({"prompt", "chosen", "rejected"} <= set(r) for r in judge)
+    judged = {r["prompt"] for r in judge}
+    held = {r["prompt"] for r in val + evals + read_jsonl(data / "sft_val.jsonl") + read_jsonl(data / "pairs_select.jsonl")}
+    assert not judged & trained and not judged & held
+    assert hh["hh-rlhf/seed0/prepare_data"].metrics["prepare_data/n_pairs_judge"] == len(judge)
 
 
 def test_hh_training_stages(hh):
@@ -241,6 +248,38 @@ def test_hh_evaluate_has_no_gold_reward(hh, policy):
     rows = read_jsonl(Path(result.artifact.path) / "samples.jsonl")
     assert rows and all("gold_reward" not in r for r in rows)
     json.dumps(result.to_json())
+
+
+def test_hh_proxy_win_rate_is_judged_by_the_held_out_reward_model(hh):
+    """evaluate.judge: every sample judged against SFT's by the reward model trained on pairs_judge; the SFT policy
+    ties itself (0.5), the proxy is the judge's margins counted as wins, and the judge's held-out accuracy is its own
+    scoring of pairs_val; the report's proxy-judged table names the judge."""
+    from roads.models import load_reward_model
+    from roads.stages.reward_model import score_pairs
+    from roads.verifiers import preference_metrics
+
+    judge_dir = Path(hh["hh-rlhf/seed0/reward_model_judge"].artifact.path)
+    assert read_json(judge_dir / "verifier.json") == {"kind": "global", "pairs": "pairs_judge", "val_pairs": 20}
+    assert read_json(judge_dir / "trained.json")["lengths"]["examples"] >= 40  # the judge's pairs, not pairs_train
+    assert read_json(Path(hh["hh-rlhf/seed0/reward_model"].artifact.path) / "verifier.json") == {"kind": "global"}
+    data = Path(hh["hh-rlhf/seed0/prepare_data"].artifact.path)
+    model, tokenizer = load_reward_model(judge_dir)
+    expected = preference_metrics(*score_pairs(model, tokenizer, read_jsonl(data / "pairs_val.jsonl"), 64))
+    for policy in ("sft", "offline_dpo"):
+        folder = Path(hh[f"hh-rlhf/seed0/evaluate[{policy}]"].artifact.path)
+        info, rows = read_json(folder / "metrics.json"), read_jsonl(folder / "samples.jsonl")
+        assert info["judge"] == "reward_model_judge" and info["judge_trained_on"] == "pairs_judge"
+        assert info["judge_val_pairs"] == 20
+        assert info["judge_val_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+        wins = [1.0 if r["judge_margin"] > 0 else 0.5 if r["judge_margin"] == 0 else 0.0 for r in rows]
+        assert info["proxy_win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-6)
+        assert hh[f"hh-rlhf/seed0/evaluate[{policy}]"].metrics["evaluate/proxy_win_rate"] == info["proxy_win_rate"]
+        if policy == "sft":
+            assert info["proxy_win_rate"] == 0.5 and all(r["judge_margin"] == 0.0 for r in rows)
+    md = (Path(hh["report"].artifact.path) / "report.md").read_text()
+    assert "the proxy-judged table" in md and "A proxy, not a gold reward" in md
+    assert f"held-out accuracy {expected['accuracy']:.3f} on 20 pairs_val pairs" in md
+    assert "| hh-rlhf | sft | 1 |" in md and "| 0.500 [0.500, 0.500] | reward_model_judge |" in md
 
 
 def test_offline_dpo_rpo_on_gold_labels_trains_on_the_reordered_pairs(gap, gap_nodes, tmp_path):
