@@ -170,6 +170,8 @@ class Study(Strict):
     tasks: dict[str, TaskConfig]
     variants: dict[str, VariantConfig] = {}
     spec: PipelineConfig
+    model_defaults: dict[str, Any] = Field({}, description="the per-model defaults this study took (key -> value and "
+                                                           "why; roads/model_defaults.py), already in `defaults`")
 
     def stage_of(self, entry: str) -> str:
         """The stage module an entry of ``stages`` runs (a variant names its stage)."""
@@ -209,6 +211,9 @@ class Study(Strict):
             "tasks": {name: self.tasks[name].model_dump() for name in self.spec.tasks},
             "variants": {name: v.model_dump() for name, v in self.variants.items() if name in self.spec.stages},
             "defaults": self.defaults.model_dump(),
+            **({"model_defaults": {k: v for k, v in self.model_defaults.items()  # those of the stages it runs
+                                   if k.split(".")[0] in {self.stage_of(e) for e in self.spec.stages}}}
+               if self.model_defaults else {}),
         }
 
 
@@ -574,8 +579,19 @@ def load_study(path: str | Path, pipeline: str, overrides: list[str] | tuple[str
         if source and _looks_local(source) and not Path(source).expanduser().exists():
             raise ConfigError(f"{path}: tasks.{task}.source: no file at {source!r} (relative paths start from "
                               f"{Path.cwd()}); fix the path, or give a hub dataset name")
+    filled = {}
+    if not base.defaults.model.pretrained:  # a file whose own defaults name the model is written for it
+        from roads.model_defaults import model_defaults
+
+        explicit = set(base.pipelines[pipeline].set) | {parse_override(item)[0] for item in overrides}
+        filled = model_defaults(study.defaults.model.model_dump(),
+                                {t: study.tasks[t].model_dump() for t in spec.tasks}, explicit)
+        for key, (value, _) in filled.items():
+            _apply(raw, pipeline, key, value, "model defaults")
+        if filled:
+            study = _validate(raw, f"{path}: the per-model defaults (roads/model_defaults.py)")
     return Study(pipeline=pipeline, path=str(path), defaults=study.defaults, tasks=study.tasks, variants=study.variants,
-                 spec=spec)
+                 spec=spec, model_defaults={k: {"value": v, "why": why} for k, (v, why) in filled.items()})
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

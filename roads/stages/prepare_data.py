@@ -22,6 +22,7 @@ from roads.artifacts import ArtifactRef, StageResult, write_json, write_jsonl
 from roads.config import StageSpec
 from roads.settings import PrepareDataConfig, TaskConfig
 from roads.data import synthetic_task
+from roads.data.chat import chat_templated, hh_messages  # noqa: F401  (hh_messages: re-exported)
 from roads.data.family import is_path, source_digest
 from roads.data.synthetic import generate
 from roads.errors import DataError
@@ -81,39 +82,6 @@ def _judge_prompts(rows: list[dict], candidates: list[str], n_pairs: int) -> set
         chosen.add(prompt)
         total += count[prompt]
     return chosen
-
-
-def hh_messages(text: str) -> list[dict]:
-    """HH-RLHF text (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, as the loader renders every conversation) as chat
-    messages; a trailing empty ``Assistant:`` turn (a prompt awaiting its reply) is left out."""
-    import re
-
-    roles = {"Human": "user", "Assistant": "assistant", "System": "system"}
-    parts = re.split(r"\n\n(Human|Assistant|System):", text)
-    messages = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
-    for role, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": roles[role], "content": content.strip()})
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()
-    return messages
-
-
-def chat_templated(splits: dict[str, list[dict]], tokenizer) -> dict[str, list[dict]]:
-    """Prompts rendered with the tokenizer's chat template (ending in its assistant header); responses are the reply's
-    text alone (the trainers append the EOS, the template's end of turn for ChatML models such as SmolLM2)."""
-    rendered: dict[str, str] = {}
-
-    def prompt(text: str) -> str:
-        if text not in rendered:
-            rendered[text] = tokenizer.apply_chat_template(hh_messages(text), tokenize=False,
-                                                           add_generation_prompt=True)
-        return rendered[text]
-
-    out = {}
-    for name, rows in splits.items():
-        out[name] = [{k: prompt(v) if k == "prompt" else v.strip() if k in ("chosen", "rejected", "completion")
-                      else v for k, v in row.items()} for row in rows]
-    return out
 
 
 def _template_tokenizer(spec: StageSpec):
