@@ -105,7 +105,8 @@ def collect(pipeline: str, nodes: list[Node], futures: dict[str, Any], tracker: 
             tracker.fail_child(children[node.id], failed[node.id])
             report.append(node_row(node, "failed", error=failed[node.id]))
             continue
-        hit = tracker.finish_child(children[node.id], node, result)
+        hit = tracker.finish_child(children[node.id], node, result,
+                                   {k: results[d] for k, d in node.inputs.items() if d in results})
         results[node.id] = result
         report.append(node_row(node, "hit" if hit else "miss", result))
     return outcome_of(pipeline, nodes, results, report, tracker), failed
@@ -152,6 +153,7 @@ def study_tracker(study: Study, experiment: str, run_name: str, overrides: list[
         tags={"roads.prefect_flow_run_id": flow_run_id, "roads.overrides": " ".join(overrides),
               "roads.runner": runner, **env.run_environment(), **(tags or {})},
         params={**study_params(study, overrides), **(params or {})},
+        model=study.defaults.model,
     )
     tracker.log_dict(study.resolved(), "resolved_config.json")
     return tracker
@@ -236,7 +238,8 @@ def schedule(pipeline: str, nodes: list[Node], known: dict[str, dict], force: se
         finally:
             # the MLflow side of what finished, after its dependents were submitted: the workers do not wait for it
             for node, result in finished:
-                hit = tracker.finish_child(children[node.id], node, result)
+                hit = tracker.finish_child(children[node.id], node, result,
+                                           {k: results[d] for k, d in node.inputs.items() if d in results})
                 rows[node.id] = node_row(node, "hit" if hit else "miss", result)
                 progress.finished(node.id, "hit" if hit else "miss", result.get("wall_seconds"))
             finished.clear()

@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flows.cleanup import owner, owner_alive
 from roads.config import Study, flatten, load_study_file
 from roads.plan import Node
-from roads.stage_table import POLICY_METRICS
+from roads.settings import ModelConfig
+from roads.stage_table import LORA_STAGES, POLICY_METRICS, STAGES
 
 MAX_PARAM_LENGTH = 6000
 REDACTED = "***"
@@ -180,8 +181,78 @@ def study_params(study: Study, overrides: list[str] | tuple[str, ...] = ()) -> d
             **{key: value for key, value in now.items() if was.get(key, missing) != value}}
 
 
+# --- what a stage ran on: the base model, LoRA, the data, and the model it made (issue 14 item 8) -------------------
+# the splits of a data folder and the context MLflow shows for each (mlflow.data.context)
+SPLIT_CONTEXT = {"sft": "training", "pairs_train": "training", "pairs_judge": "judge training",
+                 "sft_val": "validation", "pairs_val": "validation", "pairs_select": "selection",
+                 "eval_prompts": "evaluation"}
+
+
+def base_model(model: ModelConfig | None) -> dict[str, str]:
+    """Tags naming the base model every stage of the study stands on: ``model.pretrained`` (a name or path) and the
+    digest of its files (the one in the cache keys), or the preset built from scratch."""
+    if model is None:
+        return {}
+    if not model.pretrained:
+        return {"roads.base_model": f"preset:{model.preset}", "roads.base_model_digest":
+                f"built from scratch (preset {model.preset}, vocabulary {model.vocab_size}, from the seed)"}
+    from roads.config import StageSpec
+    from tasks.keys import _pretrained_digest
+
+    digest = _pretrained_digest(StageSpec(stage="sft", params={}, seed=0, model=model))
+    return {"roads.base_model": model.pretrained,
+            "roads.base_model_digest": digest[0].split("=", 1)[1] if digest else "a hub name: not hashed here"}
+
+
+def lora_tags(node: Node, model: ModelConfig | None) -> dict[str, str]:
+    """``roads.lora``: the LoRA settings a LORA_STAGES stage trained with, or 'none' (full fine-tuning)."""
+    if node.stage not in LORA_STAGES:
+        return {}
+    lora = model.lora if model is not None else node.spec.lora
+    return {"roads.lora": json.dumps(lora.model_dump(), sort_keys=True) if lora is not None else "none"}
+
+
+@lru_cache(maxsize=256)
+def _split_dataset(file: str, size: int, mtime: int, name: str):
+    """An MLflow dataset entity of one split file (a JSONL of the artifact store): its rows and schema
+    (``mlflow.data.from_pandas``), its path as the source, the sha256 of its bytes as the digest."""
+    import warnings
+
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16]
+    frame = pd.read_json(file, lines=True) if size else pd.DataFrame()
+    local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mlflow.data.from_pandas(frame, source=local(str(file)), name=name, digest=digest)._to_mlflow_entity()
+
+
+def data_inputs(folder: str | None, label: str, context_of: dict[str, str] = SPLIT_CONTEXT) -> list[DatasetInput]:
+    """The splits of the data folder a stage read, as MLflow dataset inputs named ``<task>/seed<N>/<split>``."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    out = []
+    for split, context in context_of.items():
+        file = Path(folder) / f"{split}.jsonl"
+        if file.is_file():
+            stat = file.stat()
+            out.append(DatasetInput(_split_dataset(str(file), stat.st_size, stat.st_mtime_ns, f"{label}/{split}"),
+                                    tags=[InputTag("mlflow.data.context", context)]))
+    return out
+
+
+def _is_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or (folder / "policy.json").is_file()
+
+
 class StudyTracker:
-    def __init__(self, pipeline: str, artifact_root: Path, run_name: str, tags: dict[str, str], params: dict):
+    def __init__(self, pipeline: str, artifact_root: Path, run_name: str, tags: dict[str, str], params: dict,
+                 model: ModelConfig | None = None):
+        self.model = model  # the study's base model (model.pretrained or a preset), named on every stage's run
+        self.model_ids: dict[str, str] = {}  # artifact digest -> the MLflow logged model that stands for it
         self.client = MlflowClient()
         self.experiment_id = experiment_id(self.client, pipeline, artifact_root)
         self.params = params
@@ -215,6 +286,8 @@ class StudyTracker:
                 "roads.policy": node.spec.policy or "",
                 "roads.fingerprint": node.spec.fingerprint(),
                 "roads.git_commit": git_commit(),
+                **base_model(self.model),
+                **lora_tags(node, self.model),
                 **standard_tags(),
             }),
         )
@@ -223,9 +296,11 @@ class StudyTracker:
         self.client.log_batch(run.info.run_id, params=_params(params), synchronous=True)
         return run.info.run_id
 
-    def finish_child(self, run_id: str, node: Node, result: dict) -> bool:
+    def finish_child(self, run_id: str, node: Node, result: dict, inputs: dict[str, dict] | None = None) -> bool:
         """Tags, final metrics and artifacts of a finished node; returns True when the result was a cache hit.
-        Per-step training metrics live in the run that produced the result (tag ``roads.produced_by``)."""
+        Per-step training metrics live in the run that produced the result (tag ``roads.produced_by``). ``inputs``
+        (input name -> the result it read) give the run its lineage: the data as MLflow datasets, the models it read
+        (``lineage``)."""
         hit = result.get("produced_by") != run_id
         tags = {
             "roads.cache_key": result["cache_key"],
@@ -247,12 +322,60 @@ class StudyTracker:
             self.client.log_batch(run_id, metrics=metrics[start:start + 900], tags=run_tags if start == 0 else [],
                                   synchronous=True)
         self.client.log_dict(run_id, redact(node.spec.model_dump()), "config.json")
+        self.lineage(run_id, node, result, inputs or {}, hit)
         folder = Path(result["artifact"]["path"])
         for name in result.get("files", []):
             if (folder / name).is_file():
                 self.client.log_artifact(run_id, str(folder / name))
         self._terminate(run_id, "FINISHED")
         return hit
+
+    def lineage(self, run_id: str, node: Node, result: dict, inputs: dict[str, dict], hit: bool) -> None:
+        """What the stage read and made, where the MLflow UI shows it: the splits of its data folder as datasets (a
+        data stage: those it wrote), the models of its inputs as model inputs, and — for a stage whose output is a
+        model (a policy, a reward model) — a logged model standing for the folder (an external model: its path and
+        digest as tags, no weights copied), the run's output when it computed it, and ``roads.model_path`` on the
+        run (load it with ``AutoModelForCausalLM.from_pretrained(path)``, or ``roads.models.load_policy``)."""
+        data = result["artifact"]["path"] if "data" in STAGES[node.stage].roles else (
+            inputs.get("data", {}).get("artifact", {}).get("path"))
+        label = f"{node.spec.task_name}/seed{node.spec.seed}"
+        datasets = data_inputs(data, label, SPLIT_CONTEXT if data != result["artifact"]["path"] else
+                               {split: "output" for split in SPLIT_CONTEXT})
+        read = [self.model_id(ref["artifact"]["digest"]) for name, ref in inputs.items()
+                if name != "data" and _is_model(Path(ref["artifact"]["path"]))]
+        models = [LoggedModelInput(model_id) for model_id in dict.fromkeys(read) if model_id]
+        if datasets or models:
+            self.client.log_inputs(run_id, datasets=datasets or None, models=models or None)
+        folder = Path(result["artifact"]["path"])
+        if not ({"policy", "verifier"} & set(STAGES[node.stage].roles)) or not _is_model(folder):
+            return
+        digest = result["artifact"]["digest"]
+        tags = {"roads.model_path": str(folder), "roads.model_digest": digest,
+                "roads.model_load": f"AutoModelForCausalLM.from_pretrained({str(folder)!r})"
+                if "policy" in STAGES[node.stage].roles else f"roads.models.load_reward_model({str(folder)!r})"}
+        if not hit:
+            from mlflow import create_external_model
+
+            logged = create_external_model(
+                name=node.name, source_run_id=run_id, experiment_id=self.experiment_id,
+                model_type="roads.policy" if "policy" in STAGES[node.stage].roles else "roads.verifier",
+                tags=_tags({**tags, "roads.node": node.id, "roads.stage": node.stage, **base_model(self.model),
+                            **lora_tags(node, self.model)}),
+                params={k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(node.spec.params).items()})
+            self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])
+            self.model_ids[digest] = logged.model_id
+        if self.model_id(digest):  # a hit: the model its producer logged
+            tags["roads.model_id"] = self.model_id(digest)
+        for key, value in _tags(tags).items():
+            self.client.set_tag(run_id, key, value)
+
+    def model_id(self, digest: str) -> str:
+        """The logged model standing for the output with ``digest`` ('' when none was logged in this experiment)."""
+        if digest not in self.model_ids:
+            found = self.client.search_logged_models([self.experiment_id], max_results=1,
+                                                     filter_string=f"tags.`roads.model_digest` = '{digest}'")
+            self.model_ids[digest] = found[0].model_id if found else ""
+        return self.model_ids[digest]
 
     def fail_child(self, run_id: str, message: str) -> None:
         self.client.set_tag(run_id, "roads.error", redact(message)[:5000])
