@@ -17,7 +17,11 @@ What is checked, for the stages that will run (a stage that is a cache hit reads
   (``AutoConfig``/``AutoTokenizer``: small files, no weights read), or a ``.gguf`` file whose metadata gives both
   (the gguf package installed); a hub name loads its config and tokenizer from
   the hub or the local cache, and while ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set fails at once if they
-  are not cached, saying so.
+  are not cached, saying so;
+- every gold-reward family of a ``prepare_data`` that will run, built-in or the user's own class
+  (``roads.data.family.check_family``): on a handful of sampled prompts its gold reward is a finite float in its
+  ``reward_range`` (target, demonstrations, empty response), its demonstrations stay in its ``response_symbols``, and
+  for a user family the study's tokenizer encodes them (the preset's BPE, or ``model.pretrained``'s).
 
 A check that passed is remembered in-process while the file is unchanged (a sweep's points share their data), so
 calling the preflight again costs only the state-folder check.
@@ -114,6 +118,8 @@ def _check(plans: list[tuple[Study, list[Node]]], start: float, labels: list[str
                 if node.stage == "prepare_data" and node.spec.task is not None and node.spec.task.source:
                     check_data(node.spec.task_name, node.spec.task)
                     sources[node.spec.task.source] = None
+                elif node.stage == "prepare_data" and node.spec.task is not None:
+                    check_task_family(node.spec.task_name, node.spec.task, study)
             for node in todo:
                 pretrained = node.spec.model.pretrained if node.stage == "sft" and node.spec.model else None
                 if pretrained:
@@ -248,6 +254,34 @@ def check_data(name: str, task: TaskConfig) -> int:
                         + (f" or raise tasks.{name}.limit" if task.limit else ""))
     _passed[key] = None
     return len(rows)
+
+
+# --------------------------------------------------------------------------- task families
+
+
+def check_task_family(name: str, task: TaskConfig, study: Study) -> None:
+    """A gold-reward family (built-in or the user's ``package.module:Class``) of a ``prepare_data`` that will run: its
+    rewards, prompts and demonstrations on a handful of sampled pairs (``roads.data.family.check_family``), and for a
+    user family the tokenizer the study's SFT will use: the preset's byte-level BPE (trained on the sampled texts, no
+    transformers import), or ``model.pretrained``'s once that passed ``check_model``. Raises DataError (one line)."""
+    from roads.data.family import check_family, is_path, source_digest
+
+    user = is_path(task.family)
+    model = study.defaults.model
+    pretrained = model.pretrained if user else None
+    key = ("family", name, task, source_digest(task.family) if user else "",
+           (("model", pretrained) if pretrained else ("preset", model.vocab_size)) if user else ())
+    if key in _passed:
+        return
+    tokenizer = None
+    if pretrained:
+        check_model(pretrained)
+        from roads.models import load_tokenizer
+
+        tokenizer = load_tokenizer(pretrained)
+    check_family(name, task, tokenizer=tokenizer, preset_vocab_size=model.vocab_size if user and not pretrained
+                 else None)
+    _passed[key] = None
 
 
 # --------------------------------------------------------------------------- models

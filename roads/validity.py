@@ -48,7 +48,20 @@ from typing import Callable, Optional
 from roads.artifacts import read_json
 
 # the class of each synthetic family: where its generation–verification gap is (roads/data/synthetic.py)
-GAP_CLASSES = {"shuffle": "gap", "star": "gap", "gap": "gap", "short": "closed (generation)", "hidden": "closed (verification)"}
+GAP_CLASSES = {"shuffle": "gap", "star": "gap", "gap": "gap", "short": "closed (generation)", "hidden": "closed (verification)",
+               "constraints": "gap", "rouge": "closed (verification)"}  # the last two: English text (roads/data/text.py)
+
+
+def gap_class(family: Optional[str]) -> Optional[str]:
+    """The class of a task's family: a built-in's from :data:`GAP_CLASSES`, a user family's (``package.module:Class``)
+    its ``gap_class`` (``roads.data.family.gap_class_of``); None when unknown (real data, or the class is gone)."""
+    if not family:
+        return None
+    if family in GAP_CLASSES:
+        return GAP_CLASSES[family]
+    from roads.data.family import gap_class_of, is_path
+
+    return gap_class_of(family) if is_path(family) else None
 
 
 @dataclass(frozen=True)
@@ -187,12 +200,17 @@ def gap_infos(folders: dict[str, Path]) -> dict[str, list[dict]]:
     return out
 
 
-def write_markdown(checks_: list[Check], classes: dict[str, str]) -> list[str]:
-    """The validity section's lines (the report opens with them)."""
+def write_markdown(checks_: list[Check], classes: dict[str, str],
+                   families: Optional[dict[str, str]] = None) -> list[str]:
+    """The validity section's lines (the report opens with them). ``families``: task -> its family (a built-in's
+    name, or a user family's path ``package.module:Class``), listed above the table."""
     lines = ["## Validity: could this run detect the effect?", "",
              "Each check's threshold is pre-registered in `pipelines.yaml` (`report.validity`), the same for every "
-             "policy. A hypothesis whose controls fail is *not testable*.", "",
-             "| task | class | check | value | threshold | result |", "|---|---|---|---|---|---|"]
+             "policy. A hypothesis whose controls fail is *not testable*.", ""]
+    if families:
+        lines += ["Tasks: " + "; ".join(f"`{task}`: family `{family}`, class {classes.get(task, '–')}"
+                                        for task, family in families.items()) + ".", ""]
+    lines += ["| task | class | check | value | threshold | result |", "|---|---|---|---|---|---|"]
     for c in checks_:
         lines.append(f"| {c.task} | {classes.get(c.task, '–')} | {c.name} | {c.value} | {c.threshold} | "
                      f"{'pass' if c.passed else '**FAIL**'}{' — ' + c.detail if c.detail else ''} |")

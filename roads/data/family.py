@@ -17,6 +17,7 @@ own package that module imports) is part of the cache key of ``prepare_data`` an
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -30,7 +31,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from roads.errors import ConfigError, DataError
+from roads.errors import ConfigError, DataError, RoadsError
 
 PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 GAP_CLASSES = ("gap", "closed (generation)", "closed (verification)")  # roads.validity.GAP_CLASSES' values
@@ -46,7 +47,9 @@ class TaskFamily(Protocol):
     - ``from_settings(settings)``: the family for one validated ``Settings``.
     - ``reward_range``: ``(low, high)``, the range every ``gold_reward`` lies in (the preflight checks it).
     - ``gap_class``: where its generation–verification gap is: ``"gap"``, ``"closed (generation)"`` or
-      ``"closed (verification)"`` (the report's validity section; the gap measurement must confirm it).
+      ``"closed (verification)"`` (the report's validity section, which reads it from the class — or from the family
+      built with its default ``Settings`` when it is a property — and runs the gap-class checks on a ``"gap"`` task;
+      the gap measurement must confirm it).
     - ``response_symbols``: the characters a response is made of, besides spaces: the vocabulary a policy restricted
       to the task may sample (``tasks.<name>.response_vocab: task``).
     - ``sample_prompt_symbols(rng)``: one prompt, drawn with ``rng`` (a ``random.Random`` seeded from the study's
@@ -89,9 +92,10 @@ def builtin() -> dict[str, type]:
     """The built-in short names and their classes."""
     from roads.data.star import StarTask
     from roads.data.synthetic import SyntheticTask
+    from roads.data.text import TextTask
 
     return {"shuffle": SyntheticTask, "gap": SyntheticTask, "short": SyntheticTask, "hidden": SyntheticTask,
-            "star": StarTask}
+            "star": StarTask, "constraints": TextTask, "rouge": TextTask}
 
 
 def is_path(family: object) -> bool:
@@ -209,18 +213,40 @@ def _file_digest(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
-_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+([.\w]+)[ \t]+import|import[ \t]+([\w.]+))", re.M)
+def _imports(file: Path, package: str) -> list[str]:
+    """The absolute names a module's file imports (``import a.b``; ``from .x import y`` gives ``pkg.x`` and
+    ``pkg.x.y``, since ``y`` may be a module), anywhere in the file; none when it does not parse."""
+    try:
+        tree = ast.parse(file.read_text(), str(file))
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return []
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".") if package else []
+                parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base:
+                names.append(base)
+            names += [f"{base}.{alias.name}" if base else alias.name for alias in node.names if alias.name != "*"]
+    return names
 
 
 def source_files(path: str) -> list[Path]:
-    """The family's module file and, followed transitively, the files of the modules of its own top-level package
-    (or folder) that it imports — not the standard library, roads or other installed packages."""
+    """The family's module file and, followed transitively, the files of the modules of its own top-level package that
+    it imports (for a module outside any package: the ``.py`` files beside it that it imports) — not the standard
+    library, roads or other installed packages."""
     module_name = path.partition(":")[0]
     first = _module_file(module_name)
     if first is None:
         return []
     top = module_name.split(".")[0]
-    base = first.parent if "." not in module_name and first.name != "__init__.py" else None
+    single = first.parent if "." not in module_name and first.name != "__init__.py" else None
     seen: dict[Path, None] = {}
     todo = [(module_name, first)]
     while todo:
@@ -229,42 +255,51 @@ def source_files(path: str) -> list[Path]:
             continue
         seen[file] = None
         package = name if file.name == "__init__.py" else name.rpartition(".")[0]
-        for match in _IMPORT.finditer(file.read_text()):
-            other = match[1] or match[2]
-            if other.startswith("."):
-                level = len(other) - len(other.lstrip("."))
-                parts = package.split(".")[: len(package.split(".")) - (level - 1)]
-                other = ".".join([p for p in parts if p] + ([other.lstrip(".")] if other.lstrip(".") else []))
-            if other.split(".")[0] != top and base is None:
+        for other in _imports(file, package):
+            if single is not None:  # a module outside a package: the sibling files it imports
+                found = single / f"{other}.py" if "." not in other else None
+                if found is not None and found.is_file() and found not in seen:
+                    todo.append((other, found))
                 continue
-            found = _module_file(other) if other else None
-            if found is None or found in seen:
+            if other.split(".")[0] != top:
                 continue
-            if base is not None and found.parent != base:  # a single-file module: its sibling files only
-                continue
-            todo.append((other, found))
+            found = _module_file(other)
+            if found is not None and found not in seen:
+                todo.append((other, found))
     return sorted(seen)
 
 
 def source_digest(path: str) -> str:
-    """sha256 over the names and bytes of :func:`source_files` (what an edit to the family changes)."""
+    """sha256 over the paths (relative to the family's top folder) and bytes of :func:`source_files`: what an edit to
+    the family changes."""
+    files = source_files(path)
     h = hashlib.sha256()
-    for file in source_files(path):
-        h.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    if not files:
+        return h.hexdigest()
+    top = _module_file(path.partition(":")[0].split(".")[0])  # the folder holding its top package (or the module)
+    root = files[0].parent if top is None else top.parent.parent if top.name == "__init__.py" else top.parent
+    for file in files:
+        name = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
+        h.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
     return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- the preflight's check
 
 N_CHECK = 8  # prompts the preflight samples (each with a demonstration, a behaviour draw and the target)
+PRESET_SPECIAL = ("<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>")  # roads.models.SPECIAL's values (a test holds them equal)
 
 
-def check_family(name: str, task, tokenizer=None, noises: tuple[float, ...] = (0.3, 0.5)) -> None:
+def check_family(name: str, task, tokenizer=None, noises: tuple[float, ...] = (0.3, 0.5),
+                 preset_vocab_size: int | None = None) -> None:
     """Build task ``name``'s family and try it on a handful of sampled (prompt, response) pairs: r* is a finite float
-    in its ``reward_range`` on the target, on demonstrations at each of ``noises`` and on an empty response; the
-    prompts and responses are text whose non-space characters are the family's ``response_symbols`` (responses) and
-    that ``tokenizer`` (when given) encodes and decodes back. Raises DataError with one line naming the task and
-    class."""
+    (not a bool) in its ``reward_range`` on the target, on demonstrations at each of ``noises`` (the demonstrator and
+    the behaviour policy) and on an empty response; the prompts are non-empty text, and the responses text whose
+    non-space characters are the family's ``response_symbols``. Then the tokenizer: ``tokenizer`` (a transformers
+    tokenizer: ``model.pretrained``'s), or with ``preset_vocab_size`` the byte-level BPE the SFT stage trains for a
+    preset (:func:`preset_tokenizer`, on the sampled texts), must encode every prompt + response and decode it back
+    unchanged, and — with ``response_vocab: task`` — write each response with tokens a policy restricted to the
+    task's symbols may sample. Raises DataError with one line naming the task and, for a user family, its class."""
     where = f"tasks.{name}: family {task.family}"
     cls = family_class(task.family)
     label = f"{where} ({cls.__qualname__})" if is_path(task.family) else where
@@ -277,11 +312,16 @@ def check_family(name: str, task, tokenizer=None, noises: tuple[float, ...] = (0
     except Exception:  # noqa: BLE001
         raise DataError(f"{label}: reward_range must be (low, high), got {getattr(family, 'reward_range', None)!r}") \
             from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise DataError(f"{label}: reward_range must be two finite numbers, low < high, got {family.reward_range!r}")
     if family.gap_class not in GAP_CLASSES:
         raise DataError(f"{label}: gap_class must be one of {', '.join(map(repr, GAP_CLASSES))}, got "
                         f"{family.gap_class!r}")
     symbols = set(str(family.response_symbols))
+    if not symbols - {" "}:
+        raise DataError(f"{label}: response_symbols is empty: a policy restricted to the task could write nothing")
     rng = random.Random(0)
+    texts: list[tuple[str, str, str]] = []  # (prompt, what, response) the tokenizer must handle
     for _ in range(N_CHECK):
         step = "sample_prompt_symbols"
         try:
@@ -295,7 +335,7 @@ def check_family(name: str, task, tokenizer=None, noises: tuple[float, ...] = (0
                 responses[f"a demonstration at noise {noise:g}"] = family.response(family.demonstrate(xs, noise, rng))
         except Exception as err:  # noqa: BLE001
             raise DataError(f"{label}: {step} failed ({type(err).__name__}: {err})") from None
-        if not isinstance(prompt, str) or not prompt:
+        if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{label}: prompt() returned {prompt!r}, not a non-empty string")
         for what, response in responses.items():
             if not isinstance(response, str):
@@ -315,10 +355,74 @@ def check_family(name: str, task, tokenizer=None, noises: tuple[float, ...] = (0
             if outside:
                 raise DataError(f"{label}: {what} {response!r} has {''.join(outside)!r}, outside its response_symbols "
                                 f"{''.join(sorted(symbols))!r}: a policy restricted to the task could not write it")
-            if tokenizer is not None:
-                text = prompt + response
-                back = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"],
-                                        clean_up_tokenization_spaces=False)
-                if back != text:
-                    raise DataError(f"{label}: the tokenizer cannot encode {what} {response!r} (after {prompt!r}): it "
-                                    f"decodes back as {back[len(prompt):]!r}")
+            texts.append((prompt, what, response))
+    if tokenizer is None and preset_vocab_size is None:
+        return
+    if tokenizer is None:
+        tokenizer = preset_tokenizer([p + r for p, _, r in texts], preset_vocab_size)
+        which = f"the preset's byte-level BPE (model.vocab_size {preset_vocab_size})"
+    else:
+        named = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        which = f"the tokenizer of model.pretrained ({named})"
+    restricted = getattr(task, "response_vocab", "task") == "task"
+    allowed = symbols | {" "}
+    for prompt, what, response in texts:
+        text = prompt + response
+        ids, back = _round_trip(tokenizer, text)
+        if back != text:
+            raise DataError(f"{label}: {which} cannot encode {what} {response!r} (after {prompt!r}): it decodes "
+                            f"back as {back[len(prompt):] if back.startswith(prompt) else back!r}")
+        if restricted and response:
+            for token in _round_trip(tokenizer, response)[0]:
+                piece = _token_text(tokenizer, token)
+                if not piece or not set(piece) <= allowed:
+                    raise DataError(f"{label}: {which} writes {what} {response!r} with the token {piece!r}, which a "
+                                    "policy restricted to the task's response_symbols may not sample "
+                                    f"(tasks.{name}.response_vocab: task)")
+
+
+def preset_tokenizer(corpus: list[str], vocab_size: int):
+    """The byte-level BPE of ``roads.models.build_tokenizer`` (what SFT trains for a preset), as a bare
+    ``tokenizers.Tokenizer``: the same construction without importing transformers (the preflight stays fast)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(PRESET_SPECIAL),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
+def _round_trip(tokenizer, text: str) -> tuple[list[int], str]:
+    """(token ids of ``text`` without special tokens, their decoding) for a transformers or a bare tokenizer."""
+    if hasattr(tokenizer, "convert_ids_to_tokens"):  # transformers
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids, tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return ids, tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _token_text(tokenizer, token: int) -> str:
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        return tokenizer.decode([token], clean_up_tokenization_spaces=False)
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def gap_class_of(family: str) -> str | None:
+    """The ``gap_class`` of the family at ``family`` (a built-in name or a user path): the class's attribute, or —
+    when it is computed per instance — that of the family built from its default ``Settings``; None when the class
+    cannot be loaded or built (the report then leaves the task's class blank rather than fail)."""
+    try:
+        cls = family_class(family)
+    except RoadsError:
+        return None
+    value = getattr(cls, "gap_class", None)
+    if not isinstance(value, str):
+        try:
+            value = cls.from_settings(cls.Settings()).gap_class
+        except Exception:  # noqa: BLE001 - the user's code; no default settings
+            return None
+    return value if value in GAP_CLASSES else None

@@ -392,12 +392,13 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
                                      if n not in gap_inputs | select_inputs})
     ginfos = validity.gap_infos(gap_inputs)
     chosen = validity.selection_lines(einfo, select_inputs, cfg, ginfos)
-    classes = {}
+    classes, task_family = {}, {}  # a task's class is its family's gap_class (a user family's from its class)
     for task in tasks:
         family = next((i[0].get("family") for (t, _), i in einfo.items() if t == task and i[0].get("family")), None)
         family = family or (TASK_FAMILIES[task_key(task)] if task_key(task) < len(TASK_FAMILIES) else None)
-        if family in validity.GAP_CLASSES:
-            classes[task] = validity.GAP_CLASSES[family]
+        task_family.update({task: family} if family else {})
+        if validity.gap_class(family):
+            classes[task] = validity.gap_class(family)
     checks = validity.checks(tasks, classes, einfo, ginfos, policy_effect, cfg)
     families = {}
     for family, cls in HYPOTHESIS_CLASSES.items():
@@ -420,7 +421,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
                   and g.policy_stage not in (None, "sft")]
 
     files = list(FILES)
-    write_markdown(out_dir / "report.md", rows, pairs, cfg, validity.write_markdown(checks, classes) + chosen)
+    write_markdown(out_dir / "report.md", rows, pairs, cfg,
+                   validity.write_markdown(checks, classes, task_family) + chosen)
     with open(out_dir / "validity.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["task", "class", "check", "value", "threshold", "passed", "gates"])
@@ -452,6 +454,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         "learning_curve_points": policy_points,
         "hypotheses": hypotheses,
         "classes": classes,
+        "families": task_family,
         "validity": [c.row() for c in checks],
     })
 
