@@ -108,3 +108,27 @@ def test_own_family_runs_through_roads_run_and_an_edit_to_its_reward_reruns_only
     edited = json.loads(next(p for p in (home / "artifacts" / "prepare_data").glob("*/task.json")
                              if json.loads(p.read_text())["name"] == "mine" and p != data).read_text())
     assert edited["family_source"] != task["family_source"]
+
+
+@pytest.mark.slow
+def test_the_worked_example_runs_as_the_readme_says(tmp_path):
+    """README "Your own task": `roads run subset-sum-smoke --file examples/pipelines.yaml` from the project folder —
+    both roads, the gold-oracle controls, measure_gap and the report on examples/subset_sum.py's family."""
+    home = tmp_path / "home"
+    environ = {**os.environ, "ROADS_HOME": str(home)}
+    environ.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "subset-sum-smoke", "--file",
+                           "examples/pipelines.yaml", "--progress", "none"],
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    states = node_states(proc.stdout)
+    assert {"subset-sum/seed0/online_dpo_gold", "subset-sum/seed0/offline_dpo_gold", "subset-sum/seed0/measure_gap",
+            "report"} <= set(states)
+    assert "Tasks: `subset-sum`: family `examples.subset_sum:SubsetSum`, class gap." in proc.stdout
+    report, = (home / "artifacts" / "report").glob("*/report.json")
+    doc = json.loads(report.read_text())
+    assert doc["families"] == {"subset-sum": "examples.subset_sum:SubsetSum"} and doc["classes"]["subset-sum"] == "gap"
+    checks = {c["name"] for c in doc["validity"]}
+    assert {"control:online_dpo_gold", "control:offline_dpo_gold", "likelihood_spearman", "greedy_sft"} <= checks
+    assert all(c["value"] != "not run" for c in doc["validity"] if c["name"] in ("likelihood_spearman", "greedy_sft"))
+    assert (report.parent / "hypotheses.md").is_file() and (report.parent / "gap_summary.md").is_file()
