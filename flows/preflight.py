@@ -183,6 +183,10 @@ def model_bytes(study: Study) -> int:
     hub model's size is not known before it is fetched: counted as the preset)."""
     sizes = [TOKENIZER_BYTES]
     pretrained = study.defaults.model.pretrained
+    if pretrained:
+        from roads.fetch import resolve_pretrained
+
+        pretrained = resolve_pretrained(pretrained, must_exist=False)
     if pretrained and Path(pretrained).expanduser().is_dir():
         sizes.append(sum(f.stat().st_size for f in Path(pretrained).expanduser().rglob("*") if f.is_file()))
     elif pretrained and Path(pretrained).expanduser().is_file():  # a .gguf, saved dequantised to float32
@@ -300,7 +304,15 @@ def _first_line(err: BaseException) -> str:
 def check_model(name: str) -> None:
     """``model.pretrained``: a local folder with weights whose config and tokenizer load, a .gguf file whose metadata
     gives both, or a hub name whose config
-    and tokenizer load (from the local cache when offline). Raises ConfigError naming ``model.pretrained``."""
+    and tokenizer load (from the local cache when offline), or a fetched model's short name (``smollm2-135m``: its
+    folder, or one line saying to fetch it). Raises ConfigError naming ``model.pretrained``."""
+    from roads.fetch import MODELS, resolve_pretrained
+
+    if name in MODELS:
+        try:
+            name = resolve_pretrained(name)
+        except RoadsError as err:
+            raise ConfigError(str(err)) from None
     path = Path(name).expanduser()
     local = _looks_local(name)
     gguf = name.endswith(".gguf") and path.is_file()

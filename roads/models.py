@@ -71,7 +71,11 @@ def new_causal_lm(preset: str, tokenizer, seed: int, max_positions: int = 256) -
 
 def load_pretrained(name_or_path: str):
     """A causal LM and its tokenizer from a local folder, a ``.gguf`` file (dequantised to float32, see
-    :func:`roads.fetch.gguf_model`) or a hub name (a missing pad token falls back to EOS)."""
+    :func:`roads.fetch.gguf_model`), a fetched model's short name (``smollm2-135m``: :func:`roads.fetch.resolve_pretrained`)
+    or a hub name (a missing pad token falls back to EOS)."""
+    from roads.fetch import resolve_pretrained
+
+    name_or_path = resolve_pretrained(name_or_path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     is_gguf = name_or_path.endswith(".gguf") and Path(name_or_path).expanduser().is_file()
     if looks_local and not is_gguf and not Path(name_or_path).expanduser().is_dir():
@@ -99,7 +103,11 @@ def load_pretrained(name_or_path: str):
 
 
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of ``model.pretrained`` alone (a folder, a hub name, or a .gguf file's metadata)."""
+    """The tokenizer of ``model.pretrained`` alone (a folder, a fetched model's short name, a hub name, or a .gguf
+    file's metadata)."""
+    from roads.fetch import resolve_pretrained
+
+    name_or_path = resolve_pretrained(name_or_path)
     path = Path(name_or_path).expanduser()
     try:
         if name_or_path.endswith(".gguf") and path.is_file():

@@ -64,7 +64,7 @@ class ModelConfig(Strict):
                                                    "and online_rl (off: full fine-tuning)")
 
 
-BUILTIN_FAMILIES = ("shuffle", "gap", "short", "hidden", "star")  # roads.data.family.builtin()
+BUILTIN_FAMILIES = ("shuffle", "gap", "short", "hidden", "star", "constraints", "rouge")  # roads.data.family.builtin()
 TASK_FIELDS_OF_ANY_FAMILY = ("family", "response_vocab", "settings")  # what a user family's task keeps besides settings
 
 
@@ -73,7 +73,8 @@ class TaskConfig(Strict):
     besides ``family`` and ``response_vocab`` is then one of its ``Settings``: ``roads.data.family``), or real
     preference data (no gold reward)."""
 
-    family: str = Field(description="a built-in family (shuffle, gap, short, hidden, star), preferences (real data), "
+    family: str = Field(description="a built-in family (shuffle, gap, short, hidden, star; constraints, rouge on English "
+                                    "text: roads.data.text), preferences (real data), "
                                     "or your own TaskFamily class as 'package.module:Class'")
     settings: dict[str, Any] = new_setting({}, "a user family's settings (validated by its Settings; written as "
                                                "keys of the task beside family)")

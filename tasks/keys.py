@@ -141,9 +141,14 @@ def _listing(folder: Path) -> tuple:
 
 def _pretrained_digest(spec: StageSpec) -> list[str]:
     """A pretrained model in a local folder is an input like any other: its contents, not its path, count (hashed
-    once per process while its files are unchanged: a 500 MB model takes seconds)."""
-    if spec.model and spec.model.pretrained and Path(spec.model.pretrained).expanduser().is_dir():
-        folder = Path(spec.model.pretrained).expanduser().resolve()
+    once per process while its files are unchanged: a 500 MB model takes seconds); a fetched model's short name
+    counts by its folder's contents too."""
+    from roads.fetch import resolve_pretrained
+
+    pretrained = resolve_pretrained(spec.model.pretrained, must_exist=False) if spec.model and spec.model.pretrained \
+        else None
+    if pretrained and Path(pretrained).expanduser().is_dir():
+        folder = Path(pretrained).expanduser().resolve()
         return [f"pretrained={_folder_digest(str(folder), _listing(folder))}"]
     if spec.model and spec.model.pretrained and Path(spec.model.pretrained).expanduser().is_file():  # a .gguf file
         file = Path(spec.model.pretrained).expanduser().resolve()
