@@ -48,7 +48,8 @@ from typing import Callable, Optional
 from roads.artifacts import read_json
 
 # the class of each synthetic family: where its generation–verification gap is (roads/data/synthetic.py)
-GAP_CLASSES = {"shuffle": "gap", "star": "gap", "gap": "gap", "short": "closed (generation)", "hidden": "closed (verification)"}
+GAP_CLASSES = {"shuffle": "gap", "star": "gap", "gap": "gap", "short": "closed (generation)", "hidden": "closed (verification)",
+               "constraints": "gap", "rouge": "closed (verification)"}  # the last two: English text (roads/data/text.py)
 
 
 def gap_class(family: Optional[str]) -> Optional[str]:

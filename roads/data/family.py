@@ -92,9 +92,10 @@ def builtin() -> dict[str, type]:
     """The built-in short names and their classes."""
     from roads.data.star import StarTask
     from roads.data.synthetic import SyntheticTask
+    from roads.data.text import TextTask
 
     return {"shuffle": SyntheticTask, "gap": SyntheticTask, "short": SyntheticTask, "hidden": SyntheticTask,
-            "star": StarTask}
+            "star": StarTask, "constraints": TextTask, "rouge": TextTask}
 
 
 def is_path(family: object) -> bool:
