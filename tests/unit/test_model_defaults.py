@@ -113,3 +113,16 @@ def test_a_file_whose_defaults_name_the_model_is_written_for_it(models, tmp_path
     path.write_text(yaml.safe_dump(raw))
     study = load_study(path, "hh-rlhf-smoke")
     assert study.model_defaults == {} and study.params("sft")["lr"] == raw["defaults"]["sft"]["lr"]
+
+
+def test_roads_show_hh_rlhf_prints_the_lora_learning_rates_it_will_use(capsys):
+    """The README's `roads show hh-rlhf`: SmolLM2-135M with LoRA, the per-model learning rates of the stages it runs
+    (whether or not the model is fetched here: its max_length is set by the pipeline)."""
+    from flows.cli import main
+
+    assert main(["show", "hh-rlhf"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["defaults"]["model"]["lora"]["rank"] == 16
+    assert {k: v["value"] for k, v in shown["model_defaults"].items()} == {
+        "sft.lr": 2e-4, "reward_model.lr": 1e-4, "offline_dpo.lr": 1e-4}
+    assert shown["defaults"]["sft"]["max_length"] == 512 and shown["defaults"]["evaluate"]["judge"] == "reward_model_judge"
