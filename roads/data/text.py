@@ -27,9 +27,11 @@
         Rewrite in house style: the quiet river sees a small stone.
 
     r* is the ROUGE-L F1 (longest common subsequence over words, :func:`rouge_l_f1`) of the response against a
-    hidden reference z(x): the sentence's content words (articles dropped), each replaced by its *house word* — a fixed
-    pseudo-random permutation of each word list drawn from ``secret`` — ending with ".". Nothing in the prompt reveals
-    the house table; only the data does (demonstrations are noisy copies of z(x)). Verifying a response needs exactly
+    hidden reference z(x): the sentence's content words (articles dropped), each replaced by its *house word*, ending
+    with ".". The house table is a fixed pseudo-random permutation of each word list drawn from ``secret`` that keeps
+    half of the list's words and renames the other half among themselves (so a copy of the source is half right, as
+    a reference summary shares some of an article's words). Nothing in the prompt reveals which words are renamed or
+    to what; only the data does (demonstrations are noisy copies of z(x)). Verifying a response needs exactly
     the knowledge generating it needs (the house word of every word of x), over the same horizon: the gap is closed
     from the verification side, as the paper's ROUGE-L reward against the hidden reference summary closed it.
 
@@ -236,13 +238,17 @@ class TextTask:
 
     # --- the hidden table (rouge) ------------------------------------------------------------------------------------
     def house_table(self) -> dict[str, str]:
-        """Each adjective, noun and verb's house word: a permutation of its own list drawn from ``secret``."""
+        """Each adjective, noun and verb's house word: a permutation of its own list drawn from ``secret`` that keeps
+        half of the words (drawn at random) and renames each of the others as the next of them in a random order (a
+        cycle: every renamed word changes)."""
         rng = random.Random(self.secret)
         table: dict[str, str] = {}
         for words in (ADJECTIVES, NOUNS, VERBS):
-            perm = list(words)
-            rng.shuffle(perm)
-            table.update(zip(words, perm))
+            order = list(words)
+            rng.shuffle(order)
+            kept, renamed = order[: len(order) // 2], order[len(order) // 2:]
+            table.update({w: w for w in kept})
+            table.update({w: renamed[(i + 1) % len(renamed)] for i, w in enumerate(renamed)})
         return table
 
     def reference(self, xs) -> list[str]:

@@ -102,8 +102,9 @@ def test_constraints_prompt_round_trips_and_rejects_others():
 
 def test_rouge_gold_reward_by_hand():
     table = ROUGE.house_table()
-    for words in (ADJECTIVES, NOUNS, VERBS):  # a permutation within each word list
+    for words in (ADJECTIVES, NOUNS, VERBS):  # a permutation within each word list that renames half of it
         assert sorted(table[w] for w in words) == sorted(words)
+        assert sum(table[w] != w for w in words) == len(words) - len(words) // 2
     xs = ("the", "quiet", "river", "sees", "a", "small", "stone.")
     prompt = ROUGE.prompt(xs)
     assert prompt == "Rewrite in house style: the quiet river sees a small stone.\n"
@@ -198,7 +199,8 @@ def test_rouge_class_the_verifier_needs_the_hidden_table():
         in_prompt += sum(w in words_of(" ".join(xs)) for w in ref)
         total += len(ref)
     assert changed > 150
-    assert in_prompt / total < 0.3  # most reference words are not in the prompt: only the table gives them
+    # about half the reference words are not the prompt's (nor, mostly, in it): only the table gives them
+    assert 0.25 < 1 - in_prompt / total < 0.75
 
 
 def test_the_report_reads_each_family_s_class():
