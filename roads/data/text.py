@@ -9,9 +9,9 @@
         Write exactly 6 words, using "river" but not "quiet", ending with "!".
 
     r* = the fraction of the four constraints the response meets: (1) it has exactly N words (whitespace-separated, a
-    bare punctuation mark is no word),
-    (2) one of its words is W, (3) none of its words is V, (4) its last character is the end mark P. *Verifying* is a
-    word count, two look-ups and a last character: four local checks, each a simple function of the response.
+    bare punctuation mark is no word), (2) one of its words is W, (3) none of its words is V, (4) its last character
+    is the end mark P. *Verifying* is a word count, two look-ups and a last character: four local checks, each a simple
+    function of the response.
     *Generating* needs the whole plan: the count constraint fixes where the sentence must end before it starts (every
     word written changes how many are left, and the content words must fit around W without V), over a horizon of up to
     ``max_len`` words. The demonstrator does not plan: it writes a sentence of a length drawn uniformly from
