@@ -173,26 +173,32 @@ class SyntheticTask:
         if self.family == "shuffle":
             ys = list(xs)
             rng.shuffle(ys)
-        out: list[str] = []
-        i = 0
-        while i < len(ys):
-            if rng.random() < noise:
-                edit = rng.randrange(4)
-                if edit == 0:
-                    out.append(rng.choice(self.symbols))
-                elif edit == 1:
-                    pass  # delete
-                elif edit == 2:
-                    out.extend([rng.choice(self.symbols), ys[i]])
-                elif i + 1 < len(ys):
-                    out.extend([ys[i + 1], ys[i]])
-                    i += 1
-                else:
-                    out.append(ys[i])
+        return random_edits(ys, noise, rng, self.symbols) or [rng.choice(self.symbols)]
+
+
+def random_edits(ys: list[str], noise: float, rng: random.Random, choices) -> list[str]:
+    """``ys`` with, at each position and with probability ``noise``, one random edit: substitute a random one of
+    ``choices``, delete, insert a random one before it, or swap it with the next (every demonstrator's noise)."""
+    out: list[str] = []
+    i = 0
+    while i < len(ys):
+        if rng.random() < noise:
+            edit = rng.randrange(4)
+            if edit == 0:
+                out.append(rng.choice(choices))
+            elif edit == 1:
+                pass  # delete
+            elif edit == 2:
+                out.extend([rng.choice(choices), ys[i]])
+            elif i + 1 < len(ys):
+                out.extend([ys[i + 1], ys[i]])
+                i += 1
             else:
                 out.append(ys[i])
-            i += 1
-        return out or [rng.choice(self.symbols)]
+        else:
+            out.append(ys[i])
+        i += 1
+    return out
 
 
 def order_score(ys: list[str], symbols: str) -> float:

@@ -53,7 +53,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from roads.data.synthetic import lcs_length
+from roads.data.synthetic import lcs_length, random_edits
 from roads.errors import DataError
 
 ADJECTIVES = ("quiet", "small", "green", "old", "bright", "cold", "happy", "tall", "dark", "soft", "quick", "brave",
@@ -151,26 +151,7 @@ def sentence(n: int, rng: random.Random, *, use: str | None = None) -> list[str]
 def edit_words(ys: list[str], noise: float, rng: random.Random) -> list[str]:
     """Per word, with probability ``noise``, one random edit: substitute a random word, delete, insert a random word
     before it, or swap it with the next."""
-    out: list[str] = []
-    i = 0
-    while i < len(ys):
-        if rng.random() < noise:
-            edit = rng.randrange(4)
-            if edit == 0:
-                out.append(rng.choice(WORDS))
-            elif edit == 1:
-                pass
-            elif edit == 2:
-                out.extend([rng.choice(WORDS), ys[i]])
-            elif i + 1 < len(ys):
-                out.extend([ys[i + 1], ys[i]])
-                i += 1
-            else:
-                out.append(ys[i])
-        else:
-            out.append(ys[i])
-        i += 1
-    return out
+    return random_edits(ys, noise, rng, WORDS)
 
 
 @dataclass(frozen=True)
