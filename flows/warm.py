@@ -147,8 +147,10 @@ def _runner_class() -> type:
             def __enter__(self):
                 pool = _claim(self._max_workers)
                 if pool is None:
-                    pool = WarmPool(self._max_workers, getattr(self, "_initializer", None),
-                                    getattr(self, "_initargs", ()))
+                    # Prefect's own: workers spawned as tasks arrive. A stage task's process enters a copy of the
+                    # flow's runner (Prefect's hydrated_context) that never runs a task: a pool spawned there
+                    # at once would start a process per stage that competes with the stage for the cores
+                    return super().__enter__()
                 self._pool = pool
                 # what ProcessPoolTaskRunner.__enter__ does, on the warm pool's executor and message queue
                 super(base, self).__enter__()
