@@ -51,6 +51,30 @@ STAGE = "genrm"
 # --------------------------------------------------------------------------- the judge's training data
 
 
+def load_judge(path: str | Path):
+    """The model at ``path`` as a judge. A GenRM is a verifier, not a policy: the response vocabulary its start policy
+    may be restricted to (``generation_config.suppress_tokens``, :func:`roads.models.restrict_vocab`) must not hold
+    for its judgements, or it could never write a rationale or a verdict token (on the calibrated testbed STaR
+    sampled no verdict in 8,000 tries for that reason)."""
+    model, tokenizer = load_policy(path)
+    model.generation_config.suppress_tokens = None
+    return model, tokenizer
+
+
+def unrestrict_saved(folder: Path) -> None:
+    """Drop the response-vocabulary restriction a saved judge inherited (STaR-DPO trains from the start policy's
+    folder), so that whoever loads it — ``measure_gap``, ``online_dpo`` — samples its rationales unrestricted."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(str(folder))
+    except OSError:  # no generation_config.json: nothing restricted
+        return
+    if config.suppress_tokens:
+        config.suppress_tokens = None
+        config.save_pretrained(str(folder))
+
+
 def both_orders(pairs: list[dict], rationale: bool) -> tuple[list[str], list[str]]:
     """Judge prompts and their correct verdicts: each pair with the chosen response as A ("A"), then as B ("B")."""
     prompts, labels = [], []
@@ -136,7 +160,7 @@ def train_star(cfg: GenRmConfig, seed: int, start: str, pairs: list[dict], out_d
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         for index, part in enumerate(parts):
-            model, tokenizer = load_policy(policy)
+            model, tokenizer = load_judge(policy)
             verdict_ids(tokenizer)
             if torch.cuda.is_available():
                 model = model.to("cuda")
@@ -191,7 +215,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     files = ["validation.json"]
     tracker.progress(f"{cfg.method}: {len(pairs)} training pairs, judged in both orders")
     if cfg.method == "genrm":
-        model, tokenizer = load_policy(start)
+        model, tokenizer = load_judge(start)
         verdict_ids(tokenizer)
         rows = label_rows(pairs)
         train_cfg = fitted(cfg, tokenizer, [r["prompt"] + r["completion"] for r in rows], tracker)
@@ -200,11 +224,12 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         metrics, rounds = train_star(cfg, spec.seed, start, pairs, out_dir, tracker)
         write_json(out_dir / "star.json", rounds)
         files.append("star.json")
+    unrestrict_saved(out_dir)
     write_trained(out_dir, len(pairs), STAGE)  # preference pairs, as the other verifiers count them
     write_json(out_dir / VERIFIER_FILE, {"kind": "generative", "votes": cfg.votes, "rationale": rationale,
                                          "rationale_tokens": cfg.rationale_tokens, "temperature": cfg.temperature})
 
-    model, tokenizer = load_policy(out_dir)
+    model, tokenizer = load_judge(out_dir)
     if torch.cuda.is_available():
         model = model.to("cuda")
     margin = compare(model, tokenizer, [r["prompt"] for r in val], [r["chosen"] for r in val],

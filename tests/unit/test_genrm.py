@@ -12,7 +12,7 @@ import torch
 
 import roads.stages.genrm as genrm
 from roads import judge
-from roads.artifacts import read_json, read_jsonl
+from roads.artifacts import ArtifactRef, read_json, read_jsonl
 from roads.config import StageSpec
 from roads.settings import GenRmConfig
 from roads.errors import RoadsError
@@ -248,3 +248,30 @@ def test_star_round_sorts_judgements_by_their_verdicts(monkeypatch):
     assert dpo_pairs == [{"prompt": first, "chosen": "why\nbetter:A", "rejected": "hmm\nbetter:B"},
                          {"prompt": second, "chosen": "x\nbetter:B", "rejected": "nothing"}]
     assert counts == {"judge_prompts": 2, "samples": 4, "with_verdict": 3, "correct": 2}
+
+
+@pytest.mark.parametrize("method", ["star_sft", "star_dpo"])
+def test_a_judge_from_a_restricted_policy_judges_with_the_whole_vocabulary(inputs, tmp_path, monkeypatch, method):
+    """On the calibrated testbed the SFT policy may sample only its task's symbols (generation_config.suppress_tokens);
+    its GenRM must still be able to write a rationale and a verdict: STaR samples unrestricted, and the saved judge
+    (STaR-DPO trains from the start policy's folder) carries no restriction either."""
+    from roads.models import restrict_vocab, suppressed_tokens
+
+    model, tokenizer = load_policy(inputs["sft"].path)
+    assert restrict_vocab(model, tokenizer, "abc")  # the policy may write only a, b, c
+    model.save_pretrained(tmp_path / "restricted")
+    tokenizer.save_pretrained(tmp_path / "restricted")
+    restricted = {"data": inputs["data"], "sft": ArtifactRef(str(tmp_path / "restricted"), "restricted")}
+    seen = []
+    real_sample = genrm.sample
+
+    def recording_sample(model, *args, **kwargs):
+        seen.append(suppressed_tokens(model))
+        return real_sample(model, *args, **kwargs)
+
+    monkeypatch.setattr(genrm, "sample", recording_sample)
+    result = execute(spec(method=method, star_iterations=1, star_samples=2, rationale_tokens=4), restricted,
+                     tmp_path / "store")
+    assert seen == [[]]  # STaR's one round sampled its judgements without the policy's restriction
+    judge_model, _ = load_policy(result.artifact.path)
+    assert suppressed_tokens(judge_model) == []
