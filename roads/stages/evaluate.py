@@ -34,7 +34,7 @@ from roads.data import gold_of, task_of
 from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy
 from roads.training import NullTracker, Tracker
-from roads.verifiers import VERIFIER_FILE, load_verifier, preference_metrics, summed_logps
+from roads.verifiers import VERIFIER_FILE, load_verifier, preference_metrics, same_text, summed_logps, tie_identical
 
 VERSION = 1
 
@@ -59,6 +59,7 @@ def judge_samples(name: str, inputs: dict[str, ArtifactRef], rows: list[dict], v
         margins = judge.compare(prompts, mine, theirs)
     else:
         margins = judge.score(prompts, mine) - judge.score(prompts, theirs)
+    margins = tie_identical(margins, same_text(mine, theirs))  # the same sample twice is a tie, exactly
     for row, margin in zip(rows, margins.tolist(), strict=True):
         row["judge_margin"] = round(float(margin), 6)
     # the SFT policy against itself: the same samples, every comparison a tie
@@ -73,7 +74,7 @@ def judge_samples(name: str, inputs: dict[str, ArtifactRef], rows: list[dict], v
         else:
             chosen = judge.score([r["prompt"] for r in val], [r["chosen"] for r in val])
             rejected = judge.score([r["prompt"] for r in val], [r["rejected"] for r in val])
-        held = preference_metrics(chosen, rejected)
+        held = preference_metrics(chosen, rejected, same_text([r["chosen"] for r in val], [r["rejected"] for r in val]))
         out.update(judge_val_accuracy=round(held["accuracy"], 6), judge_val_loglik=round(held["loglik"], 6),
                    judge_val_pairs=len(val))
     tracker.progress(f"proxy win rate {proxy:.3f} (judge {name}, trained on {out['judge_train_pairs']} "

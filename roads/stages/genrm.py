@@ -42,7 +42,7 @@ from roads.judge import ANSWER, VERDICTS, compare, judge_prompt, judgement_token
 from roads.models import load_policy
 from roads.sft_trainer import train_sft
 from roads.training import NullTracker, Tracker, write_trained
-from roads.verifiers import VERIFIER_FILE, preference_metrics
+from roads.verifiers import VERIFIER_FILE, preference_metrics, same_text
 
 VERSION = 1
 STAGE = "genrm"
@@ -236,7 +236,9 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
                      [r["rejected"] for r in val], rationale=rationale, votes=cfg.votes,
                      rationale_tokens=cfg.rationale_tokens, temperature=cfg.temperature,
                      batch_size=cfg.val_batch_size)
-    val_metrics = {f"{STAGE}/val_{k}": v for k, v in preference_metrics(margin, torch.zeros_like(margin)).items()}
+    identical = same_text([r["chosen"] for r in val], [r["rejected"] for r in val])
+    val_metrics = {f"{STAGE}/val_{k}": v
+                   for k, v in preference_metrics(margin, torch.zeros_like(margin), identical).items()}
     for key, value in val_metrics.items():
         if not math.isfinite(value):
             raise TrainingError(f"{STAGE}: held-out {key} is {value}; lower {STAGE}.lr — nothing was cached")

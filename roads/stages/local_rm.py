@@ -23,7 +23,7 @@ from roads.generation import encode
 from roads.losses import local_bt_loss
 from roads.models import load_policy
 from roads.training import NullTracker, Tracker, check_finite, first_fraction, write_trained, train_loop
-from roads.verifiers import VERIFIER_FILE, completion_ids, preference_metrics, summed_logps
+from roads.verifiers import VERIFIER_FILE, completion_ids, preference_metrics, same_text, summed_logps
 
 VERSION = 1
 STAGE = "local_rm"
@@ -94,7 +94,8 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     prompts = [r["prompt"] for r in val]
     chosen = cfg.beta * summed_logps(model, tokenizer, prompts, [r["chosen"] for r in val], cfg.val_batch_size)
     rejected = cfg.beta * summed_logps(model, tokenizer, prompts, [r["rejected"] for r in val], cfg.val_batch_size)
-    val_metrics = {f"{STAGE}/val_{k}": v for k, v in preference_metrics(chosen, rejected).items()}
+    identical = same_text([r["chosen"] for r in val], [r["rejected"] for r in val])
+    val_metrics = {f"{STAGE}/val_{k}": v for k, v in preference_metrics(chosen, rejected, identical).items()}
     metrics.update(val_metrics)
     tracker.log_metrics(val_metrics, step=int(metrics[f"{STAGE}/steps"]))
     tracker.progress(f"held-out accuracy {val_metrics[f'{STAGE}/val_accuracy']:.3f}, "

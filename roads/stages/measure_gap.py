@@ -119,7 +119,8 @@ from roads.generation import sample
 from roads.models import count_parameters, load_policy
 from roads.training import NullTracker, Tracker
 from roads.ceiling import CHANCE_ACCURACY, CHANCE_LOGLIK, bayes_ceiling, headroom, label_probability, log_sigmoid
-from roads.verifiers import Verifier, gold_verifier, load_verifier, preference_metrics, summed_logps, trained_examples
+from roads.verifiers import (Verifier, gold_verifier, load_verifier, preference_metrics, same_text, summed_logps,
+                            tie_identical, trained_examples)
 
 VERSION = 2
 GOLD = "gold"
@@ -206,12 +207,13 @@ def validate(verifier: Verifier, val: list[dict]) -> tuple[dict[str, float], lis
     else:
         chosen = verifier.score(prompts, [r["chosen"] for r in val]).to(torch.float64).cpu()
         rejected = verifier.score(prompts, [r["rejected"] for r in val]).to(torch.float64).cpu()
-    margin = chosen - rejected
+    identical = same_text([r["chosen"] for r in val], [r["rejected"] for r in val])
+    margin = tie_identical(chosen - rejected, identical)  # the same text twice is a tie, exactly
     loglik = torch.nn.functional.logsigmoid(margin)
     rows = [{"verifier": verifier.name, "pair_index": i, "margin": round(float(d), 6),
              "correct": 1.0 if d > 0 else 0.5 if d == 0 else 0.0, "loglik": round(float(ll), 6)}
             for i, (d, ll) in enumerate(zip(margin.tolist(), loglik.tolist()))]
-    return preference_metrics(chosen, rejected), rows
+    return preference_metrics(chosen, rejected, identical), rows
 
 
 def _round(v: Optional[float]) -> Optional[float]:

@@ -32,9 +32,13 @@ VERSION = 1
 
 def best_worst_pairs(prompts: list[str], completions: list[list[str]], scores: list[list[float]]) -> list[dict]:
     """For each prompt, the completion the verifier scores highest as chosen and lowest as rejected (the first one
-    on ties). A prompt whose best and worst scores are equal gives no pair: the verifier cannot tell them apart."""
+    on ties). A prompt whose best and worst scores are equal gives no pair: the verifier cannot tell them apart.
+    A text sampled more than once keeps the score of its first copy, so copies are exact ties (the same text scored
+    in two batches differs in the last bits) and a prompt whose samples are all one text gives no pair."""
     pairs = []
-    for prompt, group, group_scores in zip(prompts, completions, scores, strict=True):
+    for prompt, group, raw in zip(prompts, completions, scores, strict=True):
+        first: dict[str, float] = {}
+        group_scores = [first.setdefault(text, score) for text, score in zip(group, raw, strict=True)]
         best = max(range(len(group)), key=lambda i: group_scores[i])
         worst = min(range(len(group)), key=lambda i: group_scores[i])
         if group_scores[best] > group_scores[worst]:

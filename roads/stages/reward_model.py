@@ -12,7 +12,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
@@ -26,16 +25,17 @@ from roads.lora import plain, with_lora
 from roads.settings import LoraConfig
 from roads.training import (LengthRule, LengthRuled, NullTracker, StageCallback, Tracker, first_fraction, save_trained,
                             train, trainer_args)
-from roads.verifiers import VERIFIER_FILE, preference_metrics
+from roads.verifiers import VERIFIER_FILE, preference_metrics, same_text
 
 VERSION = 1
 
 
-def score_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_metrics(model, tokenizer, rows: list[dict], batch_size: int) -> dict[str, float]:
+    """The reward model's preference metrics on ``rows`` (a pair of identical texts is a tie)."""
     prompts = [r["prompt"] for r in rows]
     chosen = reward_scores(model, tokenizer, prompts, [r["chosen"] for r in rows], batch_size=batch_size)
     rejected = reward_scores(model, tokenizer, prompts, [r["rejected"] for r in rows], batch_size=batch_size)
-    return chosen, rejected
+    return preference_metrics(chosen, rejected, same_text([r["chosen"] for r in rows], [r["rejected"] for r in rows]))
 
 
 class RoadsRewardTrainer(LengthRuled, RewardTrainer):
@@ -81,7 +81,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         for lr in cfg.lrs:
             model, tokenizer, trainer = _train(cfg.model_copy(update={"lr": lr}), spec.seed, inputs["sft"].path,
                                                train_rows, NullTracker(), spec.lora)
-            m = preference_metrics(*score_pairs(model, tokenizer, held, cfg.val_batch_size))
+            m = pair_metrics(model, tokenizer, held, cfg.val_batch_size)
             candidates.append({"lr": lr, "select_accuracy": round(m["accuracy"], 6), "select_loglik": round(m["loglik"], 6)})
             tracker.progress(f"lr {lr:g}: accuracy {m['accuracy']:.3f}, log-likelihood {m['loglik']:.4f} on "
                              f"{len(held)} selection pairs")
@@ -102,8 +102,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
         write_json(out_dir / "selection.json", selection)
         metrics["reward_model/selected_lr"] = float(selection["selected"])
         files.append("selection.json")
-    chosen, rejected = score_pairs(model, tokenizer, val, cfg.val_batch_size)
-    val_metrics = preference_metrics(chosen, rejected)
+    val_metrics = pair_metrics(model, tokenizer, val, cfg.val_batch_size)
     metrics.update({f"reward_model/val_{k}": v for k, v in val_metrics.items()})
     tracker.log_metrics({f"reward_model/val_{k}": v for k, v in val_metrics.items()}, step=trainer.state.global_step)
     tracker.progress(f"held-out accuracy {val_metrics['accuracy']:.3f}, log-likelihood {val_metrics['loglik']:.4f}")

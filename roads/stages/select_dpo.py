@@ -41,7 +41,7 @@ from roads.generation import encode, sample, sequence_logps
 from roads.models import load_policy
 from roads.settings import SelectDpoConfig
 from roads.training import NullTracker, Tracker, first_fraction
-from roads.verifiers import preference_metrics, summed_logps
+from roads.verifiers import preference_metrics, same_text, summed_logps
 
 VERSION = 1
 
@@ -74,6 +74,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
     prompts = [r["prompt"] for r in held]
     sft, tokenizer = load_policy(sft_path)
     sides = {side: [r[side] for r in held] for side in ("chosen", "rejected")}
+    identical = same_text(sides["chosen"], sides["rejected"])  # the same text twice: a tie, whatever the float noise
     sft_logps = {side: summed_logps(sft, tokenizer, prompts, ys).to(torch.float64) for side, ys in sides.items()}
     kl_prompts = list(dict.fromkeys(prompts))[: cfg.kl_prompts]
     candidates: list[dict] = []
@@ -88,7 +89,7 @@ def run(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: Path, tracker:
             logps = {side: summed_logps(policy, tokenizer, prompts, ys).to(torch.float64) for side, ys in sides.items()}
             # its implicit reward β·(log π − log π_SFT), as roads.verifiers scores a DPO policy (SFT scored once)
             metrics = preference_metrics(beta * (logps["chosen"] - sft_logps["chosen"]),
-                                         beta * (logps["rejected"] - sft_logps["rejected"]))
+                                         beta * (logps["rejected"] - sft_logps["rejected"]), identical)
             change = float((logps["chosen"] - sft_logps["chosen"]).mean())
             groups = sample(policy, tokenizer, kl_prompts, n=cfg.kl_samples, max_new_tokens=cfg.max_new_tokens,
                             temperature=1.0, seed=spec.seed)

@@ -178,3 +178,23 @@ def test_real_data_has_no_ceiling(tmp_path):
     result = prepare_data.run(spec, {}, out)
     assert "ceiling.json" not in result.files and not (out / "ceiling.json").exists()
     assert not any("ceiling" in k for k in result.metrics)
+
+
+def test_a_pair_of_identical_texts_is_a_tie_whatever_the_float_noise_of_its_scores():
+    """The same text scored in two batches of different padding differs in the last bits; on 2-token responses a
+    sixth of the pairs are such, and counting their noise as wins and losses moved an accuracy by 0.04 between two
+    trainings that differed only in float rounding. Marked identical, each pair is a tie: half a win, log ½."""
+    chosen = torch.tensor([1.0, 0.5 + 1e-6, 2.0, 0.25 + 1e-6])
+    rejected = torch.tensor([0.0, 0.5, 3.0, 0.25])
+    texts = ([" a b", " c d", " e f", " g h"], [" b a", " c d", " f e", " g h"])
+    identical = verifiers.same_text(*texts)
+    assert identical == [False, True, False, True]
+    noisy = preference_metrics(chosen, rejected)
+    assert noisy["accuracy"] == pytest.approx(0.75)  # the noise counted as two wins
+    tied = preference_metrics(chosen, rejected, identical)
+    assert tied["accuracy"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert tied["loglik"] == pytest.approx((log_sigmoid(1.0) + 2 * CHANCE_LOGLIK + log_sigmoid(-1.0)) / 4)
+    assert preference_metrics(chosen, rejected, [False] * 4) == noisy
+    flipped = torch.tensor([1.0, 0.5 - 1e-6, 2.0, 0.25 - 1e-6])
+    assert preference_metrics(flipped, rejected)["accuracy"] == pytest.approx(0.25)  # the same noise, other sign
+    assert preference_metrics(flipped, rejected, identical) == tied  # the noise's sign no longer matters

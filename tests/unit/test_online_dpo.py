@@ -28,6 +28,15 @@ def test_ties_take_the_first_and_an_indifferent_verifier_gives_no_pair():
     assert pairs == [{"prompt": "p", "chosen": " a", "rejected": " c", "chosen_score": 1.0, "rejected_score": 0.0}]
 
 
+def test_copies_of_a_text_are_exact_ties_whatever_the_float_noise_of_their_scores():
+    """A text sampled twice and scored in two batches differs in the last bits: the copies must not become a pair
+    of the same text, nor decide which copy is best."""
+    noise = 1e-7
+    pairs = best_worst_pairs(["p", "q"], [[" a", " a", " a"], [" a", " b", " a", " b"]],
+                             [[0.3, 0.3 + noise, 0.3 - noise], [0.3, 0.1, 0.3 + noise, 0.1 - noise]])
+    assert pairs == [{"prompt": "q", "chosen": " a", "rejected": " b", "chosen_score": 0.3, "rejected_score": 0.1}]
+
+
 def test_prompt_augmentation_adds_unseen_sft_prompts(tmp_path):
     write_jsonl(tmp_path / "pairs_train.jsonl", [{"prompt": p} for p in ("a", "b", "a")])
     write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p} for p in ("b", "c", "d", "e", "f", "c")])

@@ -255,8 +255,7 @@ def test_hh_proxy_win_rate_is_judged_by_the_held_out_reward_model(hh):
     ties itself (0.5), the proxy is the judge's margins counted as wins, and the judge's held-out accuracy is its own
     scoring of pairs_val; the report's proxy-judged table names the judge."""
     from roads.models import load_reward_model
-    from roads.stages.reward_model import score_pairs
-    from roads.verifiers import preference_metrics
+    from roads.stages.reward_model import pair_metrics
 
     judge_dir = Path(hh["hh-rlhf/seed0/reward_model_judge"].artifact.path)
     assert read_json(judge_dir / "verifier.json") == {"kind": "global", "pairs": "pairs_judge", "val_pairs": 20}
@@ -264,7 +263,7 @@ def test_hh_proxy_win_rate_is_judged_by_the_held_out_reward_model(hh):
     assert read_json(Path(hh["hh-rlhf/seed0/reward_model"].artifact.path) / "verifier.json") == {"kind": "global"}
     data = Path(hh["hh-rlhf/seed0/prepare_data"].artifact.path)
     model, tokenizer = load_reward_model(judge_dir)
-    expected = preference_metrics(*score_pairs(model, tokenizer, read_jsonl(data / "pairs_val.jsonl"), 64))
+    expected = pair_metrics(model, tokenizer, read_jsonl(data / "pairs_val.jsonl"), 64)
     for policy in ("sft", "offline_dpo"):
         folder = Path(hh[f"hh-rlhf/seed0/evaluate[{policy}]"].artifact.path)
         info, rows = read_json(folder / "metrics.json"), read_jsonl(folder / "samples.jsonl")
