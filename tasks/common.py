@@ -87,6 +87,9 @@ class StageCachePolicy(CachePolicy):
         return key
 
 
+METRICS_INTERVAL = 5.0  # seconds between a stage's per-step metric writes (the rest at its end): tasks.metrics
+
+
 class MlflowTracker:
     """Per-step metrics into the stage's child run (``tasks.metrics``), progress lines into the Prefect task log.
     ``run_id`` and ``rank_metrics`` tell ``roads.launch`` where a launched stage's rank 0 logs, and through what."""
@@ -96,10 +99,14 @@ class MlflowTracker:
     def __init__(self, run_id: str | None, label: str, progress_dir: str | None = None):
         self.run_id, self.label, self.progress_dir = run_id, label, progress_dir
         self.logged: set[str] = set()  # metric keys with a per-step history in the run (the flow skips them)
-        self._metrics = MlflowMetrics(run_id)
+        self._metrics = MlflowMetrics(run_id, interval=METRICS_INTERVAL)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.logged.update(self._metrics.log_metrics(metrics, step))
+
+    def flush(self) -> None:
+        """Write the metrics still batched (``tasks.metrics.MlflowMetrics``)."""
+        self._metrics.flush()
 
     def progress(self, message: str) -> None:
         from prefect import get_run_logger
@@ -125,6 +132,7 @@ def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
     try:
         result = execute(parsed, refs, ctx["store"], tracker)
     finally:
+        tracker.flush()
         clear_step(ctx.get("progress_dir"), tracker.label)
     doc = result.to_json()
     doc["cache_key"] = cache_key(parsed, refs)

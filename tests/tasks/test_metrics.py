@@ -35,6 +35,21 @@ def test_mlflow_metrics_logs_one_batch(client, run_id):
     assert [m.value for m in client.get_metric_history(run_id, "eval/win_1")] == [0.5]
 
 
+def test_batched_metrics_wait_for_the_interval_or_the_flush(client, run_id):
+    """The first write goes out at once (the UI shows the stage started); later ones wait for the interval, and
+    flush sends them with their own steps — what the stage task does when its stage ends."""
+    sink = MlflowMetrics(run_id, interval=3600)
+    sink.log_metrics({"sft/loss": 2.0}, step=1)
+    sink.log_metrics({"sft/loss": 1.5}, step=2)
+    sink.log_metrics({"sft/loss": 1.0, "sft/lr": 0.1}, step=3)
+    assert [m.step for m in client.get_metric_history(run_id, "sft/loss")] == [1]
+    sink.flush()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "sft/loss")] == [(1, 2.0), (2, 1.5), (3, 1.0)]
+    assert [m.step for m in client.get_metric_history(run_id, "sft/lr")] == [3]
+    sink.flush()  # nothing left: nothing written twice
+    assert len(client.get_metric_history(run_id, "sft/loss")) == 3
+
+
 def test_without_a_run_nothing_is_logged():
     assert MlflowMetrics(None).log_metrics({"sft/loss": 1.0}, step=1) == []
     tracker = MlflowTracker(None, "sft")
@@ -47,6 +62,7 @@ def test_the_task_tracker_keeps_what_it_logged(client, run_id):
     tracker.log_metrics({"sft/loss": 1.0, "eval/win@1": 0.25}, step=1)
     tracker.log_metrics({"sft/loss": 0.5}, step=2)
     assert tracker.logged == {"sft/loss", "eval/win_1"}
+    tracker.flush()  # the stage task does at the stage's end: the tracker batches its writes
     assert [m.step for m in client.get_metric_history(run_id, "sft/loss")] == [1, 2]
     assert tracker.rank_metrics == RANK_METRICS  # what a launched stage's rank 0 logs through
 
