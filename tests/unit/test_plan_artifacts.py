@@ -167,7 +167,7 @@ def test_the_default_study_plan_wires_every_policy():
     assert nodes[f"{unit}/offline_dpo_2x"].spec.params["epochs"] == dpo["epochs"] + 1
     evaluations = {i for i, n in nodes.items() if n.stage == "evaluate"}
     measured = {i for i, n in nodes.items() if n.stage in ("measure_gap", "select_dpo")}
-    assert set(nodes["report"].inputs.values()) == evaluations | measured and len(evaluations) == 3 * 3 * 9
+    assert set(nodes["report"].inputs.values()) == evaluations | measured and len(evaluations) == 3 * 5 * 9  # tasks, seeds, policies
 
 
 def test_partial_pipeline_plan():
