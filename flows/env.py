@@ -46,11 +46,15 @@ def configure() -> Path:
     return home
 
 
-@lru_cache(maxsize=1)
 def log_file() -> str:
     """This study process's log file, ``$ROADS_HOME/logs/<time>-<pid>.log``: every Prefect and roads line of the flow
-    and of its worker processes (the per-step lines the console leaves out)."""
-    folder = state_home() / "logs"
+    and of its worker processes (the per-step lines the console leaves out). One per state folder the process uses."""
+    return _log_file(str(state_home()))
+
+
+@lru_cache(maxsize=None)
+def _log_file(home: str) -> str:
+    folder = Path(home) / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
 
@@ -65,7 +69,11 @@ def log_to_file(path: str | None) -> None:
     root = logging.getLogger()
     if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
         return
+    for old in [h for h in root.handlers if getattr(h, "roads_log", False)]:  # an earlier study's, in another home
+        root.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(path)
+    handler.roads_log = True
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(process)d | %(levelname)-7s | %(name)s - %(message)s"))
     root.addHandler(handler)

@@ -19,6 +19,7 @@ import os
 import time
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from flows import env
@@ -313,7 +314,8 @@ def warm_up(nodes: list[Node], known: dict[str, dict], workers: int | None) -> N
 
 
 def task_runner(kind: str = "process", workers: int | None = None, address: str | None = None):
-    """``process``: a local pool of ``workers`` processes, one torch thread each share of the cores — one worker too:
+    """``process``: a local pool of ``workers`` processes (forked from the process's fork server, ``flows/warm.py``),
+    one torch thread each share of the cores — one worker too:
     the stages run on a thread of the flow's own process took 27–35% longer than in a one-process pool (``basic``, one
     worker, the two alternated in one session on an idle 2-core machine: 192.7 / 206.5 s against 151.3 / 153.5 s),
     presumably the flow's own threads (Prefect's log and event workers, MLflow) competing for the interpreter. ``ray``: prefect-ray's task runner on the cluster at
@@ -337,6 +339,12 @@ def task_runner(kind: str = "process", workers: int | None = None, address: str 
     if not address:
         init.update(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False)
     return WarmRayTaskRunner(address=address, init_kwargs=init)
+
+
+def new_sqlite_store() -> bool:
+    """Whether the tracking store is a SQLite file not created yet."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
 
 
 def housekeeping() -> dict[str, int]:
@@ -397,10 +405,14 @@ def run_study(pipeline: str, overrides: list[str] | tuple[str, ...] = (), file: 
     preflight(study, force_stage=force_stage, only_stage=only_stage, todo=[n for n in nodes if n.id not in known])
     env.configure()
     warm = runner == "process" and len(known) < len(nodes)
+    new_store = new_sqlite_store()
+    if new_store:  # its tables are created here first: a worker opening it at the same time (``open_store``, at
+        housekeeping()  # once from a running fork server) would race to create them ("table ... already exists")
     if warm:  # some stage will run: its workers start importing torch now, beside this process's own start
         warm_up(nodes, known, workers)
     try:
-        housekeeping()
+        if not new_store:
+            housekeeping()
         outcome = cached_study(study, nodes, overrides, runner, force_stage, known=known)
         if outcome is not None:
             return outcome

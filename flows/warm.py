@@ -10,27 +10,60 @@ task runner that takes that pool over instead of starting its own (one made with
 On exit the runner does not wait for its workers to shut down (Prefect's ``cancel_all`` joins them: about 5 s of
 interpreter and torch teardown a worker spends after its last task): every task future is resolved by then and a
 worker's events and logs were flushed to the flow before its task returned, so the workers are stopped instead.
+
+Where the platform has it (Linux, macOS), the workers are forked from multiprocessing's fork server, which this
+process starts once, on its first warm pool, with the heavy libraries (``FORK_PRELOAD``) imported: the first pool's
+workers wait for that import (once, not once per worker: on 2 cores two spawned workers each importing torch took the
+cores from each other and from the flow process), and every later pool of the process — a sweep's points, the studies
+of a notebook or a test session, ``bench/overhead.py``'s repeats — starts its workers in milliseconds, with nothing to
+import. The fork server imported the project's modules as they were on disk then, under the environment of then: a
+pool started after either changed (``fork_fingerprint``) restarts it first, so a worker never runs stale code under a
+new code-aware cache key. Each worker takes the flow process's current environment and working directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import multiprocessing
+import os
+import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
+ROOT = Path(__file__).resolve().parents[1]
 _POOL: "WarmPool | None" = None
 _LOCK = threading.Lock()
 
 
+# what the fork server imports once for every worker it forks: what any stage's worker imports first
+FORK_PRELOAD = ("torch", "transformers", "trl", "peft", "prefect.task_engine", "prefect.task_runners", "mlflow",
+                "tasks.common", "tasks.metrics", "roads.training")
+# the environment variables the fork server's imports may read (Hugging Face's offline and cache settings, torch's
+# and the BLAS libraries' threads and devices, Prefect's logging, TQDM_DISABLE, ...): a change restarts the fork server.
+# The rest is read when called — and a worker is given the flow process's values — or set by a library at run time
+# (torch sets TORCHINDUCTOR_CACHE_DIR in the flow process), so it does not restart it; nor do CALL_TIME_ENV, which
+# change from one test or bench run to the next.
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "TRL_", "PEFT_", "ACCELERATE_",
+                   "TORCH_", "PYTORCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "PREFECT_",
+                   "MLFLOW_", "TQDM_", "PYTHON", "LD_", "DO_NOT_TRACK", "ROADS_", "WANDB_", "RAY_")
+CALL_TIME_ENV = frozenset({"ROADS_HOME", "PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"})
+_FORK_SERVED: str | None = None  # fork_fingerprint() of the running fork server, None before it starts
+
+
 def _initialize(queue: Any, initializer: Callable[..., None] | None, initargs: tuple,
-                preload: tuple[str, ...] = ()) -> None:
-    """In the worker: the user initializer first (it imports torch), then Prefect's own worker set-up (forwarding
-    events and API logs to the flow through ``queue``), exactly as Prefect's runner would, then ``preload``: modules
-    to import, or ``module:function`` to call."""
+                preload: tuple[str, ...] = (), environ: dict[str, str] | None = None) -> None:
+    """In the worker: the flow process's environment (``environ``: a forked worker inherits the fork server's),
+    the user initializer (it imports torch), then Prefect's own worker set-up (forwarding events and API logs to the
+    flow through ``queue``), exactly as Prefect's runner would, then ``preload``: modules to import, or
+    ``module:function`` to call."""
     import signal
 
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
     from prefect.task_runners import _initialize_process_pool_worker
 
     signal.signal(signal.SIGTERM, _exit_now)
@@ -61,18 +94,103 @@ def _spawned() -> None:
     """Nothing: a call that makes the pool spawn a worker (it spawns them as calls arrive, not before)."""
 
 
+def fork_fingerprint() -> str:
+    """What the fork server's imports depend on: the project's modules (path, size, modification time), the
+    installed distributions, the interpreter and its search path, and the ``IMPORT_TIME_ENV`` variables less
+    ``CALL_TIME_ENV``. About a millisecond: it is checked at every warm pool."""
+    # a relative entry of the search path ('' under `python -c`) is the working directory: it counts as such
+    digest = hashlib.sha256(f"{sys.executable}\n{[os.path.abspath(p) for p in sys.path]}".encode())
+    for folder in ("roads", "tasks", "flows"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    for entry in sys.path:
+        if entry.endswith("-packages") and os.path.isdir(entry):  # a distribution's version is in its folder's name
+            digest.update("\n".join(sorted(os.listdir(entry))).encode())
+    digest.update(repr(sorted((k, v) for k, v in os.environ.items()
+                              if k.startswith(IMPORT_TIME_ENV) and k not in CALL_TIME_ENV)).encode())
+    return digest.hexdigest()
+
+
+def _context():
+    """The fork server context, (re)started for the current code and environment when a worker is next started;
+    spawn where the platform has no fork server (Windows)."""
+    global _FORK_SERVED
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")  # as Prefect's runner: no shared state with the flow process
+    context = multiprocessing.get_context("forkserver")
+    fingerprint = fork_fingerprint()
+    if fingerprint != _FORK_SERVED:
+        restart_fork_server()
+        context.set_forkserver_preload(list(FORK_PRELOAD))
+        _FORK_SERVED = fingerprint
+    return context
+
+
+def _stop_fork_server(server: Any) -> None:
+    """Stop a fork server without waiting for it: it exits once the workers it forked (which hold the same "alive"
+    pipe) are gone; a thread reaps it."""
+    with server._lock:
+        pid, fd = server._forkserver_pid, server._forkserver_alive_fd
+        if pid is None:
+            return
+        os.close(fd)
+        address = server._forkserver_address
+        server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    try:
+        os.unlink(address)
+    except (OSError, TypeError):
+        pass
+    threading.Thread(target=_reap, args=(pid,), name="roads-forkserver-reaper", daemon=True).start()
+
+
+def restart_fork_server() -> None:
+    """Stop the fork server: the next warm pool starts a new one (it imports FORK_PRELOAD again)."""
+    global _FORK_SERVED
+    from multiprocessing import forkserver
+
+    _stop_fork_server(forkserver._forkserver)
+    _FORK_SERVED = None
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
 class WarmPool:
-    """A spawned process pool whose workers are importing ``preload`` already; claimed by one task runner."""
+    """A process pool whose workers are starting already (forked from the fork server, or spawned where there is
+    none) and importing ``preload``; claimed by one task runner."""
 
     def __init__(self, workers: int, initializer: Callable[..., None] | None = None, initargs: tuple = (),
                  preload: Iterable[str] = ()):
-        context = multiprocessing.get_context("spawn")  # as Prefect's runner: no shared state with the flow process
+        context = _context()
         self.workers = workers
         self.queue = context.Queue()
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_initialize,
-                                            initargs=(self.queue, initializer, initargs, tuple(preload)))
-        # one call per worker: the pool spawns a process for each call it cannot give to an idle one
-        self.warming: list[Future] = [self.executor.submit(_spawned) for _ in range(workers)]
+                                            initargs=(self.queue, initializer, initargs, tuple(preload),
+                                                      dict(os.environ)))
+        # one call per worker: the pool starts a process for each call it cannot give to an idle one. Starting the
+        # first waits until the fork server has imported FORK_PRELOAD: a thread does it, so that this process goes on
+        # with its own start (importing Prefect, creating the flow run) meanwhile
+        self._warming: list[Future] = []
+        self._starter = threading.Thread(target=self._start, name="roads-warm-pool", daemon=True)
+        self._starter.start()
+
+    def _start(self) -> None:
+        try:
+            for _ in range(self.workers):
+                self._warming.append(self.executor.submit(_spawned))
+        except RuntimeError:  # stopped before its workers started
+            pass
+
+    @property
+    def warming(self) -> list[Future]:
+        """One call per worker, done when that worker has started and run its initializer."""
+        self._starter.join()
+        return self._warming
 
     @property
     def pids(self) -> set[int]:
@@ -81,6 +199,7 @@ class WarmPool:
     def stop(self, close_queue: bool = True) -> None:
         """Stop the workers without waiting for their teardown; pending calls are cancelled. A task runner that
         forwards the queue's messages closes it itself, after its forwarding thread has read them all."""
+        self._starter.join()
         processes = list((getattr(self.executor, "_processes", None) or {}).values())
         self.executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:

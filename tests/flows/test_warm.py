@@ -97,3 +97,70 @@ def test_a_task_process_spawns_no_workers_for_its_copy_of_the_flows_runner():
     runner = warm.make_task_runner(1)  # no warm pool left to claim: Prefect's own runner, workers spawned on submit
     with runner:
         assert not getattr(runner._executor, "_processes", None)
+
+
+def _worker_facts():
+    import os
+
+    return os.getpid(), os.getppid(), os.environ.get("ROADS_HOME"), os.getcwd()
+
+
+def _facts_of(pool):
+    for future in pool.warming:
+        future.result(timeout=120)
+    return pool.executor.submit(_worker_facts).result(timeout=60)
+
+
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="no fork server on this platform: the workers are spawned")
+def test_later_pools_fork_their_workers_from_one_fork_server_with_the_flows_current_environment(
+        tmp_path, monkeypatch):
+    from multiprocessing import forkserver
+
+    first = warm.start_warm_pool(1)
+    _, server, _, _ = _facts_of(first)
+    assert server == forkserver._forkserver._forkserver_pid, "the worker was not forked from the fork server"
+    warm.discard_warm_pool()
+
+    # ROADS_HOME is read when called: a new value does not restart the server, and the worker is given it
+    monkeypatch.setenv("ROADS_HOME", str(tmp_path / "another-home"))
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    second = warm.start_warm_pool(1)
+    _, parent, home, cwd = _facts_of(second)
+    started = time.perf_counter() - start
+    warm.discard_warm_pool()
+    assert parent == server, "the second pool started another fork server"
+    assert home == str(tmp_path / "another-home") and cwd == str(tmp_path)
+    # nothing to import: milliseconds, where a fresh worker imports torch and TRL for seconds
+    assert started < 2.0, f"a worker of a running fork server took {started:.1f} s to start"
+
+
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="no fork server on this platform: the workers are spawned")
+def test_a_changed_module_or_import_time_setting_restarts_the_fork_server(monkeypatch):
+    from multiprocessing import forkserver
+
+    _, server, _, _ = _facts_of(warm.start_warm_pool(1))
+    warm.discard_warm_pool()
+
+    before = warm.fork_fingerprint()
+    module = warm.ROOT / "roads" / "settings.py"  # a module the fork server imported (roads.training imports it)
+    stat = module.stat()
+    try:
+        os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # as an edit would
+        assert warm.fork_fingerprint() != before
+        _, restarted, _, _ = _facts_of(warm.start_warm_pool(1))
+        warm.discard_warm_pool()
+    finally:
+        os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert restarted != server and restarted == forkserver._forkserver._forkserver_pid, \
+        "a worker forked from a fork server that imported the old module"
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # read when huggingface_hub is imported
+    assert warm.fork_fingerprint() != before
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ROADS_HOME", "/elsewhere")  # read when called
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/elsewhere")  # torch sets it in the flow process as it runs
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert warm.fork_fingerprint() == before
