@@ -40,7 +40,7 @@ _LOCK = threading.Lock()
 
 # what the fork server imports once for every worker it forks: what any stage's worker imports first
 FORK_PRELOAD = ("torch", "transformers", "trl", "peft", "prefect.task_engine", "prefect.task_runners", "mlflow",
-                "tasks.common", "tasks.metrics", "roads.training")
+                "tasks.common", "tasks.metrics", "roads.training", "flows.forked")
 # the environment variables the fork server's imports may read (Hugging Face's offline and cache settings, torch's
 # and the BLAS libraries' threads and devices, Prefect's logging, TQDM_DISABLE, ...): a change restarts the fork server.
 # The rest is read when called — and a worker is given the flow process's values — or set by a library at run time
