@@ -38,7 +38,8 @@ _POOL: "WarmPool | None" = None
 _LOCK = threading.Lock()
 
 
-# what the fork server imports once for every worker it forks: what any stage's worker imports first
+# what the fork server imports once for every worker it forks: what any stage's worker imports first; flows.forked
+# last (it prepares the MLflow store's models and freezes the garbage collector's view of all of it)
 FORK_PRELOAD = ("torch", "transformers", "trl", "peft", "prefect.task_engine", "prefect.task_runners", "mlflow",
                 "tasks.common", "tasks.metrics", "roads.training", "flows.forked")
 # the environment variables the fork server's imports may read (Hugging Face's offline and cache settings, torch's
