@@ -23,10 +23,12 @@ new code-aware cache key. Each worker takes the flow process's current environme
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -60,8 +62,6 @@ def _initialize(queue: Any, initializer: Callable[..., None] | None, initargs: t
     the user initializer (it imports torch), then Prefect's own worker set-up (forwarding events and API logs to the
     flow through ``queue``), exactly as Prefect's runner would, then ``preload``: modules to import, or
     ``module:function`` to call."""
-    import signal
-
     if environ is not None:
         os.environ.clear()
         os.environ.update(environ)
@@ -125,7 +125,22 @@ def _context():
         restart_fork_server()
         context.set_forkserver_preload(list(FORK_PRELOAD))
         _FORK_SERVED = fingerprint
+        atexit.unregister(_end_fork_server)  # once
+        atexit.register(_end_fork_server)
     return context
+
+
+def _end_fork_server() -> None:
+    """At exit: end the fork server at once (left alone, one still importing FORK_PRELOAD when this process ends —
+    a study that failed early — goes on importing for seconds before it notices)."""
+    from multiprocessing import forkserver
+
+    pid = forkserver._forkserver._forkserver_pid
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
 
 
 def _stop_fork_server(server: Any) -> None:

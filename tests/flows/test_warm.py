@@ -164,3 +164,25 @@ def test_a_changed_module_or_import_time_setting_restarts_the_fork_server(monkey
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/elsewhere")  # torch sets it in the flow process as it runs
     os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert warm.fork_fingerprint() == before
+
+
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="no fork server on this platform: the workers are spawned")
+def test_a_process_that_exits_early_ends_its_fork_server_at_once():
+    """A study that fails right after its warm pool started: its fork server, still importing torch and the rest,
+    ends with it instead of importing on for seconds."""
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom multiprocessing import forkserver\nfrom flows import warm\n"
+            "warm.start_warm_pool(1)\n"
+            "while forkserver._forkserver._forkserver_pid is None: time.sleep(0.01)\n"
+            "print(forkserver._forkserver._forkserver_pid, flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=warm.ROOT, capture_output=True, text=True, timeout=120)
+    pid = int(proc.stdout.split()[0])
+    deadline = time.time() + 2  # importing FORK_PRELOAD takes 4-5 s here
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):  # a zombie (exited, not yet reaped by init) counts as ended
+        with open(f"/proc/{pid}/stat") as stat:
+            assert stat.read().split()[2] == "Z", "the fork server outlived its process"
