@@ -55,6 +55,16 @@ def _rows(rows: list[dict]) -> Dataset:
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
+EVAL_TOKENS = 4096  # tokens per held-out NLL batch: 64 rows at the presets' 64 tokens, 8 at 512
+
+
+def eval_batch_size(max_length: int) -> int:
+    """Rows per batch of the held-out NLL: ``EVAL_TOKENS // max_length`` (at most 64, at least 1). The logits of a
+    batch are rows x max_length x vocabulary floats: a fixed 64 rows at 512 tokens with SmolLM2's 49,152-token
+    vocabulary is 6.4 GB a copy, and SFT's evaluation alone took a worker to 10.8 GB (hh-rlhf, measured)."""
+    return max(1, min(64, EVAL_TOKENS // max_length))
+
+
 def train_sft(stage: str, cfg: TrainConfig, seed: int, model, tokenizer, rows: list[dict], out_dir: Path,
               tracker: Tracker, val_rows: list[dict] | None = None, patience: int = 0,
               lora: LoraConfig | None = None) -> dict[str, float]:
@@ -64,7 +74,8 @@ def train_sft(stage: str, cfg: TrainConfig, seed: int, model, tokenizer, rows: l
     and the metrics ``<stage>/selected_epoch``, ``<stage>/val_nll_best``. Rows longer than ``cfg.max_length`` are
     handled by ``cfg.too_long`` and counted (:class:`roads.training.LengthRule`). With ``lora``, LoRA adapters train
     on the frozen base and the merged weights are saved (:mod:`roads.lora`)."""
-    extra = {"eval_strategy": "epoch", "per_device_eval_batch_size": 64} if val_rows else {}
+    extra = ({"eval_strategy": "epoch", "per_device_eval_batch_size": eval_batch_size(cfg.max_length)}
+             if val_rows else {})
     keep = KeepBest(stage, tracker, patience) if val_rows else None
     rule = LengthRule(stage, cfg, "sft", tracker)
     model = with_lora(model, lora, seed)

@@ -301,3 +301,26 @@ def test_a_tiny_dpo_with_a_huge_lr_fails_naming_the_setting(sft_rows, tmp_path):
     with pytest.raises(TrainingError, match=r"^offline_dpo: loss rose from 0\.6931 at step 1 .* lower offline_dpo\.lr"):
         train_dpo("offline_dpo", cfg, 0, str(tmp_path / "start"), pairs, tmp_path / "out", NullTracker(), beta=0.1,
                   loss_type="sigmoid", precompute_ref=True)
+
+
+def test_sfts_held_out_batch_shrinks_with_max_length(sft_rows, tmp_path, monkeypatch):
+    """The held-out NLL's batch holds ~4,096 tokens: 64 rows at the presets' 64 tokens (unchanged), 8 at 512. A fixed
+    64 rows at 512 tokens with a 49,152-token vocabulary took an SFT worker to 10.8 GB (hh-rlhf on SmolLM2-135M)."""
+    import roads.sft_trainer as sft_trainer
+
+    assert [sft_trainer.eval_batch_size(n) for n in (64, 128, 512, 2048, 8192)] == [64, 32, 8, 2, 1]
+    seen = []
+    real = sft_trainer.SFTConfig
+
+    def spy(**kwargs):
+        seen.append(kwargs.get("per_device_eval_batch_size"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(sft_trainer, "SFTConfig", spy)
+    from roads.models import new_causal_lm
+
+    rows, _, tokenizer = sft_rows
+    settings = SftConfig(epochs=1, batch_size=8, max_length=512)
+    sft_trainer.train_sft("sft", settings, 0, new_causal_lm("tiny", tokenizer, seed=0), tokenizer, rows[:16], tmp_path,
+                          RecordingTracker(), val_rows=rows[16:24])
+    assert seen == [8]
