@@ -50,6 +50,11 @@ def study_failed(what: str, failed: dict[str, str], total: int, outcome: dict) -
 
 
 def one_line(err: BaseException) -> str:
+    from concurrent.futures.process import BrokenProcessPool
+
+    if isinstance(err, BrokenProcessPool):  # the worker was killed under the stage; nothing in it could say why
+        return ("a worker process died under the stage (BrokenProcessPool), most often killed for memory (`dmesg` "
+                "says): lower the stage's batch_size or max_length, or run fewer stages at once (--workers 1)")
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}" if not isinstance(err, RoadsError) else text[0]
 

@@ -85,3 +85,25 @@ def test_bad_data_found_mid_run_exits_with_the_data_errors_code(tmp_path, monkey
     runs = _records(info.value.outcome)
     assert set(runs) == {"parent", "prefs/seed0/prepare_data"}
     assert {r.info.status for r in runs.values()} == {"FAILED"}
+
+
+def _die():
+    import os
+
+    os._exit(137)  # what the kernel's OOM killer leaves: the process gone, no exception, no message
+
+
+def test_a_worker_killed_under_a_stage_is_named_with_what_to_do():
+    """A stage whose worker is killed (out of memory on hh-rlhf at batch 8 beside two other stages) failed with
+    Python's "A process in the process pool was terminated abruptly ...": the line now says what likely happened and
+    which settings to lower."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from flows.outcome import Failure
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        err = pool.submit(_die).exception(timeout=120)
+    line = Failure.of(err)
+    assert line.startswith("a worker process died under the stage (BrokenProcessPool), most often killed for memory")
+    assert "batch_size" in line and "--workers 1" in line and line.exit_code == 1
