@@ -15,7 +15,6 @@ import yaml
 from flows.preflight import check_home
 from roads.config import load_study, load_study_file
 from roads.errors import ConfigError, RoadsError
-from roads.stage_table import GOLD_METRICS
 
 DEFAULT_FILE = "pipelines.yaml"
 
@@ -341,20 +340,21 @@ def cmd_sweep(args) -> int:
     preflight_sweep(args.name, points)  # and a bad file, model or state folder (flows.sweep imports Prefect)
     env.configure()
     from flows.outcome import StudyFailed, markdown_table
-    from flows.sweep import run_sweep, sweep_rows
+    from flows.sweep import run_sweep, sweep_metrics, sweep_rows
 
     start = time.time()
     try:
         outcome = run_sweep(args.name, args.overrides, args.file, runner=args.runner, workers=args.workers,
                             ray_address=args.ray_address)
     except StudyFailed as err:
-        print(markdown_table(sweep_rows(err.outcome), ["point", "task", "policy", "gold_reward_mean", "cached"]))
+        shown = sweep_metrics(err.outcome)
+        print(markdown_table(sweep_rows(err.outcome, shown), ["point", "task", "policy", *shown[:1], "cached"]))
         raise
     nodes = [n for point in outcome["points"] for n in point["nodes"]]
     hits = sum(n["cache"] == "hit" for n in nodes)
     print()
-    print(markdown_table(sweep_rows(outcome),
-                         ["point", "task", "policy", "seeds", *GOLD_METRICS, "cached"]))
+    shown = sweep_metrics(outcome)  # the columns the tasks have: no gold reward, no gold columns
+    print(markdown_table(sweep_rows(outcome, shown), ["point", "task", "policy", "seeds", *shown, "cached"]))
     print(f"\n{len(outcome['points'])} points, {outcome['stages']} distinct stages ({len(nodes)} stage runs: "
           f"{len(nodes) - hits} ran, {hits} hits); {time.time() - start:.1f} s")
     print(f"MLflow: experiment {outcome['experiment']!r}, one run per point with params sweep.* (roads ui to compare)")

@@ -15,13 +15,12 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import env
-from flows.outcome import policies_by_task, study_failed
+from flows.outcome import policies_by_task, present_metrics, study_failed
 from flows.preflight import preflight_sweep
 from flows.study import collect, failing_runs, housekeeping, study_tracker, submit_nodes, task_runner
 from roads.errors import RoadsError
 from tasks.keys import cached_results
 from roads.sweep import point_plans, load_sweep, resources_for
-from roads.stage_table import GOLD_METRICS
 
 
 def experiment_name(sweep: str) -> str:
@@ -81,14 +80,22 @@ def run_sweep(sweep: str, overrides: list[str] | tuple[str, ...] = (), file: str
     return flow_(sweep=sweep, overrides=list(overrides), file=str(file), runner=runner)
 
 
-def sweep_rows(outcome: dict) -> list[dict]:
-    """One row per (sweep point, task, evaluated policy): mean gold reward and win rate over seeds, plus cache counts."""
+def sweep_metrics(outcome: dict) -> tuple[str, ...]:
+    """The per-policy columns the sweep's tasks have (``present_metrics`` over every point): gold reward and win
+    rate for gold-reward tasks; KL, length, finished rate for all; the proxy win rate where a held-out judge scored."""
+    return present_metrics([row for point in outcome["points"] for row in point["summary"]])
+
+
+def sweep_rows(outcome: dict, metrics: tuple[str, ...] | None = None) -> list[dict]:
+    """One row per (sweep point, task, evaluated policy): the mean over seeds of each of ``metrics`` (default: the
+    columns the tasks have, ``sweep_metrics``), plus cache counts."""
+    metrics = metrics or sweep_metrics(outcome)
     rows = []
     for point in outcome["points"]:
         hits = sum(n["cache"] == "hit" for n in point["nodes"])
-        for row in policies_by_task(point["summary"]):
+        for row in policies_by_task(point["summary"], metrics):
             rows.append({"point": point["point"], "task": row["task"], "policy": row["policy"], "seeds": row["seeds"],
-                         **{m: row[m] for m in GOLD_METRICS}, "cached": f"{hits}/{len(point['nodes'])}"})
+                         **{m: row[m] for m in metrics}, "cached": f"{hits}/{len(point['nodes'])}"})
         if not point["summary"]:
             rows.append({"point": point["point"], "cached": f"{hits}/{len(point['nodes'])}"})
     return rows
