@@ -120,6 +120,22 @@ class MlflowTracker:
         write_step(self.progress_dir, self.label, message)
 
 
+def release_memory() -> None:
+    """Give the memory a finished stage freed back to the system, so the worker's next stage (and its neighbours)
+    have it. glibc keeps freed heap memory in the process: after SFT of SmolLM2-135M (8 x 512 tokens a step) a
+    worker held 11.3 GB while idle, and the next stages beside it ran the machine out of memory (hh-rlhf, 2 workers,
+    measured). ``gc.collect`` frees what cycles hold (a Trainer and its model), then ``malloc_trim(0)`` returns the
+    free pages. No-op where the C library has no ``malloc_trim`` (macOS, Windows, musl)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, glibc's among them
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
     """The body of every stage task: run the stage into the artifact store, return its result as JSON."""
     from roads.runner import execute
@@ -134,6 +150,7 @@ def run_stage(spec: dict, inputs: dict, ctx: dict) -> dict:
     finally:
         tracker.flush()
         clear_step(ctx.get("progress_dir"), tracker.label)
+        release_memory()
     doc = result.to_json()
     doc["cache_key"] = cache_key(parsed, refs)
     doc["produced_by"] = ctx.get("child_run_id")
