@@ -140,15 +140,37 @@ def allowed_token_ids(model_dir, vocab: int) -> list[int] | None:
     return [i for i in range(vocab) if i not in out]
 
 
+LOGIT_TOKENS = 8192  # rows x width of one scoring batch at most: 64 rows up to 128 tokens (every preset), 16 at 512
+
+
+def logit_batches(lengths: list[int], batch_size: int, budget: int = LOGIT_TOKENS) -> list[tuple[int, int]]:
+    """(start, end) of consecutive batches of at most ``batch_size`` rows whose rows x longest row stays within
+    ``budget`` tokens (a single longer row is a batch of its own). Their logits are rows x width x vocabulary
+    floats: 64 rows of 512 tokens under SmolLM2's 49,152-token vocabulary are 6.4 GB a copy, and offline DPO's
+    displacement probe ran the machine out of memory with them (hh-rlhf, measured)."""
+    out, start = [], 0
+    while start < len(lengths):
+        end, width = start + 1, lengths[start]
+        while (end < len(lengths) and end - start < batch_size
+               and (end - start + 1) * max(width, lengths[end]) <= budget):
+            width = max(width, lengths[end])
+            end += 1
+        out.append((start, end))
+        start = end
+    return out
+
+
 @torch.no_grad()
 def sequence_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int,
                    batch_size: int = 64) -> torch.Tensor:
-    """Σ_t log π(y_t | x, y_<t) over each completion's tokens; shape (N,)."""
+    """Σ_t log π(y_t | x, y_<t) over each completion's tokens; shape (N,). Batches of at most ``batch_size`` rows and
+    ``LOGIT_TOKENS`` tokens (``logit_batches``)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(prompt_ids), batch_size):
-        ps, cs = prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    for start, end in logit_batches(lengths, batch_size):
+        ps, cs = prompt_ids[start:end], completion_ids[start:end]
         seqs = [list(p) + list(c) for p, c in zip(ps, cs)]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

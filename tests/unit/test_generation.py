@@ -212,3 +212,31 @@ def test_preference_metrics_by_hand():
     assert m["margin"] == pytest.approx(0.0)
     perfect = preference_metrics(torch.tensor([10.0]), torch.tensor([-10.0]))
     assert perfect["accuracy"] == 1.0 and perfect["loglik"] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_scoring_batches_hold_a_token_budget(model, tokenizer, monkeypatch):
+    """Rows x the longest row of a scoring batch stays within LOGIT_TOKENS (64 rows of 512 tokens under a 49,152-token
+    vocabulary are 6.4 GB of logits a copy: offline DPO's probe on hh-rlhf ran out of memory); presets' batches, all
+    under 128 tokens, are unchanged; the log-probs do not depend on the batching."""
+    import roads.generation as generation
+    from roads.generation import LOGIT_TOKENS, logit_batches
+
+    assert logit_batches([20] * 200, 64) == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    assert logit_batches([128] * 64, 64) == [(0, 64)] and LOGIT_TOKENS == 64 * 128
+    assert logit_batches([512] * 40, 64) == [(0, 16), (16, 32), (32, 40)]
+    assert logit_batches([100, 100, 9000, 100], 64) == [(0, 2), (2, 3), (3, 4)]  # a longer row alone
+    assert logit_batches([], 64) == []
+    lengths = [5, 17, 3, 40, 8, 8, 30]
+    for budget in (1, 40, 64, 100):
+        batches = logit_batches(lengths, 4, budget)
+        assert [i for a, b in batches for i in range(a, b)] == list(range(len(lengths)))  # each row once, in order
+        assert all(b - a == 1 or (b - a) * max(lengths[a:b]) <= budget for a, b in batches)
+        assert all(b - a <= 4 for a, b in batches)
+    prompts = encode(tokenizer, PROMPTS)
+    completions = encode(tokenizer, [" a b c", " a", " a d e f g h", " c", " e f", " a a a a a a"])
+    whole = sequence_logps(model, prompts, completions, pad_id=tokenizer.pad_token_id)
+    calls = []  # a budget of 12 tokens: batches of one or two rows
+    real = generation.logit_batches
+    monkeypatch.setattr(generation, "logit_batches", lambda n, b: calls.append(real(n, b, 12)) or calls[-1])
+    split = sequence_logps(model, prompts, completions, pad_id=tokenizer.pad_token_id)
+    assert len(calls[0]) > 2 and torch.allclose(split, whole, atol=1e-5, rtol=0)
