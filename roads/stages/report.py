@@ -295,6 +295,11 @@ def finish_plot(fig, ax, path: Path, title: str, empty: str | None = None) -> No
     save_figure(fig, path)
 
 
+def win_rate_shown(rows: list[dict]) -> str:
+    """The win rate the bar chart plots: the gold one where some policy has it, else the proxy (a held-out judge's)."""
+    return "win_rate" if any("win_rate" in r["metrics"] for r in rows) else "proxy_win_rate"
+
+
 def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], policies: list[str]) -> None:
     import matplotlib
 
@@ -305,27 +310,35 @@ def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], policies: lis
     gold_tasks = [t for t in tasks if any(r["task"] == t for r in gold_rows)]
     gold_policies = [a for a in policies if any(r["policy"] == a for r in gold_rows)]
     by = {(r["task"], r["policy"]): r["metrics"] for r in gold_rows}
+    win = win_rate_shown(rows)  # without a gold reward, the held-out judge's proxy win rate, labelled as such
+    win_rows = [r for r in rows if win in r["metrics"]]
+    win_tasks = [t for t in tasks if any(r["task"] == t for r in win_rows)]
+    win_policies = [a for a in policies if any(r["policy"] == a for r in win_rows)]
+    win_by = {(r["task"], r["policy"]): r["metrics"] for r in win_rows}
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(gold_policies) + 2), 4.5))
-    if gold_rows:
-        width = 0.8 / len(gold_tasks)
-        for j, task in enumerate(gold_tasks):
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(win_policies) + 2), 4.5))
+    if win_rows:
+        width = 0.8 / len(win_tasks)
+        for j, task in enumerate(win_tasks):
             xs, ys, err = [], [], [[], []]
-            for i, policy in enumerate(gold_policies):
-                if (task, policy) in by:
-                    c = by[(task, policy)]["win_rate"]
+            for i, policy in enumerate(win_policies):
+                if (task, policy) in win_by:
+                    c = win_by[(task, policy)][win]
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(c["mean"])
                     err[0].append(max(0.0, c["mean"] - c["lo"]))
                     err[1].append(max(0.0, c["hi"] - c["mean"]))
             ax.bar(xs, ys, width, yerr=err, capsize=3, label=task)
         ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-        ax.set_xticks(range(len(gold_policies)), gold_policies, rotation=30, ha="right")
-        ax.set_ylabel("win rate vs SFT (gold reward)")
+        ax.set_xticks(range(len(win_policies)), win_policies, rotation=30, ha="right")
+        ax.set_ylabel("win rate vs SFT (gold reward)" if win == "win_rate"
+                      else "proxy win rate vs SFT (a held-out judge, not a gold reward)")
         ax.set_ylim(0, 1)
         ax.legend(title="task")
-    finish_plot(fig, ax, out_dir / "win_rate_by_policy.png", "Win rate against SFT by policy and task",
-                empty=None if gold_rows else "no gold reward: win rates unavailable")
+    finish_plot(fig, ax, out_dir / "win_rate_by_policy.png",
+                "Win rate against SFT by policy and task" if win == "win_rate"
+                else "Proxy win rate against SFT by policy and task (read beside the judge's held-out accuracy)",
+                empty=None if win_rows else "no gold reward and no judge: win rates unavailable")
 
     fig, ax = plt.subplots(figsize=(7, 5))
     if gold_rows:

@@ -123,3 +123,28 @@ def test_the_printed_summary_shows_the_columns_the_tasks_have(capsys):
     assert "| task | policy | seeds | kl_to_reference | length_mean | finished_rate | proxy_win_rate |" in out
     assert "| hh-rlhf | offline_dpo | 1 | 0.100 | 9.000 | 0.250 | 0.625 |" in out
     assert "gold_reward_mean" not in out and "a proxy, not a gold reward" in out
+
+
+def test_the_win_rate_chart_plots_the_proxy_without_a_gold_reward(tmp_path, monkeypatch):
+    """Real data's report drew an empty "no gold reward: win rates unavailable" chart; it now plots the held-out
+    judge's proxy win rate per policy, titled and labelled as a proxy (gold-reward reports keep the gold win rate)."""
+    import roads.stages.report as report_module
+
+    drawn = {}
+    real = report_module.finish_plot
+
+    def spy(fig, ax, path, title, empty=None):
+        drawn[Path(path).name] = (title, empty, [round(p.get_height(), 4) for p in ax.patches], ax.get_ylabel())
+        real(fig, ax, path, title, empty)
+
+    monkeypatch.setattr(report_module, "finish_plot", spy)
+    inputs = {f"{policy}0": write_judged(tmp_path / "in", policy, 0, margins)
+              for policy, margins in (("sft", [[0.0, 0.0]] * 4),
+                                      ("offline_dpo", [[1.0, -2.0], [0.5, 0.3], [0.0, -1.0], [2.0, 2.0]]))}
+    out = tmp_path / "out"
+    out.mkdir()
+    report(StageSpec(stage="report", params=ReportConfig(n_bootstrap=100).model_dump(), seed=0), inputs, out)
+    title, empty, heights, ylabel = drawn["win_rate_by_policy.png"]
+    assert empty is None and title.startswith("Proxy win rate against SFT") and "not a gold reward" in ylabel
+    assert sorted(heights) == [0.5, 0.6875]  # SFT against itself, offline DPO's proxy win rate
+    assert report_module.win_rate_shown([{"metrics": {"win_rate": {}}}, {"metrics": {}}]) == "win_rate"
