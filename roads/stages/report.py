@@ -332,12 +332,12 @@ def write_plots(out_dir: Path, rows: list[dict], tasks: list[str], policies: lis
         ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(win_policies)), win_policies, rotation=30, ha="right")
         ax.set_ylabel("win rate vs SFT (gold reward)" if win == "win_rate"
-                      else "proxy win rate vs SFT (a held-out judge, not a gold reward)")
+                      else "proxy win rate vs SFT\n(a held-out judge, not a gold reward)")
         ax.set_ylim(0, 1)
         ax.legend(title="task")
     finish_plot(fig, ax, out_dir / "win_rate_by_policy.png",
                 "Win rate against SFT by policy and task" if win == "win_rate"
-                else "Proxy win rate against SFT by policy and task (read beside the judge's held-out accuracy)",
+                else "Proxy win rate against SFT (a held-out judge)",
                 empty=None if win_rows else "no gold reward and no judge: win rates unavailable")
 
     fig, ax = plt.subplots(figsize=(7, 5))
