@@ -166,7 +166,7 @@ def test_online_rl_needs_room_for_a_prompt_beside_its_new_tokens():
     load_study(PIPELINES, "default", ["online_rl.max_length=24", "online_rl.max_new_tokens=16"])  # short: 8
 
 
-def test_lengths_are_not_guessed_for_a_pretrained_tokenizer_or_real_data(monkeypatch):
+def test_lengths_are_not_guessed_for_a_pretrained_tokenizer_or_real_data(monkeypatch, hh_file):
     monkeypatch.chdir(ROOT)
     load_study(PIPELINES, "smoke", ["model.pretrained=some/model", "sft.max_length=10"])  # its tokenizer decides
     load_study(PIPELINES, "hh-rlhf-smoke", ["sft.max_length=8"])  # the data decides: checked when it is read

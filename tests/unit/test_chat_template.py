@@ -73,7 +73,7 @@ def test_template_plain_and_no_model_keep_plain_text(tmp_path, source, tokenizer
                    for r in splits["pairs_train"])
 
 
-def test_only_real_conversations_read_the_model(tmp_path):
+def test_only_real_conversations_read_the_model(tmp_path, hh_file):
     """The study gives prepare_data the model only for real data with a pretrained model (its tokenizer's template
     then counts in the cache key); synthetic tasks never see it, and their fingerprints do not move."""
     from roads.config import load_study

@@ -15,17 +15,35 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 RECORD = Path(__file__).with_name("fingerprints.json")
 
 
-def current() -> dict:
+def absent_data() -> dict[str, str]:
+    """Pipelines whose local data file is not on this machine (the hh-rlhf ones read ../shared/data, beside the
+    clone), each with the file: they cannot be loaded, so their fingerprints cannot be taken. Paths from the working
+    folder, as `load_study` reads them."""
+    from roads.config import _looks_local, load_study_file
+
+    study = load_study_file(ROOT / "pipelines.yaml")
+    out = {}
+    for name, pipeline in study.pipelines.items():
+        for task in pipeline.tasks or []:
+            source = study.tasks[task].source
+            if source and _looks_local(source) and not Path(source).expanduser().exists():
+                out[name] = source
+    return out
+
+
+def current(skip: tuple[str, ...] = ()) -> dict:
     from roads.config import load_study, load_study_file
     from roads.plan import build_plan
 
     path = ROOT / "pipelines.yaml"
     out: dict = {"default": {}, "pipelines": {}}
-    for name in sorted(load_study_file(path).pipelines):
+    for name in sorted(set(load_study_file(path).pipelines) - set(skip)):
         nodes = build_plan(load_study(path, name))
         lines = [json.dumps([n.id, n.inputs, n.spec.fingerprint()], sort_keys=True) for n in nodes]
         out["pipelines"][name] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
@@ -36,7 +54,10 @@ def current() -> dict:
 
 def test_fingerprints_are_those_recorded(monkeypatch):
     monkeypatch.chdir(ROOT)  # pipelines.yaml names data files relative to the project
-    recorded, now = json.loads(RECORD.read_text()), current()
+    absent = absent_data()
+    recorded, now = json.loads(RECORD.read_text()), current(skip=tuple(absent))
+    for name in absent:  # not checked here: said below
+        recorded["pipelines"].pop(name, None)
     moved = sorted(n for n in recorded["default"] if now["default"].get(n) != recorded["default"][n])
     assert not moved and now["default"].keys() == recorded["default"].keys(), (
         f"fingerprints of the default study moved: {moved[:8]}; if deliberate, run "
@@ -45,6 +66,8 @@ def test_fingerprints_are_those_recorded(monkeypatch):
                      if recorded["pipelines"].get(p) != now["pipelines"].get(p))
     assert not changed, (f"the plans or fingerprints of these pipelines moved: {changed}; if deliberate, run "
                          f"`.venv/bin/python tests/unit/test_fingerprints.py --write` and say why in the commit")
+    if absent:  # every other pipeline was checked above
+        pytest.skip(f"fingerprints of {sorted(absent)} not checked: no data file at {sorted(set(absent.values()))}")
 
 
 if __name__ == "__main__":
@@ -54,5 +77,7 @@ if __name__ == "__main__":
 
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
+    if absent_data():
+        sys.exit(f"cannot record every pipeline: no data file for {absent_data()}")
     RECORD.write_text(json.dumps(current(), indent=1, sort_keys=True) + "\n")
     print(f"wrote {RECORD}")
