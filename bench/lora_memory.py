@@ -12,6 +12,10 @@ download); ``--pretrained PATH`` a local folder (``roads model fetch smollm2-135
 
     python bench/lora_memory.py [--stage dpo|sft] [--pretrained PATH] [--pairs 32] [--batch 8] [--max-length 64]
     flock /tmp/roads-135m.lock python bench/lora_memory.py --pretrained ~/.cache/roads/models/smollm2-135m
+
+``--compare precision`` runs the same stage twice with LoRA (``--full``: full fine-tuning), in float32 and under
+``launch.mixed_precision: bf16`` in the stage's own process (roads.training.mixed_precision, as the runner applies it),
+and reports the time and peak of bf16 against float32, and how far the final training losses are apart.
 """
 
 from __future__ import annotations
@@ -65,25 +69,31 @@ def child(args) -> None:
     parameters = sum(p.numel() for p in model.parameters())
     del model
     loaded = _rss_mib()
+    from roads.training import mixed_precision
+
     lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank) if args.variant == "lora" else None
     common = dict(epochs=1, batch_size=args.batch, max_length=args.max_length, lr=1e-5, logging_steps=1000,
                   max_dropped_fraction=1.0)
     began = time.perf_counter()
-    if args.stage == "dpo":
-        from roads.dpo_trainer import train_dpo
+    with mixed_precision(args.precision):
+        if args.stage == "dpo":
+            from roads.dpo_trainer import train_dpo
 
-        train_dpo("offline_dpo", OfflineDpoConfig(**common), 0, str(start), data["pairs_train"], work / "out",
-                  NullTracker(), beta=0.1, loss_type="sigmoid", precompute_ref=args.precompute_ref, lora=lora)
-    else:
-        from roads.models import load_policy
-        from roads.sft_trainer import train_sft
+            metrics = train_dpo("offline_dpo", OfflineDpoConfig(**common), 0, str(start), data["pairs_train"],
+                                work / "out", NullTracker(), beta=0.1, loss_type="sigmoid",
+                                precompute_ref=args.precompute_ref, lora=lora)
+        else:
+            from roads.models import load_policy
+            from roads.sft_trainer import train_sft
 
-        model, tokenizer = load_policy(start)
-        train_sft("sft", SftConfig(**common, select="last"), 0, model, tokenizer, data["sft"], work / "out",
-                  NullTracker(), lora=lora)
+            model, tokenizer = load_policy(start)
+            metrics = train_sft("sft", SftConfig(**common, select="last"), 0, model, tokenizer, data["sft"],
+                                work / "out", NullTracker(), lora=lora)
     seconds = time.perf_counter() - began
-    print(json.dumps({"variant": args.variant, "parameters": parameters, "peak_rss_mib": round(_rss_mib(), 1),
-                      "peak_rss_before_training_mib": round(loaded, 1), "train_s": round(seconds, 2)}))
+    loss = next((v for k, v in metrics.items() if k.endswith("/train_loss")), float("nan"))
+    print(json.dumps({"variant": args.variant, "precision": args.precision, "parameters": parameters,
+                      "peak_rss_mib": round(_rss_mib(), 1), "peak_rss_before_training_mib": round(loaded, 1),
+                      "train_s": round(seconds, 2), "train_loss": loss}))
 
 
 def main() -> None:
@@ -98,23 +108,39 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--precompute-ref", action="store_true", help="dpo: reference log-probs once, before training")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1))
+    parser.add_argument("--compare", choices=("lora", "precision"), default="lora",
+                        help="lora: LoRA against full fine-tuning; precision: bf16 autocast against float32")
+    parser.add_argument("--full", action="store_true", help="--compare precision: full fine-tuning (default LoRA)")
     parser.add_argument("--variant", choices=("full", "lora"), help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=("no", "bf16"), default="no", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         return child(args)
     os.chdir(ROOT)
+    tuned = "full" if args.full else "lora"
+    runs = [("full", "no"), ("lora", "no")] if args.compare == "lora" else [(tuned, "no"), (tuned, "bf16")]
     rows = []
-    for variant in ("full", "lora"):
+    for variant, precision in runs:
         with tempfile.TemporaryDirectory(prefix="roads-bench-lora-") as work:
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "ROADS_HOME": str(Path(work) / "home"),
                    "PYTHONPATH": str(ROOT)}
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--work", work]
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--precision", precision,
+                   "--work", work]
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    full, lora = rows
     model = args.pretrained or f"config-built Llama (hidden {args.hidden}, {args.layers} layers)"
+    if args.compare == "precision":
+        fp32, bf16 = rows
+        print(f"{args.stage} on {model}, {fp32['parameters'] / 1e6:.1f}M parameters, {tuned}, {args.pairs} examples, "
+              f"batch {args.batch}, max_length {args.max_length}, {args.threads} thread(s)")
+        print(f"time: float32 {fp32['train_s']:.1f} s, bf16 {bf16['train_s']:.1f} s: bf16 / float32 = "
+              f"{bf16['train_s'] / fp32['train_s']:.2f}; peak RSS bf16 / float32 = "
+              f"{bf16['peak_rss_mib'] / fp32['peak_rss_mib']:.2f}; final train loss {fp32['train_loss']:.4f} vs "
+              f"{bf16['train_loss']:.4f}")
+        return
+    full, lora = rows
     print(f"{args.stage} on {model}, {full['parameters'] / 1e6:.1f}M parameters, {args.pairs} examples, batch "
           f"{args.batch}, max_length {args.max_length}, LoRA rank {args.rank}")
     print(f"peak RSS: full fine-tuning {full['peak_rss_mib']:.0f} MiB, LoRA {lora['peak_rss_mib']:.0f} MiB: "

@@ -312,7 +312,7 @@ class StudyTracker:
         }
         now = int(time.time() * 1000)
         logged = set() if hit else set(result.get("logged_metrics", []))  # per-step history the task wrote itself
-        if not hit and node.spec.launch is not None:  # the launched ranks logged too, in processes of their own
+        if not hit and node.spec.launched:  # the launched ranks logged too, in processes of their own
             logged |= set(self.client.get_run(run_id).data.metrics)
         metrics = [Metric(k.replace("@", "_"), float(v), now, 0) for k, v in result["metrics"].items()
                    if k.replace("@", "_") not in logged]

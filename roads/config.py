@@ -133,7 +133,7 @@ class StageSpec(Strict):
     model: Optional[ModelConfig] = None  # stages that build or load a policy from scratch
     task: Optional[TaskConfig] = None  # prepare_data only; later stages see the data through its artifact
     policy: Optional[str] = None  # evaluate: which policy (a stage or variant entry) is scored
-    launch: Optional[LaunchConfig] = None  # LAUNCH_STAGES under accelerate launch; None: in-process (not fingerprinted)
+    launch: Optional[LaunchConfig] = None  # LAUNCH_STAGES launched or in-process mixed precision; None: neither (not fingerprinted)
     lora: Optional[LoraConfig] = new_setting(None, "LORA_STAGES: model.lora (None: full fine-tuning)")
 
     def config(self) -> Strict:
@@ -142,6 +142,11 @@ class StageSpec(Strict):
 
     def fingerprint(self) -> str:
         return fingerprint(self)
+
+    @property
+    def launched(self) -> bool:
+        """Runs through ``accelerate launch`` (a backend), not in the stage's own process."""
+        return self.launch is not None and self.launch.backend != "none"
 
 
 def resolve_params(entry: str, variants: dict[str, VariantConfig], defaults: Defaults) -> tuple[str, dict[str, Any]]:
@@ -191,7 +196,7 @@ class Study(Strict):
             model=self.defaults.model if "model" in STAGES[stage].reads or self._templated(stage, task_name) else None,
             task=self.tasks[task_name] if "task" in STAGES[stage].reads else None,
             policy=policy,
-            launch=self.defaults.launch if stage in LAUNCH_STAGES and self.defaults.launch.backend != "none" else None,
+            launch=self.defaults.launch if stage in LAUNCH_STAGES and self.defaults.launch.in_use() else None,
             lora=self.defaults.model.lora if stage in LORA_STAGES else None,
         )
 

@@ -196,7 +196,7 @@ def launch(spec: StageSpec, inputs: dict[str, ArtifactRef], out_dir: str | Path,
     its progress lines go to ``tracker.progress`` and its per-step metrics to ``rank_metrics`` (an import path,
     ``"package.module:name"``, of a callable taking ``run_id``; None: they are dropped; see the module docstring).
     Returns rank 0's StageResult (without artifact: the runner commits ``out_dir``)."""
-    if spec.launch is None or spec.launch.backend == "none":
+    if not spec.launched:
         raise ValueError(f"{spec.stage}: spec.launch is not set; run the stage in-process")
     check_runnable(spec)
     if rank_metrics:

@@ -1,6 +1,7 @@
 """Run one stage into the artifact store: a temporary folder that becomes ``<store>/<stage>/<digest>`` only when
 the stage finished, so a failure or a kill leaves nothing that looks complete. A stage whose spec has ``launch``
-set runs on several processes through ``accelerate launch`` (roads.launch) instead of in this process."""
+set runs on several processes through ``accelerate launch`` (roads.launch) instead of in this process; one run here
+trains under the spec's mixed precision (``launch.mixed_precision``; float32 without it)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from roads.artifacts import ArtifactRef, StageResult, commit_dir, new_temp_dir
 from roads.config import StageSpec
 from roads.stages import stage_module
-from roads.training import NullTracker, Tracker, quiet_libraries
+from roads.training import NullTracker, Tracker, mixed_precision, quiet_libraries
 
 
 def execute(spec: StageSpec, inputs: dict[str, ArtifactRef], store: str | Path,
@@ -24,13 +25,14 @@ def execute(spec: StageSpec, inputs: dict[str, ArtifactRef], store: str | Path,
     quiet_libraries()
     tmp = new_temp_dir(store, spec.stage)
     try:
-        if spec.launch is not None:
+        if spec.launched:
             from roads.launch import launch
 
             result = launch(spec, inputs, tmp, tracker, rank_metrics=getattr(tracker, "rank_metrics", None),
                             run_id=getattr(tracker, "run_id", None))
         else:
-            result = stage_module(spec.stage).run(spec, inputs, tmp, tracker)
+            with mixed_precision(spec.launch.mixed_precision if spec.launch else "no"):
+                result = stage_module(spec.stage).run(spec, inputs, tmp, tracker)
         result.artifact = commit_dir(tmp, store, spec.stage)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

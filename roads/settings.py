@@ -498,14 +498,18 @@ class EvaluateConfig(Strict):
 class LaunchConfig(Strict):
     """Multi-process training of the Trainer-based stages (LAUNCH_STAGES) through ``accelerate launch`` on one
     machine. ``batch_size`` stays the *global* batch: each of the ``num_processes`` processes takes
-    ``batch_size / num_processes`` examples per optimiser step, so results are comparable with one process."""
+    ``batch_size / num_processes`` examples per optimiser step, so results are comparable with one process.
+    ``mixed_precision`` applies with backend none too: the Trainer stages then autocast in their own process."""
 
     backend: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
         "none", description="none: train in the stage's own process; ddp: DistributedDataParallel; fsdp: FSDP2 "
                             "(FullyShardedDataParallel); deepspeed: DeepSpeed ZeRO (needs `pip install deepspeed` "
                             "where it runs)")
     num_processes: int = Field(1, ge=1, description="processes, one per GPU (ddp needs at least 2)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate's mixed precision")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="accelerate's mixed precision of the Trainer stages, launched or (backend none) in their "
+                          "own process: autocast, the weights stay float32; fp16 needs a GPU, bf16 runs on CPUs too "
+                          "(fast where they have AMX or AVX-512 BF16)")
     deepspeed_stage: Literal[2, 3] = Field(2, description="deepspeed: ZeRO stage (2: optimizer states and "
                                                           "gradients sharded; 3: parameters too)")
     fsdp_auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = Field(
@@ -515,6 +519,11 @@ class LaunchConfig(Strict):
         True, description="fsdp: accelerate's fsdp_reshard_after_forward (true = FULL_SHARD: free the gathered "
                           "parameters after forward; false = SHARD_GRAD_OP: keep them until backward)")
     cpu: bool = Field(False, description="run the processes on CPU over gloo (tests, CPU clusters); ddp only")
+
+    def in_use(self) -> bool:
+        """Whether the Trainer stages read this section (and their fingerprints hold it): launched, or in-process
+        with mixed precision."""
+        return self.backend != "none" or self.mixed_precision != "no"
 
     def problem(self) -> Optional[str]:
         """What is wrong with this combination of fields, or None. Checked when a study is loaded (after all

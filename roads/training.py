@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
@@ -47,6 +48,30 @@ def per_device_batch(global_batch: int, key: str = "batch_size") -> int:
         raise ConfigError(f"{key} {global_batch} is not a multiple of the {n} launched processes; change "
                           "launch.num_processes or the batch size")
     return global_batch // n
+
+
+MIXED_PRECISION_VAR = "ACCELERATE_MIXED_PRECISION"
+
+
+@contextmanager
+def mixed_precision(precision: str) -> Iterator[None]:
+    """A stage run in this process under ``precision`` (``launch.mixed_precision`` with backend none: no, bf16,
+    fp16): the variable ``accelerate launch`` sets in the processes it starts, which Transformers reads when bf16 and
+    fp16 are off (:func:`trainer_args`), so the Trainer's accelerator autocasts its forward passes; the weights and
+    the optimiser stay float32. It is set to the spec's value even for ``no``, so a variable left in the user's
+    shell cannot change a stage its cache key says is float32; the old value comes back after."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("launch.mixed_precision: fp16 needs a GPU and torch sees none here; use bf16 (CPUs run it, "
+                          "fast where they have AMX or AVX-512 BF16) or no")
+    old = os.environ.get(MIXED_PRECISION_VAR)
+    os.environ[MIXED_PRECISION_VAR] = precision
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(MIXED_PRECISION_VAR, None)
+        else:
+            os.environ[MIXED_PRECISION_VAR] = old
 
 
 def trainer_args(cfg: TrainConfig, seed: int, output_dir: str, **extra: Any) -> dict[str, Any]:

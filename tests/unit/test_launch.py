@@ -2,7 +2,8 @@
 config of each backend (checked by accelerate's own parser), the ``launch`` section and its one-line errors, which
 stages get it and that nobody else's fingerprint moves, the run-time checks, that the launch modules name no upper
 layer, and one real launch: an SFT stage on 2 CPU processes (DDP over gloo) whose weights match the same stage run
-in one process (the global batch is kept), with rank 0's per-step metrics logged through the task layer's sink."""
+in one process (the global batch is kept), with rank 0's per-step metrics logged through the task layer's sink.
+And in-process mixed precision (backend none with ``mixed_precision``): a real bf16 SFT stage in this process."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import ast
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import roads.launch
@@ -24,7 +27,7 @@ from roads.errors import ConfigError, RoadsError
 from roads.launch import child_env, launch_command, write_accelerate_config
 from roads.plan import build_plan
 from roads.runner import execute
-from support import Recorder, tiny_data, weights
+from support import Recorder, differs, tiny_data, weights
 from tasks.metrics import RANK_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,15 +129,19 @@ def test_a_wrong_rank_metrics_path_fails_before_launching(tmp_path):
 # --------------------------------------------------------------------------- the launch section
 
 
-def test_launch_reaches_only_the_trainer_stages():
+@pytest.mark.parametrize("overrides, section, launched", [
+    (DDP2, LaunchConfig(backend="ddp", num_processes=2), True),
+    (["launch.mixed_precision=bf16"], LaunchConfig(mixed_precision="bf16"), False),  # in-process autocast
+])
+def test_launch_reaches_only_the_trainer_stages(overrides, section, launched):
     plain = {n.id: n.spec for n in build_plan(load_study(PIPELINES, "study-smoke"))}
-    launched = {n.id: n.spec for n in build_plan(load_study(PIPELINES, "study-smoke", DDP2))}
-    assert plain.keys() == launched.keys()
+    launched_specs = {n.id: n.spec for n in build_plan(load_study(PIPELINES, "study-smoke", overrides))}
+    assert plain.keys() == launched_specs.keys()
     stages = set()
-    for node_id, spec in launched.items():
+    for node_id, spec in launched_specs.items():
         assert plain[node_id].launch is None
         if spec.stage in LAUNCH_STAGES:
-            assert spec.launch == LaunchConfig(backend="ddp", num_processes=2), node_id
+            assert spec.launch == section and spec.launched == launched, node_id
             assert spec.fingerprint() != plain[node_id].fingerprint(), node_id
             stages.add(spec.stage)
         else:  # online_dpo, evaluate, …: in-process, fingerprint untouched
@@ -210,8 +217,6 @@ def test_deepspeed_missing_is_a_run_time_error(tmp_path, monkeypatch):
 
 
 def test_too_few_gpus_is_a_run_time_error(tmp_path, monkeypatch):
-    import torch
-
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(RoadsError, match=r"needs 2 GPUs and 1 are visible.*launch.cpu=true"):
         execute(sft_spec(LaunchConfig(backend="ddp", num_processes=2)), {}, tmp_path)
@@ -272,3 +277,32 @@ def test_an_error_in_the_ranks_reaches_the_caller(data, tmp_path):
     with pytest.raises(ConfigError, match="batch_size 15 is not a multiple of the 2 launched processes"):
         execute(spec, {"data": data}, tmp_path)
     assert not (tmp_path / "sft").exists()
+
+
+# --------------------------------------------------------------------------- in-process mixed precision
+
+
+def test_sft_in_process_under_bf16(data, tmp_path, monkeypatch):
+    """backend none with mixed_precision bf16: the stage trains in this process (no launch.json) under bf16 autocast —
+    its weights are not float32's, and stay float32 tensors — and ACCELERATE_MIXED_PRECISION left in the shell does not
+    reach a stage whose key says float32; the variable is given back after each stage."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # left in the user's shell
+    stray = execute(sft_spec(None), {"data": data}, tmp_path / "stray")
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    fp32 = execute(sft_spec(None), {"data": data}, tmp_path / "fp32")
+    bf16 = execute(sft_spec(LaunchConfig(mixed_precision="bf16")), {"data": data}, tmp_path / "bf16")
+    assert "ACCELERATE_MIXED_PRECISION" not in os.environ
+    assert not differs(weights(stray.artifact.path), weights(fp32.artifact.path))
+    a, b = weights(bf16.artifact.path), weights(fp32.artifact.path)
+    assert "launch.json" not in bf16.files and all(t.dtype == torch.float32 for t in a.values())
+    assert differs(a, b), "bf16 did not reach training"
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.05  # the same training, in lower precision
+    assert abs(bf16.metrics["sft/train_loss"] - fp32.metrics["sft/train_loss"]) < 0.05
+
+
+def test_fp16_in_process_without_a_gpu_is_a_run_time_error(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="launch.mixed_precision: fp16 needs a GPU.*use bf16"):
+        execute(sft_spec(LaunchConfig(mixed_precision="fp16")), {"data": data}, tmp_path)
+    assert not (tmp_path / "sft").exists()  # nothing half-written
