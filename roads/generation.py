@@ -163,14 +163,18 @@ def logit_batches(lengths: list[int], batch_size: int, budget: int = LOGIT_TOKEN
 @torch.no_grad()
 def sequence_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int,
                    batch_size: int = 64) -> torch.Tensor:
-    """Σ_t log π(y_t | x, y_<t) over each completion's tokens; shape (N,). Batches of at most ``batch_size`` rows and
-    ``LOGIT_TOKENS`` tokens (``logit_batches``)."""
+    """Σ_t log π(y_t | x, y_<t) over each completion's tokens; shape (N,), in the order given. Scored shortest first,
+    in batches of at most ``batch_size`` rows and ``LOGIT_TOKENS`` tokens (``logit_batches``): rows of like lengths
+    share a batch, so little of it is padding — in the order given, 32 HH-RLHF pairs' sequences were 2.6× their
+    tokens once padded, and scoring them took 23.4 s against 13.0 s sorted (SmolLM2-135M, 2 threads, measured)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    for start, end in logit_batches(lengths, batch_size):
-        ps, cs = prompt_ids[start:end], completion_ids[start:end]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)  # stable: ties keep the given order
+    for start, end in logit_batches([lengths[i] for i in order], batch_size):
+        ps = [prompt_ids[i] for i in order[start:end]]
+        cs = [completion_ids[i] for i in order[start:end]]
         seqs = [list(p) + list(c) for p, c in zip(ps, cs)]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -184,7 +188,10 @@ def sequence_logps(model, prompt_ids: list[list[int]], completion_ids: list[list
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tok_logp = logp.gather(-1, ids[:, 1:].to(device)[..., None]).squeeze(-1)  # (B, T-1)
         out.append((tok_logp * target[:, 1:].to(device)).sum(-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    if not out:
+        return torch.zeros(0)
+    scored = torch.cat(out)
+    return scored[torch.argsort(torch.tensor(order))]  # back in the order given
 
 
 @torch.no_grad()
