@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -57,11 +58,15 @@ _FORK_SERVED: str | None = None  # fork_fingerprint() of the running fork server
 
 
 def _initialize(queue: Any, initializer: Callable[..., None] | None, initargs: tuple,
-                preload: tuple[str, ...] = (), environ: dict[str, str] | None = None) -> None:
+                preload: tuple[str, ...] = (), environ: dict[str, str] | None = None,
+                started: Any = None, workers: int = 1) -> None:
     """In the worker: the flow process's environment (``environ``: a forked worker inherits the fork server's),
     the user initializer (it imports torch), then Prefect's own worker set-up (forwarding events and API logs to the
     flow through ``queue``), exactly as Prefect's runner would, then ``preload``: modules to import, or
-    ``module:function`` to call."""
+    ``module:function`` to call. Last, it counts itself in ``started`` and waits (at most ``WARM_WAIT`` s) until
+    ``workers`` have: the pool spawns a worker for a call only when none is idle, and a worker forked in milliseconds
+    that ran its warming call before the next was submitted took that one too — a pool of 2 started 1 worker
+    (seen once in CI)."""
     if environ is not None:
         os.environ.clear()
         os.environ.update(environ)
@@ -79,6 +84,15 @@ def _initialize(queue: Any, initializer: Callable[..., None] | None, initargs: t
                 getattr(imported, function)()
         except Exception:  # noqa: BLE001 - only a head start: the task that needs it meets the same error, and says it
             continue
+    if started is not None:
+        with started.get_lock():
+            started.value += 1
+        deadline = time.monotonic() + WARM_WAIT
+        while started.value < workers and time.monotonic() < deadline:  # a worker started later passes at once
+            time.sleep(0.005)
+
+
+WARM_WAIT = 60.0  # seconds a warm worker waits for the pool's others to start (a spawned worker imports for seconds)
 
 
 def _exit_now(*_: Any) -> None:
@@ -185,9 +199,10 @@ class WarmPool:
         context = _context()
         self.workers = workers
         self.queue = context.Queue()
+        self.started = context.Value("i", 0)  # workers through _initialize: each waits for all of them
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_initialize,
                                             initargs=(self.queue, initializer, initargs, tuple(preload),
-                                                      dict(os.environ)))
+                                                      dict(os.environ), self.started, workers))
         # one call per worker: the pool starts a process for each call it cannot give to an idle one. Starting the
         # first waits until the fork server has imported FORK_PRELOAD: a thread does it, so that this process goes on
         # with its own start (importing Prefect, creating the flow run) meanwhile

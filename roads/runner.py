@@ -1,7 +1,7 @@
 """Run one stage into the artifact store: a temporary folder that becomes ``<store>/<stage>/<digest>`` only when
 the stage finished, so a failure or a kill leaves nothing that looks complete. A stage whose spec has ``launch``
-set runs on several processes through ``accelerate launch`` (roads.launch) instead of in this process; one run here
-trains under the spec's mixed precision (``launch.mixed_precision``; float32 without it)."""
+with a backend runs on several processes through ``accelerate launch`` (roads.launch); any other runs in this
+process, under the spec's mixed precision (``launch.mixed_precision`` with backend none; float32 without it)."""
 
 from __future__ import annotations
 

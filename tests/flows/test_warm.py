@@ -186,3 +186,26 @@ def test_a_process_that_exits_early_ends_its_fork_server_at_once():
     if _alive(pid):  # a zombie (exited, not yet reaped by init) counts as ended
         with open(f"/proc/{pid}/stat") as stat:
             assert stat.read().split()[2] == "Z", "the fork server outlived its process"
+
+
+def test_each_warming_call_gets_a_worker_of_its_own(monkeypatch):
+    """The pool spawns a worker for a call only when none is idle: a worker forked in milliseconds that ran its
+    warming call before the next was submitted took that one too, and a pool of 2 started 1 worker (seen once in CI).
+    Here the starter thread is slowed between its calls; each worker waits in its initializer for the others."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    submit = ProcessPoolExecutor.submit
+
+    def slow_submit(self, *args, **kwargs):
+        future = submit(self, *args, **kwargs)
+        time.sleep(2.0)  # the starter descheduled: the first worker has long finished starting
+        return future
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", slow_submit)
+    pool = warm.start_warm_pool(2, preload=("json",))
+    try:
+        for future in pool.warming:
+            future.result(timeout=120)
+        assert len(pool.pids) == 2 and all(_alive(p) for p in pool.pids)
+    finally:
+        warm.discard_warm_pool()
