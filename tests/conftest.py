@@ -8,7 +8,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-HH_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"  # the hh-rlhf pipelines' source
 
 _STATE = Path(tempfile.mkdtemp(prefix="roads-tests-"))
 for key, value in {
@@ -50,6 +49,8 @@ def shared_data() -> Path:
 def hh_file() -> Path:
     """The real HH-RLHF file the hh-rlhf pipelines read (``../shared/data``, beside the clone); the test skips, saying
     so, where a clone has no shared/ beside it (a user's own clone)."""
+    from support import HH_FILE
+
     if not HH_FILE.is_file():
         pytest.skip(f"{HH_FILE} is not there: the hh-rlhf pipelines cannot be loaded")
     return HH_FILE

@@ -7,6 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+# the real HH-RLHF file the hh-rlhf pipelines read: ../shared/data beside the clone (absent from a user's own clone)
+HH_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
 
 class Recorder:
     """A tracker that keeps what a stage reports: ``logs`` = [(metrics, step)], ``messages`` = progress lines."""

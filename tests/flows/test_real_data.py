@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from flows.study import run_study
 from roads.model_defaults import PRETRAINED_LRS
+from support import HH_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
-HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SMALL = ["prepare_data.n_sft=32", "prepare_data.n_pairs=32", "sft.batch_size=16", "reward_model.batch_size=16",
          "offline_dpo.batch_size=16", "evaluate.max_new_tokens=8", "model.lora.rank=4", "report.n_bootstrap=200"]
 

@@ -77,7 +77,8 @@ if __name__ == "__main__":
 
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    if absent_data():
-        sys.exit(f"cannot record every pipeline: no data file for {absent_data()}")
+    absent = absent_data()
+    if absent:
+        sys.exit(f"cannot record every pipeline: no data file for {absent}")
     RECORD.write_text(json.dumps(current(), indent=1, sort_keys=True) + "\n")
     print(f"wrote {RECORD}")

@@ -12,10 +12,10 @@ import yaml
 from roads.config import load_study, load_study_file
 from roads.data.preferences import load_preferences
 from roads.model_defaults import LENGTH_STAGES, PRETRAINED_LRS
+from support import HH_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = ROOT / "pipelines.yaml"
-HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
 def pretrained_folder(root: Path, context: int) -> str:

@@ -14,9 +14,9 @@ from roads.errors import DataError
 from roads.runner import execute
 from roads.settings import PrepareDataConfig, ReportConfig, TaskConfig
 from roads.stages.report import run as report
+from support import HH_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
-HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 HELD_OUT = ("pairs_val", "sft_val", "pairs_select", "eval_prompts")
 
 

@@ -16,11 +16,10 @@ from roads.errors import RoadsError
 from roads.models import build_tokenizer, load_pretrained, new_causal_lm
 from roads.plan import build_plan
 from roads.runner import execute
-from support import differs, weights
+from support import HH_FILE, differs, weights
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = ROOT / "pipelines.yaml"
-HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 # the smoke pipeline made smaller still (2 optimiser steps per training stage)
 SMALL = [
     "prepare_data.n_sft=32",
